@@ -1,0 +1,223 @@
+"""AgentConfig: one frozen, validated settings object.
+
+Every knob of the agent lives here with its default. The CLI (``cli.py``)
+turns flags and environment variables into an ``AgentConfig``; library users
+build one directly. ``AgentConfig.validate()`` runs at construction, so an
+invalid object cannot exist: each problem raises ``ConfigError`` naming the
+field (the CLI maps the field back to its flag).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+#: Largest body that goes inline (base64) in put-result; larger ones are uploaded.
+INLINE_BODY_LIMIT = 512_000
+
+
+def default_base_dir() -> str:
+    """The folder today's agent uses for logs and files: ``<tmp>/armorcode``."""
+    return os.path.join(tempfile.gettempdir(), "armorcode")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """All settings of one agent. Field names are the snake_case of the CLI flags."""
+
+    server_url: str
+    api_key: str = dataclasses.field(repr=False)
+    env_name: str = ""
+    #: suffix of the log and metrics file names (today's agent: ``_prod``)
+    index: str = "_prod"
+
+    # -- capacity and backpressure ------------------------------------------
+    executor_pool_size: int = 10
+    #: tasks the Fetcher may hold beyond the free executor slots
+    prefetch: int = 0
+    #: the Fetcher pauses while this many results wait for upload
+    response_queue_threshold: int = 80
+    #: requests open to the AC server at once, never more
+    ac_max_concurrent: int = 2
+    #: client-side budget per operation class (fetch, upload); 0 = off
+    rate_limit_per_min: int = 250
+    #: idle wait after an empty get-task, randomised by +-``poll_jitter``
+    poll_interval: float = 1.0
+    poll_jitter: float = 0.2
+
+    # -- timeouts (seconds) ----------------------------------------------------
+    #: target connect timeout
+    connect_timeout: float = 15.0
+    #: longest silence tolerated from a target while reading (capped by expiry)
+    timeout: float = 30.0
+    ac_connect_timeout: float = 25.0
+    #: AC read timeout; get-task may be held open by the server (long poll)
+    read_timeout_seconds: float = 100.0
+    #: read timeout of upload-result, upload-logs and the S3 PUT
+    upload_timeout: float = 300.0
+    #: default task lifetime when a task has no ``expiryTsMs``
+    default_task_ttl: float = 300.0
+    #: on stop: time running tasks get to finish and results to upload
+    shutdown_timeout: float = 30.0
+
+    # -- TLS and proxies ------------------------------------------------------
+    #: verify TLS certificates of the AC server, S3 and targets
+    verify: bool = True
+    #: CA bundle file or folder used when verifying; None = certifi / REQUESTS_CA_BUNDLE
+    ca_bundle: Optional[str] = None
+    inward_proxy_https: Optional[str] = None
+    inward_proxy_http: Optional[str] = None
+    outgoing_proxy_https: Optional[str] = None
+    outgoing_proxy_http: Optional[str] = None
+    #: resolve hostnames to IPv4 only (networks with broken IPv6)
+    ipv4_fallback: bool = False
+
+    # -- results --------------------------------------------------------------
+    #: bodies above INLINE_BODY_LIMIT go to upload-result (True) or to S3 (False)
+    upload_to_ac: bool = True
+    #: folder of the durable result spool; None = ``<tmp>/armorcode/spool<index>``
+    spool_dir: Optional[str] = None
+    #: a body larger than this is cut off and reported as an error; 0 = no cap
+    max_response_bytes: int = 0
+    #: target hosts allowed (names, ``*.wildcards``, CIDRs); empty = all
+    allowed_targets: Tuple[str, ...] = ()
+    #: retries of one AC upload call before the result waits in the spool
+    upload_retry_budget: int = 5
+
+    # -- observability --------------------------------------------------------
+    debug_mode: bool = False
+    log_format: str = "text"
+    enable_stdout_logging: bool = True
+    #: also write today's rotating log file under ``<tmp>/armorcode/log``
+    enable_file_logging: bool = False
+    metrics_retention_days: int = 7
+    #: also write today's JSON-lines metrics file
+    enable_metrics_file: bool = False
+    #: ``host:port`` of the health/metrics listener; None = off
+    health_addr: Optional[str] = None
+    #: /readyz fails when no AC exchange succeeded for this long
+    ready_window: float = 300.0
+    status_interval: float = 60.0
+    log_dir: Optional[str] = None
+
+    extra: Dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ConfigError for the first invalid field."""
+        url = urlsplit(self.server_url or "")
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ConfigError("server_url", f"must be an http(s) URL, got {self.server_url!r}")
+        if not self.api_key:
+            raise ConfigError("api_key", "is required")
+        _positive_int(self, "executor_pool_size", low=1, high=2000)
+        _positive_int(self, "prefetch", low=0, high=10_000)
+        _positive_int(self, "response_queue_threshold", low=1, high=1_000_000)
+        _positive_int(self, "ac_max_concurrent", low=1, high=64)
+        _positive_int(self, "rate_limit_per_min", low=0, high=10_000_000)
+        _positive_int(self, "max_response_bytes", low=0, high=2**62)
+        _positive_int(self, "metrics_retention_days", low=0, high=3650)
+        _positive_int(self, "upload_retry_budget", low=0, high=100)
+        for name in (
+            "connect_timeout",
+            "timeout",
+            "ac_connect_timeout",
+            "read_timeout_seconds",
+            "upload_timeout",
+            "default_task_ttl",
+            "status_interval",
+            "ready_window",
+        ):
+            _positive_float(self, name, allow_zero=False)
+        for name in ("poll_interval", "poll_jitter", "shutdown_timeout"):
+            _positive_float(self, name, allow_zero=True)
+        if self.log_format not in ("text", "json"):
+            raise ConfigError("log_format", f"must be 'text' or 'json', got {self.log_format!r}")
+        if self.health_addr is not None:
+            parse_host_port(self.health_addr, field_name="health_addr")
+        for name in (
+            "inward_proxy_https",
+            "inward_proxy_http",
+            "outgoing_proxy_https",
+            "outgoing_proxy_http",
+        ):
+            value = getattr(self, name)
+            if value is not None and not urlsplit(value).scheme:
+                raise ConfigError(name, f"must be a proxy URL like http://host:port, got {value!r}")
+
+    # ------------------------------------------------------------------
+    def replace(self, **changes: Any) -> AgentConfig:
+        """A copy with ``changes`` applied (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def base_url(self) -> str:
+        return self.server_url.rstrip("/")
+
+    @property
+    def outgoing_proxies(self) -> Optional[Dict[str, str]]:
+        return _proxies(self.outgoing_proxy_http, self.outgoing_proxy_https)
+
+    @property
+    def inward_proxies(self) -> Optional[Dict[str, str]]:
+        return _proxies(self.inward_proxy_http, self.inward_proxy_https)
+
+    @property
+    def tls_verify(self) -> bool | str:
+        """The value for requests' ``verify=``."""
+        if not self.verify:
+            return False
+        return self.ca_bundle or True
+
+    @property
+    def executor_slots(self) -> int:
+        """Tasks the agent may hold at once before any result is queued."""
+        return self.executor_pool_size + self.prefetch
+
+    def resolved_spool_dir(self) -> str:
+        return self.spool_dir or os.path.join(default_base_dir(), f"spool{self.index}")
+
+    def resolved_log_dir(self) -> str:
+        return self.log_dir or os.path.join(default_base_dir(), "log")
+
+
+def _proxies(http: Optional[str], https: Optional[str]) -> Optional[Dict[str, str]]:
+    proxies: Dict[str, str] = {}
+    if http:
+        proxies["http"] = http
+    if https:
+        proxies["https"] = https
+    return proxies or None
+
+
+def _positive_int(cfg: AgentConfig, name: str, *, low: int, high: int) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(name, f"must be a whole number from {low} to {high}, got {value!r}")
+
+
+def _positive_float(cfg: AgentConfig, name: str, *, allow_zero: bool) -> None:
+    value = getattr(cfg, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and (value < 0 or (value == 0 and not allow_zero) or value != value):
+        ok = False
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(name, f"must be a number {bound}, got {value!r}")
+
+
+def parse_host_port(text: str, *, field_name: str = "address") -> Tuple[str, int]:
+    """``"host:port"`` (or ``":port"``) to ``(host, port)``; raises ConfigError."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(field_name, f"must be host:port, got {text!r}")
+    return (host.strip("[]") or "0.0.0.0"), int(port_text)  # noqa: S104 - listener default
