@@ -1,0 +1,404 @@
+"""The durable result spool: results waiting for the AC server, kept on disk.
+
+The executor streams each target response body into the spool (``open_body``),
+so a body is never held whole in memory. Before a result is uploaded, its record
+(the result JSON, a plain dict) is written durably with ``save``; only when the
+AC server has accepted the result does the caller ``remove`` it. Whatever is
+still in the spool after a crash or a failed upload is found again by
+``pending`` and re-sent.
+
+On-disk layout (one flat folder, mode 0700, every file mode 0600)::
+
+    <key>.json          the saved record of a result (written atomically)
+    <key>.body          the streamed response body of that result (optional)
+    <key>.json.tmp      a record being written; a leftover one is a crash's debris
+    <key>.json.corrupt  a record that did not parse, moved aside for a human
+
+``<key>`` is a uuid4 hex string made by the caller (32 lowercase hex digits);
+any other name in the folder is never read, changed or removed by the spool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import re
+import stat
+import threading
+from pathlib import Path
+from typing import Any, BinaryIO, Dict, Final, Iterator, List, Optional, Set, Tuple
+
+__all__ = ["Record", "ResultSpool"]
+
+log = logging.getLogger("acagent.spool")
+
+Record = Dict[str, Any]
+"""A result record as the spool stores it: any JSON-serialisable dict."""
+
+_RECORD: Final = ".json"
+_BODY: Final = ".body"
+_TMP: Final = ".json.tmp"
+_CORRUPT: Final = ".json.corrupt"
+
+_KEY_RE: Final = re.compile(r"[0-9a-f]{32}")
+_NAME_RE: Final = re.compile(r"([0-9a-f]{32})(\.json|\.body|\.json\.tmp|\.json\.corrupt)")
+
+# Flags that exist only on some platforms; 0 where they do not.
+_O_BINARY: Final = getattr(os, "O_BINARY", 0)
+_O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
+_O_DIRECTORY: Final = getattr(os, "O_DIRECTORY", 0)
+
+# errno values meaning "this file system cannot fsync a directory": not an error.
+_FSYNC_UNSUPPORTED: Final = frozenset(
+    code
+    for code in (getattr(errno, name, None) for name in ("EINVAL", "ENOTSUP", "EOPNOTSUPP"))
+    if code is not None
+)
+
+
+def _create_private(path: Path) -> BinaryIO:
+    """Create ``path`` for writing: it must not exist (nor be a symlink); mode 0600."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY | _O_NOFOLLOW
+    fd = os.open(path, flags, 0o600)
+    try:
+        return os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class ResultSpool:
+    """A folder of results not yet accepted by the AC server.
+
+    Thread-safe: any thread may call any method. Each key has one owner at a
+    time (the thread handling that task); the spool does not arbitrate between
+    two threads writing the body of the same key.
+    """
+
+    DELIVERY_GUARANTEE: Final[str] = "at-least-once"
+    """The delivery guarantee the spool gives, and why.
+
+    Exactly once while the process lives: a result is uploaded, and on the
+    server's acceptance removed, by the one thread that owns its key.
+
+    At least once across crashes: the record is durable (fsynced file and
+    directory) before the upload starts and is removed only after the server
+    accepted it. A crash between the server's acceptance and the end of
+    ``remove`` leaves the record on disk, so the next start re-sends it: the
+    server then sees the same ``taskId`` twice, with identical content. A crash
+    before the acceptance loses nothing. Nothing is ever dropped silently.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self._dir = Path(directory)
+        # Parents get the default permissions; the spool folder itself is private.
+        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            # mkdir's mode is filtered by the umask, and an old folder keeps its
+            # mode: set it explicitly either way.
+            os.chmod(self._dir, 0o700)
+        except OSError as exc:
+            log.warning("cannot make the spool folder %s private (mode 0700): %s", self._dir, exc)
+        self._lock = threading.Lock()
+        # Keys of the records on disk (see the invariant in ``save``).
+        self._keys: Set[str] = set(self._scan(_RECORD))
+        # Keys whose body this instance created and that have no record yet:
+        # ``clean_orphans`` must not take a body that is still being written.
+        self._live_bodies: Set[str] = set()
+        # Records already reported as unreadable, so each is logged once.
+        self._reported: Set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"ResultSpool({str(self._dir)!r}, records={len(self._keys)})"
+
+    # ------------------------------------------------------------------ paths
+
+    @property
+    def directory(self) -> Path:
+        """The spool folder."""
+        return self._dir
+
+    def body_path(self, key: str) -> Path:
+        """Where the body for ``key`` is (or will be) written: ``<key>.body``."""
+        return self._path(key, _BODY)
+
+    def record_path(self, key: str) -> Path:
+        """Where the record for ``key`` is saved: ``<key>.json``."""
+        return self._path(key, _RECORD)
+
+    def has_body(self, key: str) -> bool:
+        """Whether the body file for ``key`` exists."""
+        return self.body_path(key).is_file()
+
+    # ------------------------------------------------------------------ writing
+
+    def open_body(self, key: str) -> BinaryIO:
+        """Create ``<key>.body`` (mode 0600, must not exist yet) for streaming writes.
+
+        Raises ``FileExistsError`` if the body exists. The caller closes the
+        file; ``save`` makes its content durable.
+        """
+        path = self.body_path(key)
+        # Mark the body live before it exists, so a concurrent clean_orphans
+        # never sees it as an orphan.
+        with self._lock:
+            self._live_bodies.add(key)
+        try:
+            return _create_private(path)
+        except BaseException:
+            with self._lock:
+                self._live_bodies.discard(key)
+            raise
+
+    def save(self, key: str, record: Record) -> None:
+        """Write the record for ``key`` durably and atomically (replacing any older one).
+
+        The record goes to ``<key>.json.tmp`` (0600), is flushed and fsynced,
+        then renamed over ``<key>.json`` and the folder is fsynced. If the body
+        file exists it is fsynced first, so a saved record never names a body
+        that is not on disk. A failure at any point leaves the previous record
+        (if any) intact and no partial ``<key>.json``.
+        """
+        self._check_key(key)
+        if not isinstance(record, dict):
+            raise TypeError(f"a spool record must be a dict, not {type(record).__name__}")
+        # Serialise before touching the disk: an unserialisable record changes nothing.
+        data = json.dumps(record, separators=(",", ":")).encode("ascii")
+        # The body has one writer (the key's owner), so it is synced outside the lock.
+        if self._fsync_file(self.body_path(key)):
+            self._fsync_dir()  # the body's directory entry is durable before the record's
+        tmp = self._path(key, _TMP)
+        with self._lock:
+            # Locking invariant: record and tmp files are created, renamed and
+            # unlinked, and _keys/_live_bodies changed, only with the lock held
+            # (size() reads len(_keys) lock-free: a single atomic read). So
+            # whenever the lock is free, _keys holds exactly the keys whose
+            # <key>.json is on disk (a record found corrupt leaves it at the
+            # next pending()), and no <key>.json.tmp is being written: any
+            # that exists is a crash's debris.
+            self._write_synced(tmp, data)
+            try:
+                os.replace(tmp, self._path(key, _RECORD))
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            self._keys.add(key)
+            self._live_bodies.discard(key)  # the record now protects the body
+        self._fsync_dir()
+
+    def remove(self, key: str) -> None:
+        """Remove the record and then the body of ``key``; missing files are fine.
+
+        The record goes first: a crash in between leaves an orphan body, which
+        ``clean_orphans`` removes, never a record without its body.
+        """
+        record = self._path(key, _RECORD)
+        body = self._path(key, _BODY)
+        with self._lock:  # invariant: see save()
+            removed = self._unlink(record)
+            self._keys.discard(key)
+            removed = self._unlink(body) or removed
+            self._live_bodies.discard(key)
+        if removed:
+            self._fsync_dir()
+
+    def discard_body(self, key: str) -> None:
+        """Remove only the body file of ``key`` (e.g. once it went inline); missing is fine."""
+        body = self._path(key, _BODY)
+        with self._lock:  # invariant: see save()
+            removed = self._unlink(body)
+            self._live_bodies.discard(key)
+        if removed:
+            self._fsync_dir()
+
+    # ------------------------------------------------------------------ reading
+
+    def pending(self) -> List[Tuple[str, Record]]:
+        """All saved records as ``(key, record)``, oldest first (by mtime, then key).
+
+        A record that does not parse as a JSON object is skipped, logged once
+        and moved aside to ``<key>.json.corrupt``. A record whose body file is
+        missing is still returned: the spool does not know which field of a
+        record refers to the body, so the caller decides (``has_body``), e.g.
+        answering the task with an ``Agent Side Error``.
+
+        Every record is loaded into memory; records are small (inline bodies
+        are at most ~700 kB), bodies stay on disk.
+        """
+        found: List[Tuple[int, str, Record]] = []
+        with self._lock:  # invariant: see save()
+            keys: Set[str] = set()
+            for key in self._scan(_RECORD):
+                loaded = self._load(key)
+                if loaded is None:
+                    continue
+                mtime_ns, record = loaded
+                found.append((mtime_ns, key, record))
+                keys.add(key)
+            self._keys = keys
+        found.sort(key=lambda item: (item[0], item[1]))
+        return [(key, record) for _, key, record in found]
+
+    def clean_orphans(self) -> int:
+        """Delete ``*.body`` files without a record and stale ``*.json.tmp`` files.
+
+        Meant for the start, before tasks run; bodies this instance is still
+        writing are spared anyway. Files not named by the spool's own pattern
+        are never touched. Returns how many files were removed.
+        """
+        removed = 0
+        with self._lock:  # invariant: see save(); no tmp file is being written now
+            entries = list(self._entries())
+            records = {key for key, kind, _ in entries if kind == _RECORD}
+            for key, kind, path in entries:
+                stale_tmp = kind == _TMP
+                orphan = kind == _BODY and key not in records and key not in self._live_bodies
+                if (stale_tmp or orphan) and self._unlink(path):
+                    log.info("spool: removed %s %s", "stale" if stale_tmp else "orphan", path.name)
+                    removed += 1
+        if removed:
+            self._fsync_dir()
+        return removed
+
+    def size(self) -> int:
+        """Number of saved records; cheap (an in-memory count, no disk access)."""
+        # Reading the length of a set is atomic; no lock, so a metrics scrape
+        # never waits behind an fsync.
+        return len(self._keys)
+
+    def __len__(self) -> int:
+        return self.size()
+
+    def __bool__(self) -> bool:
+        # An empty spool is still a spool: ``if spool:`` must not depend on its size.
+        return True
+
+    def bytes_used(self) -> int:
+        """Total size in bytes of the spool's own files (computed now, from the disk)."""
+        total = 0
+        for _, _, path in self._entries():
+            with contextlib.suppress(FileNotFoundError):
+                total += path.stat().st_size
+        return total
+
+    # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _check_key(key: object) -> str:
+        if not isinstance(key, str) or _KEY_RE.fullmatch(key) is None:
+            raise ValueError(f"invalid spool key {key!r:.60}: expected 32 lowercase hex digits")
+        return key
+
+    def _path(self, key: str, suffix: str) -> Path:
+        return self._dir / (self._check_key(key) + suffix)
+
+    def _entries(self) -> Iterator[Tuple[str, str, Path]]:
+        """``(key, suffix, path)`` of every regular file named by the spool's pattern."""
+        with os.scandir(self._dir) as listing:
+            for entry in listing:
+                match = _NAME_RE.fullmatch(entry.name)
+                if match is None:
+                    continue
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                except OSError:
+                    continue
+                yield match.group(1), match.group(2), Path(entry.path)
+
+    def _scan(self, suffix: str) -> List[str]:
+        return [key for key, kind, _ in self._entries() if kind == suffix]
+
+    def _load(self, key: str) -> Optional[Tuple[int, Record]]:
+        """Read one record: ``(mtime_ns, record)``, or None if gone, unreadable or corrupt."""
+        path = self._path(key, _RECORD)
+        try:
+            with open(path, "rb") as file:
+                mtime_ns = os.fstat(file.fileno()).st_mtime_ns
+                raw = file.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            # Left in place (and counted by nobody) so a human can look at it.
+            self._report(key, "spool: cannot read record %s, skipped: %s", path.name, exc)
+            return None
+        try:
+            record = json.loads(raw)
+        except (ValueError, RecursionError):
+            record = None
+        if isinstance(record, dict):
+            return mtime_ns, record
+        corrupt = self._path(key, _CORRUPT)
+        try:
+            os.replace(path, corrupt)
+        except OSError as exc:
+            self._report(
+                key, "spool: record %s is corrupt and could not be moved aside: %s", path.name, exc
+            )
+        else:
+            self._report(
+                key, "spool: record %s is corrupt, moved aside to %s", path.name, corrupt.name
+            )
+        return None
+
+    def _report(self, key: str, message: str, *args: object) -> None:
+        if key not in self._reported:
+            self._reported.add(key)
+            log.warning(message, *args)
+
+    @staticmethod
+    def _unlink(path: Path) -> bool:
+        """Unlink ``path``; False if it did not exist."""
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    @staticmethod
+    def _write_synced(path: Path, data: bytes) -> None:
+        """Create ``path`` afresh (0600) holding ``data``, flushed and fsynced."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # debris of an earlier crash; O_EXCL below needs it gone
+        file = _create_private(path)
+        try:
+            with file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+
+    @staticmethod
+    def _fsync_file(path: Path) -> bool:
+        """Fsync an existing file; False if it does not exist."""
+        try:
+            fd = os.open(path, os.O_RDWR | _O_BINARY | _O_NOFOLLOW)
+        except FileNotFoundError:
+            return False
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    def _fsync_dir(self) -> None:
+        """Make the folder's entries (creates, renames, unlinks) durable, where possible."""
+        if os.name != "posix":
+            return  # Windows cannot open a directory as a file; NTFS journals entries itself
+        fd = os.open(self._dir, os.O_RDONLY | _O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            if exc.errno not in _FSYNC_UNSUPPORTED:
+                raise
+        finally:
+            os.close(fd)

@@ -1,0 +1,530 @@
+"""Tests of acagent.spool.ResultSpool: durability, privacy, naming, threads."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Callable, List
+
+import pytest
+
+from acagent.spool import ResultSpool
+
+posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX permissions and dir fsync")
+
+
+def new_key() -> str:
+    return uuid.uuid4().hex
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def write_body(spool: ResultSpool, key: str, data: bytes) -> None:
+    with spool.open_body(key) as body:
+        body.write(data)
+
+
+@pytest.fixture
+def spool_dir(tmp_path: Path) -> Path:
+    return tmp_path / "spool"
+
+
+@pytest.fixture
+def spool(spool_dir: Path) -> ResultSpool:
+    return ResultSpool(spool_dir)
+
+
+# ---------------------------------------------------------------- permissions
+
+
+@posix_only
+def test_folder_and_parents_are_created_private(tmp_path: Path) -> None:
+    directory = tmp_path / "a" / "b" / "spool"
+    spool = ResultSpool(directory)
+    assert spool.directory == directory
+    assert directory.is_dir()
+    assert mode_of(directory) == 0o700
+
+
+@posix_only
+def test_existing_folder_is_made_private(spool_dir: Path) -> None:
+    spool_dir.mkdir(mode=0o755)
+    os.chmod(spool_dir, 0o755)
+    ResultSpool(spool_dir)
+    assert mode_of(spool_dir) == 0o700
+
+
+def test_chmod_failure_is_a_warning(
+    spool_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise PermissionError("not the owner")
+
+    monkeypatch.setattr(os, "chmod", refuse)
+    with caplog.at_level(logging.WARNING, logger="acagent.spool"):
+        spool = ResultSpool(spool_dir)
+    assert spool_dir.is_dir()
+    assert any("0700" in r.getMessage() and r.name == "acagent.spool" for r in caplog.records)
+    assert len(spool) == 0
+
+
+@posix_only
+def test_record_body_and_tmp_files_are_0600(
+    spool: ResultSpool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old_umask = os.umask(0o022)
+    try:
+        key = new_key()
+        write_body(spool, key, b"payload")
+        spool.save(key, {"taskId": "t1"})
+        assert mode_of(spool.body_path(key)) == 0o600
+        assert mode_of(spool.record_path(key)) == 0o600
+
+        # the temporary file is private from its creation, not only after the rename
+        seen: List[int] = []
+        real_replace = os.replace
+
+        def spy(src: Any, dst: Any) -> None:
+            seen.append(mode_of(Path(src)))
+            real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", spy)
+        spool.save(key, {"taskId": "t1", "again": True})
+        assert seen == [0o600]
+    finally:
+        os.umask(old_umask)
+
+
+# ---------------------------------------------------------------- bodies
+
+
+def test_body_path_and_exclusive_open(spool: ResultSpool, spool_dir: Path) -> None:
+    key = new_key()
+    assert spool.body_path(key) == spool_dir / f"{key}.body"
+    assert not spool.has_body(key)
+    write_body(spool, key, b"\x00\x01binary\xff")
+    assert spool.has_body(key)
+    assert spool.body_path(key).read_bytes() == b"\x00\x01binary\xff"
+    with pytest.raises(FileExistsError):
+        spool.open_body(key)
+    assert spool.body_path(key).read_bytes() == b"\x00\x01binary\xff"
+
+
+def test_discard_body_removes_only_the_body(spool: ResultSpool) -> None:
+    key = new_key()
+    write_body(spool, key, b"x" * 10)
+    spool.save(key, {"taskId": "t"})
+    spool.discard_body(key)
+    spool.discard_body(key)  # missing is fine
+    assert not spool.body_path(key).exists()
+    assert spool.pending() == [(key, {"taskId": "t"})]
+    assert len(spool) == 1
+
+
+# ---------------------------------------------------------------- save / pending
+
+
+def test_save_then_pending_round_trips(spool: ResultSpool) -> None:
+    key = new_key()
+    record = {"taskId": "t-1", "statusCode": 200, "output": "aGk=", "nested": {"a": [1, None]}}
+    spool.save(key, record)
+    assert spool.pending() == [(key, record)]
+    assert json.loads(spool.record_path(key).read_text("utf-8")) == record
+    assert len(spool) == spool.size() == 1
+
+
+def test_unicode_and_odd_strings_survive(spool: ResultSpool) -> None:
+    key = new_key()
+    record = {"taskId": "t", "output": "Agent Side Error: caf\u00e9 \u2603 \ud800"}
+    spool.save(key, record)
+    assert spool.pending() == [(key, record)]
+
+
+def test_save_rejects_bad_records_without_touching_disk(spool: ResultSpool) -> None:
+    key = new_key()
+    with pytest.raises(TypeError):
+        spool.save(key, ["not", "a", "dict"])  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        spool.save(key, {"body": b"bytes are not JSON"})
+    assert list(spool.directory.iterdir()) == []
+    assert len(spool) == 0
+
+
+def test_overwrite_keeps_one_record(spool: ResultSpool) -> None:
+    key = new_key()
+    spool.save(key, {"v": 1})
+    spool.save(key, {"v": 2})
+    assert len(spool) == 1
+    assert spool.pending() == [(key, {"v": 2})]
+
+
+def test_pending_order_is_mtime_then_key(spool: ResultSpool) -> None:
+    keys = [new_key() for _ in range(5)]
+    for i, key in enumerate(keys):
+        spool.save(key, {"i": i})
+    # give them explicit times: k3 oldest, then k1, then k0/k2/k4 tied (key order)
+    base = 1_700_000_000_000_000_000
+    times = {keys[3]: base, keys[1]: base + 1_000, keys[0]: base + 5_000}
+    times[keys[2]] = times[keys[4]] = base + 5_000
+    for key, ns in times.items():
+        os.utime(spool.record_path(key), ns=(ns, ns))
+    expected = [keys[3], keys[1], *sorted([keys[0], keys[2], keys[4]])]
+    assert [k for k, _ in spool.pending()] == expected
+
+
+def test_records_persist_across_instances(spool_dir: Path) -> None:
+    first = ResultSpool(spool_dir)
+    keys = [new_key() for _ in range(3)]
+    for i, key in enumerate(keys):
+        write_body(first, key, b"body %d" % i)
+        first.save(key, {"i": i})
+        os.utime(first.record_path(key), ns=(i * 10**9, i * 10**9))
+    first.remove(keys[1])
+    del first
+
+    second = ResultSpool(spool_dir)
+    assert len(second) == 2  # counted from the disk at start, before any pending()
+    assert second.clean_orphans() == 0
+    assert second.pending() == [(keys[0], {"i": 0}), (keys[2], {"i": 2})]
+    assert second.body_path(keys[2]).read_bytes() == b"body 2"
+
+
+def test_record_with_missing_body_is_still_returned(spool: ResultSpool) -> None:
+    key = new_key()
+    write_body(spool, key, b"data")
+    spool.save(key, {"taskId": "t", "bodyFile": True})
+    spool.body_path(key).unlink()
+    assert spool.pending() == [(key, {"taskId": "t", "bodyFile": True})]
+    assert not spool.has_body(key)
+
+
+# ---------------------------------------------------------------- crashes
+
+
+def test_leftover_tmp_is_ignored_and_cleaned(spool: ResultSpool) -> None:
+    done, crashed = new_key(), new_key()
+    spool.save(done, {"ok": True})
+    # a crash mid-save leaves a half-written temporary file and no record
+    (spool.directory / f"{crashed}.json.tmp").write_bytes(b'{"taskId": "half')
+    assert spool.pending() == [(done, {"ok": True})]
+    assert len(spool) == 1
+    assert spool.clean_orphans() == 1
+    assert not (spool.directory / f"{crashed}.json.tmp").exists()
+    # and a later save of that key works normally
+    spool.save(crashed, {"ok": 2})
+    assert len(spool) == 2
+
+
+def test_crash_in_replace_keeps_old_record(
+    spool: ResultSpool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old, fresh = new_key(), new_key()
+    spool.save(old, {"version": "old"})
+
+    def crash(src: Any, dst: Any) -> None:
+        raise OSError(5, "simulated I/O error during rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated"):
+        spool.save(old, {"version": "new"})
+    with pytest.raises(OSError, match="simulated"):
+        spool.save(fresh, {"version": "new"})
+    monkeypatch.undo()
+
+    assert json.loads(spool.record_path(old).read_bytes()) == {"version": "old"}
+    assert not spool.record_path(fresh).exists()
+    assert not list(spool.directory.glob("*.tmp"))
+    assert len(spool) == 1
+    assert spool.pending() == [(old, {"version": "old"})]
+
+
+def test_crash_in_write_leaves_nothing(spool: ResultSpool, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = new_key()
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="No space"):
+        spool.save(key, {"a": 1})
+    monkeypatch.undo()
+    assert list(spool.directory.iterdir()) == []
+    assert len(spool) == 0
+
+
+# ---------------------------------------------------------------- corrupt records
+
+
+def test_corrupt_records_are_moved_aside_and_logged_once(
+    spool: ResultSpool, caplog: pytest.LogCaptureFixture
+) -> None:
+    good, garbage, not_object, empty = (new_key() for _ in range(4))
+    spool.save(good, {"ok": True})
+    spool.record_path(garbage).write_bytes(b"{not json")
+    spool.record_path(not_object).write_text("[1, 2, 3]")
+    spool.record_path(empty).write_bytes(b"")
+    reopened = ResultSpool(spool.directory)
+    assert len(reopened) == 4  # not parsed yet
+
+    with caplog.at_level(logging.WARNING, logger="acagent.spool"):
+        assert reopened.pending() == [(good, {"ok": True})]
+        assert reopened.pending() == [(good, {"ok": True})]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 3
+    assert len(reopened) == 1
+    for key in (garbage, not_object, empty):
+        assert not reopened.record_path(key).exists()
+        assert (reopened.directory / f"{key}.json.corrupt").exists()
+    # corrupt files are kept for a human, not cleaned as orphans
+    assert reopened.clean_orphans() == 0
+    assert (reopened.directory / f"{garbage}.json.corrupt").read_bytes() == b"{not json"
+
+
+# ---------------------------------------------------------------- orphans
+
+
+def test_clean_orphans_removes_only_its_own_debris(spool: ResultSpool) -> None:
+    kept, orphan, stale = new_key(), new_key(), new_key()
+    write_body(spool, kept, b"keep me")
+    spool.save(kept, {"k": 1})
+    d = spool.directory
+    (d / f"{orphan}.body").write_bytes(b"orphan")
+    (d / f"{stale}.json.tmp").write_bytes(b"{")
+    foreign = [
+        d / "notes.txt",
+        d / f"{orphan.upper()}.body",
+        d / f"{orphan}.body.bak",
+        d / f"x{orphan}.body",
+        d / "short.body",
+        d / f"{stale}.json.corrupt",
+    ]
+    for path in foreign:
+        path.write_bytes(b"not mine")
+    (d / f"{new_key()}.body").mkdir()  # a directory with a spool-like name
+
+    assert spool.clean_orphans() == 2
+    assert not (d / f"{orphan}.body").exists()
+    assert not (d / f"{stale}.json.tmp").exists()
+    assert spool.body_path(kept).read_bytes() == b"keep me"
+    for path in foreign:
+        assert path.read_bytes() == b"not mine"
+    assert spool.clean_orphans() == 0
+
+
+def test_clean_orphans_spares_a_body_being_written(spool: ResultSpool) -> None:
+    key = new_key()
+    with spool.open_body(key) as body:
+        body.write(b"streaming")
+        assert spool.clean_orphans() == 0
+    assert spool.clean_orphans() == 0
+    assert spool.body_path(key).exists()
+    # a fresh instance (a restart) does not know it: it is an orphan there
+    assert ResultSpool(spool.directory).clean_orphans() == 1
+
+
+# ---------------------------------------------------------------- remove
+
+
+def test_remove_is_idempotent(spool: ResultSpool) -> None:
+    key = new_key()
+    write_body(spool, key, b"b")
+    spool.save(key, {"a": 1})
+    spool.remove(key)
+    spool.remove(key)
+    spool.remove(new_key())  # never saved
+    assert list(spool.directory.iterdir()) == []
+    assert len(spool) == 0
+    assert spool.pending() == []
+
+
+def test_remove_unlinks_record_before_body(
+    spool: ResultSpool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = new_key()
+    write_body(spool, key, b"b")
+    spool.save(key, {"a": 1})
+    order: List[str] = []
+    real_unlink = os.unlink
+
+    def spy(path: Any, *args: Any, **kwargs: Any) -> None:
+        order.append(Path(path).name)
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", spy)
+    spool.remove(key)
+    assert order == [f"{key}.json", f"{key}.body"]
+
+
+# ---------------------------------------------------------------- keys
+
+
+BAD_KEYS = [
+    "../x",
+    "a/b",
+    "",
+    "A" * 32,
+    "0123456789ABCDEF0123456789abcdef",
+    "a" * 31,
+    "a" * 33,
+    "g" * 32,
+    "a" * 32 + "\n",
+    "../" + "a" * 29,
+    "/" + "a" * 31,
+    str(uuid.uuid4()),  # with dashes
+]
+
+
+@pytest.mark.parametrize("key", BAD_KEYS)
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s, k: s.body_path(k),
+        lambda s, k: s.record_path(k),
+        lambda s, k: s.open_body(k),
+        lambda s, k: s.save(k, {}),
+        lambda s, k: s.remove(k),
+        lambda s, k: s.discard_body(k),
+        lambda s, k: s.has_body(k),
+    ],
+    ids=["body_path", "record_path", "open_body", "save", "remove", "discard_body", "has_body"],
+)
+def test_invalid_keys_are_rejected(
+    spool: ResultSpool, key: str, call: Callable[[ResultSpool, str], object]
+) -> None:
+    with pytest.raises(ValueError, match="invalid spool key"):
+        call(spool, key)
+    assert list(spool.directory.iterdir()) == []
+    assert list(spool.directory.parent.iterdir()) == [spool.directory]
+
+
+def test_non_string_key_is_rejected(spool: ResultSpool) -> None:
+    with pytest.raises(ValueError):
+        spool.save(None, {})  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        spool.body_path(b"a" * 32)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- threads
+
+
+def test_concurrent_save_and_remove_keep_size_right(spool: ResultSpool) -> None:
+    threads_n, per_thread = 8, 40
+    errors: List[BaseException] = []
+    kept: List[str] = []
+    kept_lock = threading.Lock()
+    start = threading.Barrier(threads_n)
+
+    def work(n: int) -> None:
+        try:
+            start.wait(timeout=10)
+            for i in range(per_thread):
+                key = new_key()
+                if i % 3 == 0:
+                    write_body(spool, key, b"body")
+                spool.save(key, {"thread": n, "i": i})
+                if i % 2 == 0:
+                    spool.save(key, {"thread": n, "i": i, "again": True})
+                    spool.remove(key)
+                else:
+                    with kept_lock:
+                        kept.append(key)
+                spool.size()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,), daemon=True) for n in range(threads_n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+        assert not t.is_alive(), "a spool worker thread hung"
+    assert errors == []
+
+    expected = threads_n * per_thread // 2
+    assert len(kept) == expected
+    assert spool.size() == expected
+    assert len(list(spool.directory.glob("*.json"))) == expected
+    assert sorted(k for k, _ in spool.pending()) == sorted(kept)
+    assert spool.size() == expected
+    assert not list(spool.directory.glob("*.tmp"))
+
+
+# ---------------------------------------------------------------- fsync
+
+
+def count_fsyncs(monkeypatch: pytest.MonkeyPatch) -> List[str]:
+    """Patch os.fsync to record what each call synced: 'dir' or the file's name kind."""
+    calls: List[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        calls.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return calls
+
+
+def test_save_fsyncs_record_and_folder(spool: ResultSpool, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = count_fsyncs(monkeypatch)
+    spool.save(new_key(), {"a": 1})
+    assert calls.count("file") >= 1
+    if os.name == "posix":
+        assert calls.count("dir") >= 1
+        assert calls[-1] == "dir"  # the rename is made durable last
+
+
+def test_save_fsyncs_the_body_too(spool: ResultSpool, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = new_key()
+    write_body(spool, key, b"body bytes")
+    calls = count_fsyncs(monkeypatch)
+    spool.save(key, {"a": 1})
+    assert calls.count("file") >= 2  # body and record
+
+
+@posix_only
+def test_remove_fsyncs_the_folder(spool: ResultSpool, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = new_key()
+    spool.save(key, {"a": 1})
+    calls = count_fsyncs(monkeypatch)
+    spool.remove(key)
+    assert calls == ["dir"]
+    calls.clear()
+    spool.remove(key)  # nothing unlinked, nothing to sync
+    assert calls == []
+
+
+# ---------------------------------------------------------------- misc
+
+
+def test_bytes_used_counts_spool_files(spool: ResultSpool) -> None:
+    assert spool.bytes_used() == 0
+    key = new_key()
+    write_body(spool, key, b"x" * 1000)
+    spool.save(key, {"a": 1})
+    (spool.directory / "foreign.txt").write_bytes(b"y" * 5000)
+    expected = 1000 + spool.record_path(key).stat().st_size
+    assert spool.bytes_used() == expected
+    spool.remove(key)
+    assert spool.bytes_used() == 0
+
+
+def test_empty_spool_is_truthy(spool: ResultSpool) -> None:
+    assert len(spool) == 0
+    assert bool(spool) is True
+    assert "ResultSpool(" in repr(spool)
+
+
+def test_delivery_guarantee_is_documented() -> None:
+    assert ResultSpool.DELIVERY_GUARANTEE == "at-least-once"
+    source = Path(__file__).resolve().parents[1] / "acagent" / "spool.py"
+    text = source.read_text("utf-8")
+    assert "Exactly once while the process lives" in text
+    assert "same ``taskId`` twice" in text
