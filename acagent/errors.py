@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 
 class AgentError(Exception):
@@ -25,10 +25,14 @@ class TaskError(AgentError, ValueError):
     answer it with an ``Agent Side Error`` result.
     """
 
-    def __init__(self, reason: str, *, task_id: Optional[str] = None) -> None:
+    def __init__(
+        self, reason: str, *, task_id: Optional[str] = None, raw: Optional[Any] = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.task_id = task_id
+        #: the task object as received (set by the client), so a result can echo it
+        self.raw = raw
 
 
 class ACError(AgentError):

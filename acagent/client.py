@@ -1,0 +1,439 @@
+"""ACClient: the one way to talk to the AC server.
+
+One keep-alive ``requests.Session`` (pool sized to the permit count) and a
+``threading.BoundedSemaphore(ac_max_concurrent)``. A permit is held for the
+whole of every AC call, from sending the request until the reply is read, so
+the number of requests open to the server never exceeds the permit count,
+whatever the number of threads using the client. Between retry attempts the
+permit is released, so a call waiting out a 429 does not block the others.
+
+The S3 PUT goes to a presigned URL, not to the AC server: it uses its own
+session, carries no ``Authorization`` header and takes no permit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+
+import requests
+import urllib3.util.connection
+from requests.adapters import HTTPAdapter
+
+from . import __version__
+from .config import AgentConfig
+from .errors import (
+    ACConnectionError,
+    ACHTTPError,
+    ACRateLimitError,
+    AgentStopping,
+    BadReplyError,
+    TaskError,
+)
+from .models import Task
+from .ratelimit import FETCH, UPLOAD, RateLimits
+from .retry import RetryPolicy, run_with_retries, server_wait
+
+log = logging.getLogger("acagent.client")
+
+API_PREFIX = "/api/http-teleport/"
+
+#: called after every exchange: (endpoint, status or "error", seconds)
+ExchangeHook = Callable[[str, str, float], None]
+
+_NETWORK_ERRORS = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.ContentDecodingError,
+)
+
+
+def make_agent_id() -> str:
+    """``<unix seconds>_<6 hex>``, once per process start, like today's agent."""
+    return f"{int(time.time())}_{uuid.uuid4().hex[:6]}"
+
+
+def force_ipv4() -> None:
+    """Resolve hostnames to IPv4 only, process-wide (``--ipv4Fallback``)."""
+    urllib3.util.connection.allowed_gai_family = lambda: socket.AF_INET
+
+
+def build_session(pool_size: int, *, user_agent: str) -> requests.Session:
+    """A keep-alive session whose pool keeps ``pool_size`` connections per host."""
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers["User-Agent"] = user_agent
+    return session
+
+
+class MultipartBody(io.RawIOBase):
+    """A ``multipart/form-data`` body streamed from files, with a known length.
+
+    requests sends it with a Content-Length and reads it in blocks, so a
+    200 MB upload never sits in memory. Each instance reads its files from
+    the start: a retry builds a new one and re-sends the whole file (today's
+    agent re-sent an already-read file, i.e. an empty one).
+    """
+
+    def __init__(self, parts: List[Tuple[str, str, str, Union[bytes, str]]]) -> None:
+        """``parts``: (field name, file name, content type, bytes or a file path)."""
+        super().__init__()
+        self.boundary = uuid.uuid4().hex
+        self._segments: List[Union[bytes, str]] = []
+        for name, filename, ctype, content in parts:
+            head = (
+                f"--{self.boundary}\r\n"
+                f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                f"Content-Type: {ctype}\r\n\r\n"
+            ).encode()
+            self._segments += [head, content, b"\r\n"]
+        self._segments.append(f"--{self.boundary}--\r\n".encode())
+        self._length = sum(
+            len(s) if isinstance(s, bytes) else os.path.getsize(s) for s in self._segments
+        )
+        self._index = 0
+        self._current: Optional[BinaryIO] = None
+
+    @property
+    def content_type(self) -> str:
+        return f"multipart/form-data; boundary={self.boundary}"
+
+    def __len__(self) -> int:
+        return self._length
+
+    def readable(self) -> bool:
+        return True
+
+    def _next_source(self) -> Optional[BinaryIO]:
+        if self._index >= len(self._segments):
+            return None
+        segment = self._segments[self._index]
+        self._index += 1
+        if isinstance(segment, bytes):
+            return io.BytesIO(segment)
+        return open(segment, "rb")
+
+    def read(self, size: Optional[int] = -1) -> bytes:
+        want = 1 << 62 if size is None or size < 0 else size
+        out = bytearray()
+        while len(out) < want:
+            if self._current is None:
+                self._current = self._next_source()
+                if self._current is None:
+                    break
+            chunk = self._current.read(min(want - len(out), 1 << 20))
+            if chunk:
+                out += chunk
+            else:
+                self._current.close()
+                self._current = None
+        return bytes(out)
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.close()
+            self._current = None
+        super().close()
+
+
+class ACClient:
+    """Speaks the http-teleport protocol to the AC server (PROTOCOL.md)."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        agent_id: Optional[str] = None,
+        version: str = __version__,
+        retry_policy: Optional[RetryPolicy] = None,
+        rate_limits: Optional[RateLimits] = None,
+        abort: Optional[threading.Event] = None,
+        on_exchange: Optional[ExchangeHook] = None,
+    ) -> None:
+        self.config = config
+        self.agent_id = agent_id or make_agent_id()
+        self.version = version
+        self.retry_policy = retry_policy or RetryPolicy()
+        self.rate_limits = rate_limits or RateLimits(config.rate_limit_per_min)
+        #: set when the agent must stop at once: retry sleeps and permit waits end
+        self.abort = abort or threading.Event()
+        self.on_exchange = on_exchange
+        self.max_concurrent = config.ac_max_concurrent
+        self.permits = threading.BoundedSemaphore(config.ac_max_concurrent)
+        self._count_lock = threading.Lock()
+        self._inflight = 0
+        self.verify: Union[bool, str] = config.tls_verify
+        user_agent = f"acagent/{version}"
+        self.session = build_session(config.ac_max_concurrent, user_agent=user_agent)
+        self.session.headers["Authorization"] = f"Bearer {config.api_key}"
+        self.s3_session = build_session(2, user_agent=user_agent)
+        self._closed = False
+
+    # -- lifecycle -----------------------------------------------------
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.session.close()
+            self.s3_session.close()
+
+    def __enter__(self) -> ACClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def inflight(self) -> int:
+        """AC requests open right now (never above ``max_concurrent``)."""
+        return self._inflight
+
+    def set_verify(self, verify: bool) -> None:
+        """globalConfig ``verifyCert``: keep the CA bundle when turning verification on."""
+        self.verify = (self.config.ca_bundle or True) if verify else False
+
+    # -- the permit ----------------------------------------------------
+    @contextlib.contextmanager
+    def _permit(self) -> Iterator[None]:
+        # Timed acquire in slices so an abort is noticed even while all
+        # permits are taken by slow calls.
+        while not self.permits.acquire(timeout=0.5):
+            if self.abort.is_set():
+                raise AgentStopping("stopped while waiting for an AC permit")
+        with self._count_lock:
+            self._inflight += 1
+        try:
+            yield
+        finally:
+            with self._count_lock:
+                self._inflight -= 1
+            self.permits.release()
+
+    # -- one exchange ----------------------------------------------------
+    def _url(self, endpoint: str) -> str:
+        return f"{self.config.base_url}{API_PREFIX}{endpoint}"
+
+    def _report(self, endpoint: str, status: str, started: float) -> None:
+        if self.on_exchange is not None:
+            try:
+                self.on_exchange(endpoint, status, time.monotonic() - started)
+            except Exception:  # a broken observer must not break the call
+                log.exception("exchange hook failed")
+
+    def _exchange(
+        self,
+        endpoint: str,
+        method: str,
+        op_class: str,
+        *,
+        timeout: Tuple[float, float],
+        params: Optional[Mapping[str, str]] = None,
+        json_body: Any = None,
+        body_factory: Optional[Callable[[], MultipartBody]] = None,
+    ) -> requests.Response:
+        """One attempt: rate token, permit, request, reply read, permit back."""
+        if not self.rate_limits[op_class].acquire(stop=self.abort):
+            raise AgentStopping("stopped while waiting for the rate limiter")
+        headers: Dict[str, str] = {}
+        data: Any = None
+        if json_body is not None:
+            data = json.dumps(json_body, separators=(",", ":")).encode()
+            headers["Content-Type"] = "application/json"
+        body: Optional[MultipartBody] = None
+        if body_factory is not None:
+            body = body_factory()
+            data = body
+            headers["Content-Type"] = body.content_type
+        try:
+            with self._permit():
+                started = time.monotonic()
+                try:
+                    reply = self.session.request(
+                        method,
+                        self._url(endpoint),
+                        params=params,
+                        data=data,
+                        headers=headers,
+                        timeout=timeout,
+                        verify=self.verify,
+                        proxies=self.config.outgoing_proxies,
+                        allow_redirects=False,
+                    )
+                except _NETWORK_ERRORS as exc:
+                    self._report(endpoint, "error", started)
+                    raise ACConnectionError(f"{endpoint}: {type(exc).__name__}: {exc}") from exc
+                self._report(endpoint, str(reply.status_code), started)
+        finally:
+            if body is not None:
+                body.close()
+        log.debug("%s -> %s", endpoint, reply.status_code)
+        return _check_status(endpoint, reply)
+
+    def _call(self, endpoint: str, method: str, op_class: str, **kw: Any) -> requests.Response:
+        """An exchange with the retry policy (every call but get-task)."""
+
+        def on_retry(exc: BaseException, wait: float) -> None:
+            log.warning("%s failed (%s); retrying in %.1fs", endpoint, exc, wait)
+
+        return run_with_retries(
+            lambda: self._exchange(endpoint, method, op_class, **kw),
+            self.retry_policy,
+            stop=self.abort,
+            on_retry=on_retry,
+        )
+
+    def _json_timeout(self) -> Tuple[float, float]:
+        return (self.config.ac_connect_timeout, self.config.read_timeout_seconds)
+
+    def _upload_timeout(self) -> Tuple[float, float]:
+        return (self.config.ac_connect_timeout, self.config.upload_timeout)
+
+    # -- endpoints -------------------------------------------------------
+    def get_task(self) -> Optional[Task]:
+        """One get-task exchange, no retries (the Fetcher owns that loop).
+
+        Returns the task, or None when the server has none. Raises
+        ``BadReplyError`` for a reply the protocol does not allow, ``TaskError``
+        (with ``raw`` set) for a malformed task, and ``ACError`` subclasses for
+        HTTP and network failures.
+        """
+        params = {"agentId": self.agent_id, "agentVersion": self.version}
+        if self.config.env_name:
+            params["envName"] = self.config.env_name
+        reply = self._exchange(
+            "get-task", "GET", FETCH, timeout=self._json_timeout(), params=params
+        )
+        if reply.status_code == 204 or not reply.content.strip():
+            return None
+        data = _json_data(reply, "get-task")
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            raise BadReplyError(
+                f"get-task: 'data' must be an object or null, got {type(data).__name__}"
+            )
+        try:
+            return Task.parse(data, default_ttl=self.config.default_task_ttl)
+        except TaskError as exc:
+            exc.raw = data
+            raise
+
+    def put_result(self, payload: Mapping[str, Any]) -> None:
+        """POST put-result with the result JSON."""
+        self._call("put-result", "POST", UPLOAD, timeout=self._json_timeout(), json_body=payload)
+
+    def upload_result(
+        self, file_path: str, file_name: str, content_type: str, task_part: Mapping[str, Any]
+    ) -> None:
+        """POST upload-result: multipart ``file`` (streamed from disk) + ``task``."""
+        task_json = json.dumps(task_part, separators=(",", ":")).encode()
+
+        def body() -> MultipartBody:
+            return MultipartBody(
+                [
+                    ("file", file_name, content_type, file_path),
+                    ("task", "task.json", "application/json", task_json),
+                ]
+            )
+
+        self._call(
+            "upload-result", "POST", UPLOAD, timeout=self._upload_timeout(), body_factory=body
+        )
+
+    def get_upload_url(self, file_name: str) -> Tuple[str, str]:
+        """GET upload-url: the presigned ``(putUrl, getUrl)`` for ``file_name``."""
+        reply = self._call(
+            "upload-url",
+            "GET",
+            UPLOAD,
+            timeout=self._json_timeout(),
+            params={"fileName": file_name},
+        )
+        data = _json_data(reply, "upload-url")
+        if not isinstance(data, dict):
+            raise BadReplyError("upload-url: 'data' must be an object")
+        put_url, get_url = data.get("putUrl"), data.get("getUrl")
+        if not isinstance(put_url, str) or not isinstance(get_url, str) or not put_url:
+            raise BadReplyError("upload-url: reply lacks putUrl/getUrl")
+        return put_url, get_url
+
+    def put_s3(self, put_url: str, file_path: str, *, content_type: Optional[str] = None) -> None:
+        """PUT the body to a presigned URL: own session, no permit, no auth header."""
+        headers = {"Content-Type": content_type} if content_type else {}
+
+        def attempt() -> None:
+            started = time.monotonic()
+            try:
+                with open(file_path, "rb") as fh:
+                    reply = self.s3_session.put(
+                        put_url,
+                        data=fh,
+                        headers=headers,
+                        timeout=self._upload_timeout(),
+                        verify=self.verify,
+                        proxies=self.config.outgoing_proxies,
+                    )
+            except _NETWORK_ERRORS as exc:
+                self._report("s3", "error", started)
+                raise ACConnectionError(f"s3: {type(exc).__name__}: {exc}") from exc
+            self._report("s3", str(reply.status_code), started)
+            _check_status("s3", reply)
+
+        run_with_retries(attempt, self.retry_policy, stop=self.abort)
+
+    def upload_logs(self, zip_path: str, task_part: Mapping[str, Any]) -> None:
+        """POST upload-logs: the zipped log folder + the task."""
+        task_json = json.dumps(task_part, separators=(",", ":")).encode()
+        params = {"envName": self.config.env_name} if self.config.env_name else None
+
+        def body() -> MultipartBody:
+            return MultipartBody(
+                [
+                    ("file", os.path.basename(zip_path), "application/zip", zip_path),
+                    ("task", "task.json", "application/json", task_json),
+                ]
+            )
+
+        self._call(
+            "upload-logs",
+            "POST",
+            UPLOAD,
+            timeout=self._upload_timeout(),
+            params=params,
+            body_factory=body,
+        )
+
+
+def _check_status(endpoint: str, reply: requests.Response) -> requests.Response:
+    status = reply.status_code
+    if 200 <= status < 300:
+        return reply
+    text = reply.text[:500] if reply.content else ""
+    if status == 429:
+        raise ACRateLimitError(
+            endpoint,
+            text,
+            retry_after=server_wait(reply.headers),
+            concurrency="too many concurrent" in text.lower(),
+        )
+    raise ACHTTPError(endpoint, status, text)
+
+
+def _json_data(reply: requests.Response, endpoint: str) -> Any:
+    try:
+        body = reply.json()
+    except ValueError:
+        raise BadReplyError(f"{endpoint}: reply is not JSON") from None
+    if not isinstance(body, dict):
+        raise BadReplyError(f"{endpoint}: reply must be a JSON object, got {type(body).__name__}")
+    return body.get("data")

@@ -1,0 +1,298 @@
+"""Task and Result: parsing, validation, and every result shape of the protocol.
+
+A ``Task`` is what get-task hands out; ``Task.parse`` validates it and keeps
+the raw object so the result can echo every field the agent does not know.
+A ``Result`` is what the agent sends back. It never holds a body in memory:
+the body bytes live in a file (``body_path``) that the Uploader streams from.
+The payload builders at the bottom produce the exact JSON shapes of
+PROTOCOL.md ("The result").
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional
+from urllib.parse import urlsplit
+
+from .errors import TaskError
+
+ERROR_PREFIX = "Agent Side Error: "
+
+#: methods a target request may use; anything else is a malformed task
+KNOWN_METHODS = frozenset(
+    {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE", "CONNECT"}
+)
+
+# Fields the agent adds to a result; a task carrying them would be confusing
+# but is still echoed, since the result's own value overwrites them.
+_RESULT_FIELDS = (
+    "version",
+    "statusCode",
+    "responseHeaders",
+    "responseBase64",
+    "output",
+    "responseZipped",
+    "s3Url",
+)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One validated task. ``raw`` is the object as the server sent it."""
+
+    task_id: str
+    url: str
+    method: str
+    request_headers: Dict[str, str]
+    input: Optional[str]
+    expiry_ts_ms: int
+    global_config: Optional[Dict[str, Any]]
+    raw: Dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def parse(cls, obj: Any, *, default_ttl: float = 300.0, now: Optional[int] = None) -> Task:
+        """Validate a task object. Raises ``TaskError`` naming the first problem.
+
+        The error carries ``task_id`` whenever the id itself was usable, so the
+        caller can still answer the task with an error result.
+        """
+        if not isinstance(obj, dict):
+            raise TaskError(f"task must be a JSON object, got {type(obj).__name__}")
+        task_id = obj.get("taskId")
+        if isinstance(task_id, int) and not isinstance(task_id, bool):
+            task_id = str(task_id)
+        if not isinstance(task_id, str) or not task_id.strip():
+            raise TaskError("task has no taskId")
+        if len(task_id) > 512:
+            raise TaskError("taskId is longer than 512 characters")
+
+        def bad(reason: str) -> TaskError:
+            return TaskError(reason, task_id=task_id)
+
+        url = obj.get("url")
+        if not isinstance(url, str) or not url:
+            raise bad("task has no url")
+        method = obj.get("method")
+        if not isinstance(method, str) or not method:
+            raise bad("task has no method")
+        method = method.strip().upper()
+        is_fetch_logs = "fetchLogs" in task_id and "agent/fetch-logs" in url
+        if not is_fetch_logs:
+            _check_url(url, bad)
+            if method not in KNOWN_METHODS:
+                raise bad(f"unknown method {obj.get('method')!r}")
+
+        headers_obj = obj.get("requestHeaders")
+        headers: Dict[str, str] = {}
+        if headers_obj is not None:
+            if not isinstance(headers_obj, dict):
+                raise bad("requestHeaders must be an object")
+            for name, value in headers_obj.items():
+                if not isinstance(value, str):
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        value = str(value)
+                    elif value is None:
+                        continue
+                    else:
+                        raise bad(f"request header {name!r} must be a string")
+                if "\n" in name or "\r" in name or "\n" in value or "\r" in value:
+                    raise bad(f"request header {name!r} contains a line break")
+                headers[name] = value
+
+        body = obj.get("input")
+        if body is not None and not isinstance(body, str):
+            raise bad("input must be a string")
+
+        now_value = now_ms() if now is None else now
+        expiry = obj.get("expiryTsMs")
+        if expiry is None:
+            expiry_ms = now_value + int(default_ttl * 1000)
+        elif isinstance(expiry, (int, float)) and not isinstance(expiry, bool) and expiry == expiry:
+            expiry_ms = int(expiry)
+        else:
+            raise bad("expiryTsMs must be a number of epoch milliseconds")
+
+        global_config = obj.get("globalConfig")
+        if global_config is not None and not isinstance(global_config, dict):
+            global_config = None  # applied key by key; a wrong type is ignored, not fatal
+
+        return cls(
+            task_id=task_id,
+            url=url,
+            method=method,
+            request_headers=headers,
+            input=body,
+            expiry_ts_ms=expiry_ms,
+            global_config=global_config,
+            raw=dict(obj),
+        )
+
+    # ------------------------------------------------------------------
+    @property
+    def is_fetch_logs(self) -> bool:
+        return "fetchLogs" in self.task_id and "agent/fetch-logs" in self.url
+
+    def seconds_left(self, now: Optional[float] = None) -> float:
+        current = time.time() if now is None else now
+        return self.expiry_ts_ms / 1000.0 - current
+
+    def is_expired(self, now: Optional[float] = None) -> bool:
+        return self.seconds_left(now) <= 0
+
+
+def _check_url(url: str, bad: Any) -> None:
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for a malformed port
+    except ValueError as exc:
+        raise bad(f"malformed url: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise bad(f"url scheme must be http or https, got {parts.scheme or 'none'!r}")
+    if not parts.hostname:
+        raise bad("url has no host")
+    if port == 0:
+        raise bad("url has port 0")
+    if any(c in url for c in "\r\n\t ") or any(ord(c) < 32 for c in url):
+        raise bad("url contains whitespace or control characters")
+
+
+def echo_fields(obj: Any) -> Dict[str, Any]:
+    """The fields a result must echo from a (possibly malformed) task object."""
+    if isinstance(obj, dict):
+        return {k: v for k, v in obj.items() if k not in _RESULT_FIELDS}
+    return {}
+
+
+@dataclass
+class Result:
+    """The outcome of one task, ready for the Uploader.
+
+    ``fields`` are the task's own fields (echoed). The body, if any, is the
+    file at ``body_path`` holding the decoded bytes exactly as received.
+    ``key`` names the result in the spool and in file names.
+    """
+
+    fields: Dict[str, Any]
+    status_code: int
+    response_headers: Dict[str, str] = field(default_factory=dict)
+    body_path: Optional[str] = None
+    body_size: int = 0
+    error: Optional[str] = None
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)
+    #: set for the fetch-logs task: the zip to send to upload-logs
+    logs_zip: Optional[str] = None
+    #: short slug of the failure (metrics label) when ``error`` is set
+    failure: Optional[str] = None
+
+    @property
+    def task_id(self) -> str:
+        return str(self.fields.get("taskId", ""))
+
+    @property
+    def is_error(self) -> bool:
+        return self.error is not None
+
+    @classmethod
+    def agent_error(
+        cls,
+        task: Task | Mapping[str, Any],
+        reason: str,
+        *,
+        failure: str = "agent_error",
+        key: Optional[str] = None,
+    ) -> Result:
+        """An ``Agent Side Error`` result: statusCode 500, plain-text output."""
+        raw = task.raw if isinstance(task, Task) else task
+        result = cls(
+            fields=echo_fields(raw),
+            status_code=500,
+            error=reason,
+            failure=failure,
+        )
+        if key is not None:
+            result.key = key
+        return result
+
+    # -- spool records ---------------------------------------------------
+    def to_record(self) -> Dict[str, Any]:
+        return {
+            "fields": self.fields,
+            "statusCode": self.status_code,
+            "responseHeaders": self.response_headers,
+            "bodyPath": self.body_path,
+            "bodySize": self.body_size,
+            "error": self.error,
+            "failure": self.failure,
+            "key": self.key,
+            "logsZip": self.logs_zip,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Result:
+        return cls(
+            fields=dict(record["fields"]),
+            status_code=int(record["statusCode"]),
+            response_headers=dict(record.get("responseHeaders") or {}),
+            body_path=record.get("bodyPath"),
+            body_size=int(record.get("bodySize") or 0),
+            error=record.get("error"),
+            failure=record.get("failure"),
+            key=str(record["key"]),
+            logs_zip=record.get("logsZip"),
+        )
+
+
+# ---------------------------------------------------------------------------
+# Payload builders: the exact JSON shapes of PROTOCOL.md "The result".
+
+
+def _base_payload(result: Result, version: str) -> Dict[str, Any]:
+    payload = dict(result.fields)
+    payload["version"] = version
+    payload["statusCode"] = result.status_code
+    payload["responseHeaders"] = dict(result.response_headers)
+    return payload
+
+
+def error_payload(result: Result, version: str) -> Dict[str, Any]:
+    """put-result body for an ``Agent Side Error``."""
+    payload = _base_payload(result, version)
+    payload["statusCode"] = 500
+    payload["output"] = ERROR_PREFIX + (result.error or "unknown error")
+    return payload
+
+
+def inline_payload(result: Result, version: str, body: bytes) -> Dict[str, Any]:
+    """put-result body carrying the body inline (base64), or no output if empty."""
+    payload = _base_payload(result, version)
+    if body:
+        payload["responseBase64"] = True
+        payload["output"] = base64.b64encode(body).decode("ascii")
+    return payload
+
+
+def upload_task_part(result: Result, version: str, *, zipped: bool) -> Dict[str, Any]:
+    """The ``task`` part of upload-result: the result without ``output``."""
+    payload = _base_payload(result, version)
+    payload["responseZipped"] = zipped
+    return payload
+
+
+def s3_payload(result: Result, version: str, get_url: str) -> Dict[str, Any]:
+    """put-result body after the body went to S3."""
+    payload = _base_payload(result, version)
+    payload["s3Url"] = get_url
+    return payload
+
+
+def upload_file_name(task_id: str, *, zipped: bool) -> str:
+    """``<taskId>_<32hex>.zip`` (or ``.txt``), with path separators neutralised."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in task_id)[:200]
+    return f"{safe}_{uuid.uuid4().hex}.{'zip' if zipped else 'txt'}"

@@ -1,0 +1,119 @@
+"""The client-side rate limiter: a token bucket per operation class.
+
+The AC server rate-limits each agent. Today's agent shares one budget between
+fetching and uploading, so a burst of uploads starves the fetch loop. Here
+each operation class (``fetch``, ``upload``) has its own bucket of
+``per_minute`` tokens per minute. ``per_minute == 0`` turns a bucket off.
+Waits are interruptible: ``acquire`` returns False when its stop event is set.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable, Dict, Optional
+
+FETCH = "fetch"
+UPLOAD = "upload"
+
+
+class RateLimiter:
+    """A thread-safe token bucket refilled at ``per_minute / 60`` tokens a second.
+
+    The bucket holds at most ``burst`` tokens (default: five seconds' worth,
+    at least one), so an idle agent cannot save up a minute of requests and
+    fire them at once.
+    """
+
+    #: seconds of budget the bucket may hold
+    BURST_SECONDS = 5.0
+
+    def __init__(
+        self,
+        per_minute: int,
+        *,
+        burst: Optional[float] = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._rate = 0.0
+        self._burst = 1.0
+        self._tokens = 0.0
+        self._stamp = clock()
+        self._burst_override = burst
+        self.set_rate(per_minute)
+        self._tokens = self._burst  # start full: the first call never waits
+
+    @property
+    def per_minute(self) -> int:
+        return round(self._rate * 60)
+
+    def set_rate(self, per_minute: int) -> None:
+        """Change the budget at runtime (globalConfig ``rateLimitPerMin``)."""
+        if isinstance(per_minute, bool) or not isinstance(per_minute, int) or per_minute < 0:
+            raise ValueError(f"rate limit must be a whole number >= 0, got {per_minute!r}")
+        with self._changed:
+            self._refill()
+            self._rate = per_minute / 60.0
+            if self._burst_override is not None:
+                self._burst = max(1.0, self._burst_override)
+            else:
+                self._burst = max(1.0, self._rate * self.BURST_SECONDS)
+            self._tokens = min(self._tokens, self._burst)
+            self._changed.notify_all()
+
+    def _refill(self) -> None:
+        # Caller holds self._lock.
+        now = self._clock()
+        if self._rate > 0:
+            self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+
+    def acquire(
+        self, *, stop: Optional[threading.Event] = None, timeout: Optional[float] = None
+    ) -> bool:
+        """Take one token, waiting for it. False if ``stop`` was set or ``timeout`` passed."""
+        deadline = None if timeout is None else self._clock() + timeout
+        with self._changed:
+            while True:
+                if self._rate == 0:
+                    return True  # limiter off
+                self._refill()
+                if self._tokens >= 1.0:
+                    self._tokens -= 1.0
+                    return True
+                if stop is not None and stop.is_set():
+                    return False
+                wait = (1.0 - self._tokens) / self._rate
+                if deadline is not None:
+                    left = deadline - self._clock()
+                    if left <= 0:
+                        return False
+                    wait = min(wait, left)
+                # Short slices so a stop event set by another thread is noticed
+                # promptly; set_rate() also wakes waiters through the condition.
+                self._changed.wait(min(wait, 0.25))
+
+
+class RateLimits:
+    """One ``RateLimiter`` per operation class, all with the same rate."""
+
+    CLASSES = (FETCH, UPLOAD)
+
+    def __init__(self, per_minute: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._limiters: Dict[str, RateLimiter] = {
+            name: RateLimiter(per_minute, clock=clock) for name in self.CLASSES
+        }
+
+    def __getitem__(self, op_class: str) -> RateLimiter:
+        return self._limiters[op_class]
+
+    def set_rate(self, per_minute: int) -> None:
+        for limiter in self._limiters.values():
+            limiter.set_rate(per_minute)
+
+    @property
+    def per_minute(self) -> int:
+        return self._limiters[FETCH].per_minute

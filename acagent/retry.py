@@ -1,0 +1,183 @@
+"""Retry and backoff policies for AC calls, and Retry-After parsing.
+
+``RetryPolicy`` is a small value object (after urllib3's ``Retry``): named
+predicates say whether an error is retried (``is_retry``) and whether the
+budget is spent (``is_exhausted``); ``wait_for`` derives the pause from the
+error itself, tenacity ``wait_exception``-style: the server's own wait for a
+rate-limit 429, a random 0..10 s for "Too many concurrent requests", and
+exponential backoff with jitter for 5xx and connection failures.
+
+``run_with_retries`` drives one call through tenacity. The attempt function
+takes the AC permit itself, so no permit is held while sleeping, and every
+sleep ends at once when the agent is stopping.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, TypeVar
+
+import tenacity
+
+from .errors import ACConnectionError, ACHTTPError, ACRateLimitError, AgentStopping
+
+T = TypeVar("T")
+
+#: longest wait the agent accepts from a server, whatever it asks for
+MAX_SERVER_WAIT = 300.0
+
+
+def parse_retry_after(value: Optional[str], *, now: Optional[float] = None) -> Optional[float]:
+    """Seconds to wait from a ``Retry-After``-style value, clamped to 0..300.
+
+    Accepts delta-seconds (``"7"``, ``"2.5"``) and an HTTP date. Returns None
+    for anything unparseable so the caller falls back to its own backoff.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        current = time.time() if now is None else now
+        seconds = when.timestamp() - current
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), MAX_SERVER_WAIT)
+
+
+def server_wait(headers: Mapping[str, str]) -> Optional[float]:
+    """The wait a 429 reply asks for: the AC header first, then ``Retry-After``."""
+    for name in ("X-Rate-Limit-Retry-After-Seconds", "Retry-After"):
+        wait = parse_retry_after(headers.get(name))
+        if wait is not None:
+            return wait
+    return None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long to retry one AC call (not get-task: the Fetcher owns that).
+
+    The defaults are today's agent's numbers (PROTOCOL.md), the floor.
+    """
+
+    #: 429 replies retried per call
+    rate_limit_retries: int = 5
+    #: 5xx replies and connection failures retried per call
+    error_retries: int = 3
+    #: first backoff for 5xx/connection errors, doubled per retry
+    backoff_base: float = 5.0
+    backoff_max: float = 120.0
+    #: random extra added to each backoff
+    jitter: float = 2.0
+    #: "Too many concurrent requests" waits uniformly in 0..this
+    concurrency_wait_max: float = 10.0
+    #: a 429 without a usable wait header waits this long
+    default_rate_limit_wait: float = 5.0
+    rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
+
+    def is_retry(self, exc: BaseException) -> bool:
+        if isinstance(exc, ACRateLimitError):
+            return True
+        if isinstance(exc, ACHTTPError):
+            return exc.status >= 500
+        return isinstance(exc, ACConnectionError)
+
+    def is_exhausted(self, rate_limited: int, errors: int) -> bool:
+        return rate_limited > self.rate_limit_retries or errors > self.error_retries
+
+    def wait_for(self, exc: BaseException, errors_so_far: int) -> float:
+        """Seconds to pause after ``exc``; ``errors_so_far`` counts 5xx/connection failures."""
+        if isinstance(exc, ACRateLimitError):
+            if exc.concurrency and exc.retry_after is None:
+                return self.rng.uniform(0.0, self.concurrency_wait_max)
+            if exc.retry_after is not None:
+                return exc.retry_after
+            return self.default_rate_limit_wait
+        return self.backoff(errors_so_far)
+
+    def backoff(self, n: int) -> float:
+        """base * 2**(n-1) capped, plus jitter; n >= 1."""
+        step = self.backoff_base * float(2 ** max(n - 1, 0))
+        return float(min(step, self.backoff_max) + self.rng.uniform(0.0, self.jitter))
+
+
+class _Budget:
+    """Counts one call's failures by kind; fed by tenacity's stop hook."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self.rate_limited = 0
+        self.errors = 0
+
+    def stop(self, state: tenacity.RetryCallState) -> bool:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        if exc is None:
+            return True
+        if isinstance(exc, ACRateLimitError):
+            self.rate_limited += 1
+        else:
+            self.errors += 1
+        return self.policy.is_exhausted(self.rate_limited, self.errors)
+
+    def wait(self, state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        assert exc is not None
+        return self.policy.wait_for(exc, self.errors)
+
+
+def interruptible_sleep(stop: Optional[threading.Event]) -> Callable[[float], None]:
+    """A tenacity sleep that returns early, raising AgentStopping, once ``stop`` is set."""
+
+    def sleep(seconds: float) -> None:
+        if stop is None:
+            time.sleep(seconds)
+            return
+        if stop.wait(seconds):
+            raise AgentStopping("stopped while waiting to retry")
+
+    return sleep
+
+
+def run_with_retries(
+    attempt: Callable[[], T],
+    policy: RetryPolicy,
+    *,
+    stop: Optional[threading.Event] = None,
+    on_retry: Optional[Callable[[BaseException, float], None]] = None,
+) -> T:
+    """Call ``attempt`` until it succeeds, the error is final, or the budget is spent.
+
+    The last error is re-raised unchanged. ``on_retry(exc, wait)`` is told
+    about every pause (for logging).
+    """
+    budget = _Budget(policy)
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        if on_retry is not None and state.outcome is not None and state.next_action is not None:
+            exc = state.outcome.exception()
+            if exc is not None:
+                on_retry(exc, state.next_action.sleep)
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(policy.is_retry),
+        stop=budget.stop,
+        wait=budget.wait,
+        sleep=interruptible_sleep(stop),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    return retrying(attempt)
