@@ -92,6 +92,8 @@ class Pipeline:
         self.task_queue: queue.Queue[Task] = queue.Queue()
         self.result_queue: queue.Queue[Result] = queue.Queue()
         self._stop_requested = threading.Event()
+        #: wakes the monitor thread (stop, or a status line asked for)
+        self._wake = threading.Event()
         self._hurry = threading.Event()
         self._stopped = threading.Event()
         self._started = False
@@ -196,11 +198,16 @@ class Pipeline:
     def request_stop(self) -> None:
         """Ask ``run_forever`` to stop gracefully. Safe from a signal handler."""
         self._stop_requested.set()
+        self._wake.set()
 
     def stop_now(self) -> None:
         """Cut the graceful stop short (a second signal). Safe from a signal handler."""
-        self._stop_requested.set()
         self._hurry.set()
+        self.request_stop()
+
+    def request_status(self) -> None:
+        """Have the monitor thread log a status line now (SIGUSR1). Signal-safe."""
+        self._wake.set()
 
     def run_forever(self) -> bool:
         """Start, run until ``request_stop()``, then stop. Returns ``stop()``'s answer."""
@@ -217,7 +224,7 @@ class Pipeline:
             budget = self.config.shutdown_timeout if timeout is None else timeout
             deadline = time.monotonic() + budget
             log.info("stopping: intake closed, draining for up to %.0fs", budget)
-            self._stop_requested.set()
+            self.request_stop()
             self.fetcher.stop()
             self.executor.stop_intake()
             drained = self._drain(deadline)
@@ -404,7 +411,11 @@ class Pipeline:
         log.info("%s", self.status_line())
 
     def _monitor_loop(self) -> None:
-        while not self._stop_requested.wait(self.config.status_interval):
+        while True:
+            self._wake.wait(self.config.status_interval)
+            self._wake.clear()
+            if self._stop_requested.is_set():
+                break
             with contextlib.suppress(Exception):
                 self.log_status()
 

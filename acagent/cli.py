@@ -1,0 +1,361 @@
+"""The command line: ``python -m acagent [run] --serverUrl URL --apiKey KEY`` and ``... demo``.
+
+Every flag and environment name of today's agent is accepted with the same
+meaning, so ``python -m acagent`` replaces ``python worker.py`` as is. A bad
+value exits 2 with one line naming the flag. This module is the only place
+that installs signal handlers: SIGTERM/SIGINT once = graceful stop, twice =
+stop now; SIGUSR1 = log a status line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from typing import Any, Dict, List, NoReturn, Optional, Sequence
+
+from . import __version__
+from .allowlist import TargetAllowList
+from .config import AgentConfig
+from .errors import ConfigError
+
+log = logging.getLogger("acagent.cli")
+
+_TRUE = ("yes", "true", "t", "1", "y", "on")
+_FALSE = ("no", "false", "f", "0", "n", "off")
+
+
+def str2bool(value: str) -> bool:
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _int(low: int, high: Optional[int] = None) -> Any:
+    def parse(value: str) -> int:
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+        if number < low or (high is not None and number > high):
+            bound = f"from {low} to {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {number}")
+        return number
+
+    return parse
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return number
+
+
+def _seconds_or_zero(value: str) -> float:
+    if str(value).strip() in ("0", "0.0"):
+        return 0.0
+    return _seconds(value)
+
+
+def _allow_list(value: str) -> List[str]:
+    try:
+        allow = TargetAllowList.parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return list(allow.describe())
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line naming the flag, not argparse's usage block.
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+#: (flag, AgentConfig field, type, environment names, help)
+_OPTIONS: List[tuple[str, str, Any, tuple[str, ...], str]] = [
+    ("--serverUrl", "server_url", str, ("server_url",), "AC server base URL (required)"),
+    ("--apiKey", "api_key", str, ("api_key",), "AC API key (required); never logged"),
+    ("--envName", "env_name", str, (), "environment name sent with get-task"),
+    ("--index", "index", str, (), "suffix of the log and metrics files (default _prod)"),
+    (
+        "--executorPoolSize",
+        "executor_pool_size",
+        _int(1, 2000),
+        ("EXECUTOR_POOL_SIZE",),
+        "threads running target requests (default 10)",
+    ),
+    ("--poolSize", "pool_size", _int(1, 2000), (), "old name of --executorPoolSize"),
+    ("--prefetch", "prefetch", _int(0, 10000), (), "tasks fetched beyond free threads (default 0)"),
+    (
+        "--responseQueueThreshold",
+        "response_queue_threshold",
+        _int(1),
+        (),
+        "fetching pauses while this many results wait for upload (default 80)",
+    ),
+    (
+        "--acMaxConcurrent",
+        "ac_max_concurrent",
+        _int(1, 64),
+        (),
+        "most requests open to the AC server at once (default 2)",
+    ),
+    (
+        "--rateLimitPerMin",
+        "rate_limit_per_min",
+        _int(0),
+        (),
+        "AC requests per minute per operation class (fetch, upload); 0 = off (default 250)",
+    ),
+    ("--timeout", "timeout", _seconds, ("timeout",), "target read timeout in s (default 30)"),
+    (
+        "--connectTimeout",
+        "connect_timeout",
+        _seconds,
+        (),
+        "target connect timeout in s (default 15)",
+    ),
+    (
+        "--readTimeoutSeconds",
+        "read_timeout_seconds",
+        _seconds,
+        (),
+        "AC read timeout in s, long polls included (default 100)",
+    ),
+    ("--uploadTimeout", "upload_timeout", _seconds, (), "upload read timeout in s (default 300)"),
+    (
+        "--shutdownTimeout",
+        "shutdown_timeout",
+        _seconds_or_zero,
+        (),
+        "on SIGTERM: seconds to finish running tasks and upload (default 30)",
+    ),
+    (
+        "--pollInterval",
+        "poll_interval",
+        _seconds_or_zero,
+        (),
+        "wait after an empty get-task (default 1)",
+    ),
+    (
+        "--verify",
+        "verify",
+        str2bool,
+        ("verify",),
+        "verify TLS certificates (default true; false logs a warning)",
+    ),
+    ("--caBundle", "ca_bundle", str, (), "CA bundle file or folder for TLS verification"),
+    ("--debugMode", "debug_mode", str2bool, (), "DEBUG logging (default false)"),
+    ("--logFormat", "log_format", str, (), "text or json (default text)"),
+    (
+        "--enableStdoutLogging",
+        "enable_stdout_logging",
+        str2bool,
+        (),
+        "log to stdout (default true)",
+    ),
+    (
+        "--enableFileLogging",
+        "enable_file_logging",
+        str2bool,
+        (),
+        "also write <tmp>/armorcode/log/app_log<index>.log (default true)",
+    ),
+    (
+        "--metricsFile",
+        "enable_metrics_file",
+        str2bool,
+        (),
+        "write the JSON-lines metrics file of today's agent (default true)",
+    ),
+    (
+        "--metricsRetentionDays",
+        "metrics_retention_days",
+        _int(0, 3650),
+        ("metricsRetentionDays",),
+        "days of metrics files kept (default 7)",
+    ),
+    (
+        "--uploadToAc",
+        "upload_to_ac",
+        str2bool,
+        (),
+        "large bodies to upload-result (true, default) or to S3 (false)",
+    ),
+    ("--inwardProxyHttps", "inward_proxy_https", str, (), "HTTPS proxy for target requests"),
+    ("--inwardProxyHttp", "inward_proxy_http", str, (), "HTTP proxy for target requests"),
+    ("--outgoingProxyHttps", "outgoing_proxy_https", str, (), "HTTPS proxy for AC and S3 calls"),
+    ("--outgoingProxyHttp", "outgoing_proxy_http", str, (), "HTTP proxy for AC and S3 calls"),
+    ("--ipv4Fallback", "ipv4_fallback", str2bool, (), "resolve names to IPv4 only (default false)"),
+    (
+        "--spoolDir",
+        "spool_dir",
+        str,
+        (),
+        "durable result spool (default <tmp>/armorcode/spool<index>)",
+    ),
+    (
+        "--allowedTargets",
+        "allowed_targets",
+        _allow_list,
+        (),
+        "comma-separated hosts, *.wildcards and CIDRs tasks may reach (default: all)",
+    ),
+    (
+        "--maxResponseBytes",
+        "max_response_bytes",
+        _int(0),
+        (),
+        "cut off (as an error) bodies larger than this; 0 = no cap",
+    ),
+    (
+        "--healthAddr",
+        "health_addr",
+        str,
+        (),
+        "host:port for /healthz, /readyz, /metrics (default off)",
+    ),
+    (
+        "--readyWindow",
+        "ready_window",
+        _seconds,
+        (),
+        "/readyz fails after this long without a good AC exchange (default 300)",
+    ),
+    (
+        "--statusInterval",
+        "status_interval",
+        _seconds,
+        (),
+        "seconds between status lines (default 60)",
+    ),
+]
+
+FLAG_OF_FIELD: Dict[str, str] = {field: flag for flag, field, *_ in _OPTIONS}
+FLAG_OF_FIELD["executor_pool_size"] = "--executorPoolSize"
+
+#: defaults of the CLI that differ from the library's (drop-in with today's agent)
+_CLI_DEFAULTS: Dict[str, Any] = {"enable_file_logging": True, "enable_metrics_file": True}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="acagent",
+        description=(
+            "ArmorCode on-premises agent. Subcommands: run (default), demo. "
+            "Flags fall back to the environment names shown."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"acagent {__version__}")
+    for flag, field, kind, envs, text in _OPTIONS:
+        env_note = f" [env: {', '.join(envs)}]" if envs else ""
+        extra: Dict[str, Any] = {}
+        if kind is str2bool:
+            extra = {"nargs": "?", "const": True, "metavar": "BOOL"}
+        elif kind in (_seconds, _seconds_or_zero):
+            extra = {"metavar": "SECONDS"}
+        elif kind is not str and kind is not _allow_list:
+            extra = {"metavar": "N"}
+        else:
+            extra = {"metavar": field.split("_")[-1].upper()}
+        parser.add_argument(
+            flag, dest=field, type=kind, default=None, help=text + env_note, **extra
+        )
+    return parser
+
+
+def config_from_args(argv: Sequence[str], environ: Optional[Dict[str, str]] = None) -> AgentConfig:
+    """Flags, then environment fallbacks, then defaults. Exits 2 on a bad value."""
+    env = os.environ if environ is None else environ
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+    values: Dict[str, Any] = dict(_CLI_DEFAULTS)
+    for flag, field, kind, envs, _ in _OPTIONS:
+        value = getattr(args, field)
+        if value is None:
+            for name in envs:
+                if env.get(name):
+                    try:
+                        value = kind(env[name])
+                    except argparse.ArgumentTypeError as exc:
+                        parser.error(f"environment {name} (for {flag}): {exc}")
+                    break
+        if value is not None:
+            values[field] = value
+    pool_size = values.pop("pool_size", None)
+    if pool_size is not None and "executor_pool_size" not in values:
+        values["executor_pool_size"] = pool_size
+    if "allowed_targets" in values:
+        values["allowed_targets"] = tuple(values["allowed_targets"])
+    for required in ("server_url", "api_key"):
+        if not values.get(required):
+            flag = FLAG_OF_FIELD[required]
+            parser.error(f"{flag} is required (or the environment variable {required})")
+    try:
+        return AgentConfig(**values)
+    except ConfigError as exc:
+        parser.error(f"argument {FLAG_OF_FIELD.get(exc.field, exc.field)}: {exc.message}")
+
+
+def run(argv: Sequence[str]) -> int:
+    from . import logs
+    from .pipeline import Pipeline
+
+    config = config_from_args(argv)
+    logs.register_secret(config.api_key)
+    logs.setup_logging(
+        log_format=config.log_format,
+        debug=config.debug_mode,
+        stdout=config.enable_stdout_logging,
+        file_dir=config.resolved_log_dir() if config.enable_file_logging else None,
+        index=config.index,
+    )
+    pipeline = Pipeline(config)
+    signals_seen = 0
+
+    def on_stop_signal(signum: int, _frame: Any) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            pipeline.request_stop()
+        else:
+            pipeline.stop_now()
+
+    signal.signal(signal.SIGTERM, on_stop_signal)
+    signal.signal(signal.SIGINT, on_stop_signal)
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, lambda *_: pipeline.request_status())
+    drained = pipeline.run_forever()
+    log.info("exiting (%s)", "all results delivered" if drained else "rest kept in the spool")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "demo":
+        from .demo import main as demo_main
+
+        code = demo_main(args[1:])
+    else:
+        if args and args[0] == "run":
+            args = args[1:]
+        code = run(args)
+    # Executor threads blocked in a target read would hold interpreter exit
+    # until their timeout; every result is delivered or spooled by now.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
