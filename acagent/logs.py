@@ -1,0 +1,373 @@
+"""Logging: text or JSON lines, task context, secret redaction, log zipping.
+
+``setup_logging()`` configures the ``acagent`` logger tree only (never the
+root logger), so a service that imports acagent keeps its own logging.
+Every handler it installs carries a ``RedactingFilter`` (second line of
+defence: code should not log secrets in the first place) and a
+``TaskContextFilter`` that stamps the current ``task_id`` on each record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import datetime as _dt
+import json
+import logging
+import logging.handlers
+import os
+import re
+import sys
+import threading
+import zipfile
+from typing import IO, Any, Dict, FrozenSet, Iterator, List, Optional, Tuple
+from urllib.parse import quote
+
+__all__ = [
+    "JsonFormatter",
+    "RedactingFilter",
+    "TaskContextFilter",
+    "TextFormatter",
+    "current_task_id",
+    "redact",
+    "register_secret",
+    "reset_logging",
+    "set_debug",
+    "setup_logging",
+    "task_context",
+    "zip_logs",
+]
+
+LOGGER_NAME = "acagent"
+MASK = "***"
+
+# ---------------------------------------------------------------------------
+# task context
+# ---------------------------------------------------------------------------
+_task_id: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "acagent_task_id", default=None
+)
+
+
+@contextlib.contextmanager
+def task_context(task_id: str) -> Iterator[None]:
+    """Every log record emitted inside the block (same thread) carries ``task_id``."""
+    token = _task_id.set(str(task_id))
+    try:
+        yield
+    finally:
+        _task_id.reset(token)
+
+
+def current_task_id() -> Optional[str]:
+    return _task_id.get()
+
+
+class TaskContextFilter(logging.Filter):
+    """Sets ``record.task_id`` from the task context (an explicit ``extra`` wins)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "task_id", None) is None:
+            setattr(record, "task_id", _task_id.get())  # noqa: B010 - LogRecord has no such field
+        return True
+
+
+# ---------------------------------------------------------------------------
+# redaction
+# ---------------------------------------------------------------------------
+_secrets_lock = threading.Lock()
+_secrets: Tuple[str, ...] = ()
+
+_SENSITIVE_NAMES = (
+    r"(?:proxy-)?authorization"
+    r"|(?:set-)?cookie"
+    r"|(?:x-)?api[-_]?key"
+    r"|(?:x-)?(?:private|auth|access|refresh|session|csrf|xsrf)[-_]?token"
+    r"|x-amz-security-token"
+    r"|client[-_]?secret"
+    r"|password|passwd"
+)
+# 'Name': 'value' / "Name": "value" (dict reprs, JSON), value possibly b'...'
+_QUOTED_RE = re.compile(
+    r"(?P<head>(?P<q1>['\"])(?:" + _SENSITIVE_NAMES + r")(?P=q1)\s*:\s*b?(?P<q2>['\"]))"
+    r"(?:\\.|(?!(?P=q2)).)*(?P=q2)",
+    re.IGNORECASE,
+)
+# Name: value (header dumps): the rest of the line is masked
+_PLAIN_RE = re.compile(
+    r"(?P<head>(?<![\w'\"-])(?:" + _SENSITIVE_NAMES + r")\s*:[ \t]*)(?=\S)[^\r\n]*",
+    re.IGNORECASE,
+)
+# name=value (query strings, form bodies)
+_EQUALS_RE = re.compile(
+    r"(?P<head>(?<![\w-])(?:" + _SENSITIVE_NAMES + r")=)[^\s&'\",;]+",
+    re.IGNORECASE,
+)
+# Bearer <token> / Basic <token> anywhere
+_SCHEME_RE = re.compile(r"(?P<head>\b(?:[Bb]earer|BEARER|Basic|BASIC)\s+)[A-Za-z0-9\-._~+/]+=*")
+# cheap pre-check: run the substitutions only when one of these appears
+_TRIGGER_RE = re.compile(
+    r"authori|cookie|api[-_]?key|token|secret|passw|bearer|basic", re.IGNORECASE
+)
+
+
+def register_secret(value: str) -> None:
+    """Mask ``value`` (and its URL-encoded form) in every log line from now on."""
+    if not value:
+        return
+    global _secrets
+    variants = {value, quote(value, safe="")}
+    with _secrets_lock:
+        merged = set(_secrets) | {v for v in variants if v}
+        # longest first, so a secret containing another is masked whole
+        _secrets = tuple(sorted(merged, key=len, reverse=True))
+
+
+def registered_secrets() -> FrozenSet[str]:
+    return frozenset(_secrets)
+
+
+def clear_secrets() -> None:
+    """Forget every registered secret (tests)."""
+    global _secrets
+    with _secrets_lock:
+        _secrets = ()
+
+
+def redact(text: str) -> str:
+    """``text`` with registered secrets and credential-looking values masked."""
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    if _TRIGGER_RE.search(text) is None:
+        return text
+    text = _QUOTED_RE.sub(lambda m: m.group("head") + MASK + m.group("q2"), text)
+    text = _PLAIN_RE.sub(lambda m: m.group("head") + MASK, text)
+    text = _EQUALS_RE.sub(lambda m: m.group("head") + MASK, text)
+    text = _SCHEME_RE.sub(lambda m: m.group("head") + MASK, text)
+    return text
+
+
+# LogRecord attributes that are not ``extra=`` fields
+_STANDARD_ATTRS: FrozenSet[str] = frozenset(
+    vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None))
+) | {"message", "asctime", "task_id", "_acagent_redacted", "taskName"}
+
+_exc_formatter = logging.Formatter()
+
+
+class RedactingFilter(logging.Filter):
+    """Masks secrets in the formatted message, the exception text and string extras.
+
+    The record is rewritten in place (message formatted with its args, args
+    cleared), so every handler and formatter downstream sees the masked text.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "_acagent_redacted", False):
+            return True
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - bad format args: log what we have, not nothing
+            message = f"{record.msg!r} % {record.args!r}"
+        record.msg = redact(message)
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _exc_formatter.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        for key, value in list(vars(record).items()):
+            if key not in _STANDARD_ATTRS and isinstance(value, str):
+                setattr(record, key, redact(value))
+        setattr(record, "_acagent_redacted", True)  # noqa: B010
+        return True
+
+
+# ---------------------------------------------------------------------------
+# formatters
+# ---------------------------------------------------------------------------
+def _iso_utc(created: float) -> str:
+    stamp = _dt.datetime.fromtimestamp(created, tz=_dt.timezone.utc)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+
+
+def _extras(record: logging.LogRecord) -> Dict[str, Any]:
+    return {
+        k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS and not k.startswith("_")
+    }
+
+
+class TextFormatter(logging.Formatter):
+    """``<ts> <LEVEL> [<thread>] <logger>: <msg> [task=<id>] key=value ...``"""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = (
+            f"{_iso_utc(record.created)} {record.levelname} [{record.threadName}] "
+            f"{record.name}: {record.getMessage()}"
+        )
+        task_id = getattr(record, "task_id", None)
+        if task_id:
+            line += f" [task={task_id}]"
+        extras = _extras(record)
+        if extras:
+            line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line += "\n" + record.exc_text
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, thread, msg, task_id, exc, extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj: Dict[str, Any] = {
+            "ts": _iso_utc(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "thread": record.threadName,
+            "msg": record.getMessage(),
+        }
+        task_id = getattr(record, "task_id", None)
+        if task_id:
+            obj["task_id"] = task_id
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            obj["exc"] = record.exc_text
+        if record.stack_info:
+            obj["stack"] = record.stack_info
+        for key, value in _extras(record).items():
+            obj.setdefault(key, value)
+        return json.dumps(obj, default=str, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------------------
+# setup
+# ---------------------------------------------------------------------------
+_setup_lock = threading.Lock()
+_installed: List[logging.Handler] = []
+
+
+def _make_formatter(log_format: str) -> logging.Formatter:
+    if log_format == "json":
+        return JsonFormatter()
+    if log_format == "text":
+        return TextFormatter()
+    raise ValueError(f"log_format must be 'text' or 'json', got {log_format!r}")
+
+
+def setup_logging(
+    *,
+    log_format: str = "text",
+    debug: bool = False,
+    stdout: bool = True,
+    file_dir: Optional[str] = None,
+    index: str = "_prod",
+    stream: Optional[IO[str]] = None,
+) -> None:
+    """Configure the ``acagent`` logger tree. Calling again replaces what it installed."""
+    formatter = _make_formatter(log_format)
+    handlers: List[logging.Handler] = []
+    if stdout:
+        handlers.append(logging.StreamHandler(stream if stream is not None else sys.stdout))
+    if file_dir:
+        os.makedirs(file_dir, mode=0o700, exist_ok=True)
+        path = os.path.join(file_dir, f"app_log{index}.log")
+        file_handler = logging.handlers.TimedRotatingFileHandler(
+            path, when="midnight", backupCount=7, encoding="utf-8"
+        )
+        with contextlib.suppress(OSError):
+            os.chmod(path, 0o600)
+        handlers.append(file_handler)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler.addFilter(TaskContextFilter())
+        handler.addFilter(RedactingFilter())
+    logger = logging.getLogger(LOGGER_NAME)
+    with _setup_lock:
+        _remove_installed(logger)
+        for handler in handlers:
+            logger.addHandler(handler)
+        _installed.extend(handlers)
+        logger.setLevel(logging.DEBUG if debug else logging.INFO)
+        # our handlers print the records; do not print them twice through the root
+        logger.propagate = not handlers
+
+
+def _remove_installed(logger: logging.Logger) -> None:
+    for handler in _installed:
+        logger.removeHandler(handler)
+        handler.close()
+    _installed.clear()
+
+
+def reset_logging() -> None:
+    """Remove the handlers ``setup_logging`` installed and restore propagation."""
+    logger = logging.getLogger(LOGGER_NAME)
+    with _setup_lock:
+        _remove_installed(logger)
+        logger.setLevel(logging.NOTSET)
+        logger.propagate = True
+
+
+def set_debug(enabled: bool) -> None:
+    """Switch DEBUG logging on or off at runtime (globalConfig ``debugMode``)."""
+    logging.getLogger(LOGGER_NAME).setLevel(logging.DEBUG if enabled else logging.INFO)
+
+
+# ---------------------------------------------------------------------------
+# fetch-logs
+# ---------------------------------------------------------------------------
+def zip_logs(log_dir: str, dest_zip: str, *, max_bytes: int = 50 * 1024 * 1024) -> str:
+    """Zip the files under ``log_dir`` into ``dest_zip``, newest first, at most
+    ``max_bytes`` of input (older files beyond the cap are left out). Returns
+    ``dest_zip``. Zip files in the folder (the destination included) are skipped.
+    """
+    dest_real = os.path.realpath(dest_zip)
+    candidates: List[Tuple[float, int, str]] = []
+    for root, _dirs, files in os.walk(log_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            if name.endswith(".zip") or os.path.realpath(path) == dest_real:
+                continue
+            try:
+                st = os.stat(path)
+            except OSError:  # rotated away meanwhile
+                continue
+            candidates.append((st.st_mtime, st.st_size, path))
+    candidates.sort(key=lambda c: c[0], reverse=True)
+    parent = os.path.dirname(os.path.abspath(dest_zip))
+    os.makedirs(parent, mode=0o700, exist_ok=True)
+    total = 0
+    with zipfile.ZipFile(dest_zip, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for mtime, size, path in candidates:
+            if total + size > max_bytes:
+                continue
+            arcname = os.path.relpath(path, log_dir)
+            try:
+                _add_file(zf, path, arcname, mtime, size)
+            except OSError:
+                continue
+            total += size
+    return dest_zip
+
+
+def _add_file(zf: zipfile.ZipFile, path: str, arcname: str, mtime: float, size: int) -> None:
+    """Add the first ``size`` bytes of ``path`` (a live log keeps growing)."""
+    stamp = _dt.datetime.fromtimestamp(max(mtime, 315532800.0))  # zip dates start in 1980
+    info = zipfile.ZipInfo(arcname, date_time=stamp.timetuple()[:6])
+    info.compress_type = zipfile.ZIP_DEFLATED
+    with open(path, "rb") as src, zf.open(info, "w") as dst:
+        remaining = size
+        while remaining > 0:
+            chunk = src.read(min(1024 * 1024, remaining))
+            if not chunk:
+                break
+            dst.write(chunk)
+            remaining -= len(chunk)
