@@ -1,0 +1,349 @@
+"""End-to-end tests of the Pipeline over real HTTP on 127.0.0.1 (issue 3)."""
+
+from __future__ import annotations
+
+import io
+import random
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List
+
+import pytest
+
+from acagent import AgentConfig, Pipeline, RetryPolicy
+from acagent.config import INLINE_BODY_LIMIT
+from acagent.testing import FakeACServer, FakeTarget, expected_body, expected_sha256
+
+FAST_RETRY = RetryPolicy(backoff_base=0.05, backoff_max=0.2, jitter=0.01, concurrency_wait_max=0.05)
+
+
+@pytest.fixture
+def target() -> Iterator[FakeTarget]:
+    with FakeTarget() as t:
+        yield t
+
+
+@pytest.fixture
+def ac() -> Iterator[FakeACServer]:
+    with FakeACServer(max_concurrent=2) as server:
+        yield server
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Poll an agent-side condition every 10 ms, bounded by ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def make_config(ac: FakeACServer, tmp_path: Path, **kw: Any) -> AgentConfig:
+    base: Dict[str, Any] = dict(
+        server_url=ac.url,
+        api_key="test-key",
+        spool_dir=str(tmp_path / "spool"),
+        poll_interval=0.02,
+        poll_jitter=0.01,
+        rate_limit_per_min=0,
+    )
+    base.update(kw)
+    return AgentConfig(**base)
+
+
+def bytes_task(
+    target: FakeTarget, task_id: str, size: int, seed: int, **extra: Any
+) -> Dict[str, Any]:
+    task = {"taskId": task_id, "method": "GET", "url": f"{target.url}/bytes/{size}?seed={seed}"}
+    task.update(extra)
+    return task
+
+
+def assert_exact_results(ac: FakeACServer, expected: Dict[str, tuple[int, int]]) -> Dict[str, int]:
+    """Every task has exactly one result whose bytes equal the target's body."""
+    by_via: Dict[str, int] = {}
+    results = ac.results
+    for task_id, (size, seed) in expected.items():
+        got = results.get(task_id, [])
+        assert len(got) == 1, f"{task_id}: {len(got)} results"
+        r = got[0]
+        by_via[r.via] = by_via.get(r.via, 0) + 1
+        assert r.body_len == size, (task_id, r.via, r.body_len, size)
+        if size:
+            assert r.body_sha256 == expected_sha256(size, seed), task_id
+        assert r.fields["statusCode"] == 200
+    return by_via
+
+
+SIZES = [1_024, 4_096, 60_000, INLINE_BODY_LIMIT, INLINE_BODY_LIMIT + 1, 1_200_000, 5_000_000]
+WEIGHTS = [40, 25, 15, 5, 5, 7, 3]
+
+
+@pytest.mark.parametrize("upload_to_ac", [True, False], ids=["upload-result", "s3"])
+def test_500_mixed_tasks_exactly_once_within_two_permits(
+    ac: FakeACServer, target: FakeTarget, tmp_path: Path, upload_to_ac: bool
+) -> None:
+    rng = random.Random(42)
+    expected: Dict[str, tuple[int, int]] = {}
+    for i in range(500):
+        size = rng.choices(SIZES, WEIGHTS)[0]
+        expected[f"task-{i}"] = (size, i)
+        ac.add_task(bytes_task(target, f"task-{i}", size, i, customField={"n": i}))
+    config = make_config(ac, tmp_path, executor_pool_size=20, upload_to_ac=upload_to_ac)
+    with Pipeline(config, retry_policy=FAST_RETRY):
+        assert ac.wait_for_results(500, timeout=120)
+    by_via = assert_exact_results(ac, expected)
+    large = sum(1 for size, _ in expected.values() if size > INLINE_BODY_LIMIT)
+    assert by_via.get("upload" if upload_to_ac else "s3", 0) == large > 0
+    assert by_via.get("inline", 0) == 500 - large
+    assert ac.max_inflight <= 2
+    assert ac.count_429 == 0
+    # unknown fields are echoed back unchanged
+    assert ac.results["task-7"][0].fields["customField"] == {"n": 7}
+    # keep-alive: no new connection per task
+    assert ac.connections_opened <= 2
+
+
+def test_backpressure_caps_fetching_while_uploads_stall(
+    ac: FakeACServer, target: FakeTarget, tmp_path: Path
+) -> None:
+    slots, threshold = 4, 3
+    for i in range(40):
+        ac.add_task(bytes_task(target, f"t{i}", 100, i))
+    release = ac.stall("put-result")
+    config = make_config(ac, tmp_path, executor_pool_size=slots, response_queue_threshold=threshold)
+    cap = slots + threshold
+    with Pipeline(config, retry_policy=FAST_RETRY) as agent:
+        try:
+            # Fetching stops on its own once results pile up...
+            assert wait_until(lambda: agent.backpressure.outstanding() >= threshold, timeout=20)
+            assert wait_until(lambda: agent.backpressure.executing == 0, timeout=20)
+            handed = ac.tasks_handed_out
+            # ...and stays stopped: no further get-task succeeds in a 1 s window.
+            assert not ac.wait_for(lambda: ac.tasks_handed_out > handed, timeout=1.0)
+            assert threshold <= ac.tasks_handed_out <= cap
+            assert ac.pending_tasks() == 40 - ac.tasks_handed_out
+        finally:
+            release.set()
+        # Fetching resumes when uploads flow again.
+        assert ac.wait_for_results(40, timeout=60)
+    assert ac.tasks_handed_out == 40
+    assert ac.max_inflight <= 2
+
+
+def test_prefetch_adds_to_the_cap(ac: FakeACServer, target: FakeTarget, tmp_path: Path) -> None:
+    for i in range(30):
+        ac.add_task(bytes_task(target, f"t{i}", 10, i))
+    release = ac.stall("put-result")
+    config = make_config(ac, tmp_path, executor_pool_size=2, prefetch=2, response_queue_threshold=2)
+    with Pipeline(config, retry_policy=FAST_RETRY) as agent:
+        try:
+            assert wait_until(
+                lambda: agent.backpressure.executing == 0 and ac.tasks_handed_out >= 2, timeout=20
+            )
+            handed = ac.tasks_handed_out
+            assert not ac.wait_for(lambda: ac.tasks_handed_out > handed, timeout=1.0)
+            assert ac.tasks_handed_out <= 2 + 2 + 2
+        finally:
+            release.set()
+        assert ac.wait_for_results(30, timeout=60)
+
+
+def test_slow_upload_does_not_block_fetching_or_executing(
+    ac: FakeACServer, target: FakeTarget, tmp_path: Path
+) -> None:
+    ac.add_task(bytes_task(target, "big", 2_000_000, 1))
+    release = ac.stall("upload-result")
+    config = make_config(ac, tmp_path, executor_pool_size=4)
+    with Pipeline(config, retry_policy=FAST_RETRY) as agent:
+        try:
+            # the uploader holds the big result and its request hangs at the server
+            assert wait_until(
+                lambda: ac.tasks_handed_out == 1
+                and agent.result_queue.qsize() == 0
+                and not agent.uploader.idle.is_set()
+                and ac.inflight >= 1,
+                timeout=20,
+            )
+            before = len(target.requests)
+            for i in range(10):
+                ac.add_task(bytes_task(target, f"small-{i}", 100, i))
+            # While the big upload hangs, the small tasks are fetched and executed.
+            assert ac.wait_for(lambda: ac.tasks_handed_out == 11, timeout=20)
+            assert target.wait_for(lambda: len(target.requests) >= before + 10, timeout=20)
+        finally:
+            release.set()
+        assert ac.wait_for_results(11, timeout=60)
+    assert ac.results["big"][0].via == "upload"
+
+
+def test_expired_task_is_answered_without_running(
+    ac: FakeACServer, target: FakeTarget, tmp_path: Path
+) -> None:
+    ac.add_task(bytes_task(target, "old", 10, 1, expiryTsMs=1_000))
+    with Pipeline(make_config(ac, tmp_path), retry_policy=FAST_RETRY):
+        assert ac.wait_for_results(1, timeout=20)
+    result = ac.results["old"][0]
+    assert result.via == "error"
+    assert result.fields["statusCode"] == 500
+    assert result.fields["output"].startswith("Agent Side Error: ")
+    assert "responseBase64" not in result.fields
+    assert len(target.requests) == 0
+
+
+def test_request_shape_body_method_headers_and_checkmarx(
+    ac: FakeACServer, target: FakeTarget, tmp_path: Path
+) -> None:
+    ac.add_task(
+        {
+            "taskId": "post",
+            "method": "post",
+            "url": f"{target.url}/echo?a=1",
+            "requestHeaders": {"X-Custom": "yes", "Content-Type": "application/json"},
+            "input": '{"q": "é"}',
+        }
+    )
+    ac.add_task(
+        {
+            "taskId": "cx",
+            "method": "POST",
+            "url": f"{target.url}/echo?next=/cxrestapi/auth/identity/connect/token",
+            "requestHeaders": {"Content-Type": "application/json"},
+            "input": "grant_type=password",
+        }
+    )
+    with Pipeline(make_config(ac, tmp_path), retry_policy=FAST_RETRY):
+        assert ac.wait_for_results(2, timeout=20)
+    import json
+
+    post = json.loads(ac.results["post"][0].body or b"{}")
+    assert post["method"] == "POST"
+    assert post["headers"].get("X-Custom") == "yes"
+    assert post["body"] == '{"q": "é"}'
+    assert "Authorization" not in post["headers"]  # the AC key never goes to a target
+    cx = json.loads(ac.results["cx"][0].body or b"{}")
+    assert cx["headers"]["Content-Type"] == "application/x-www-form-urlencoded"
+
+
+def test_content_encodings_are_decoded(
+    ac: FakeACServer, target: FakeTarget, tmp_path: Path
+) -> None:
+    for i, enc in enumerate(("gzip", "deflate", "identity")):
+        ac.add_task(
+            {
+                "taskId": enc,
+                "method": "GET",
+                "url": f"{target.url}/bytes/70000?seed={i}&encoding={enc}",
+            }
+        )
+    ac.add_task(
+        {"taskId": "chunked", "method": "GET", "url": f"{target.url}/bytes/90000?seed=9&chunked=1"}
+    )
+    with Pipeline(make_config(ac, tmp_path), retry_policy=FAST_RETRY):
+        assert ac.wait_for_results(4, timeout=20)
+    for i, enc in enumerate(("gzip", "deflate", "identity")):
+        assert ac.results[enc][0].body == expected_body(70000, i)
+    assert ac.results["chunked"][0].body == expected_body(90000, 9)
+
+
+def test_global_config_applied_at_runtime(
+    ac: FakeACServer, target: FakeTarget, tmp_path: Path
+) -> None:
+    config = make_config(ac, tmp_path, executor_pool_size=2, rate_limit_per_min=0)
+    with Pipeline(config, retry_policy=FAST_RETRY) as agent:
+        ac.add_task(
+            bytes_task(
+                target,
+                "cfg",
+                600_000,
+                1,
+                globalConfig={"poolSize": 6, "uploadToAC": False, "rateLimitPerMin": 5000},
+            )
+        )
+        assert ac.wait_for_results(1, timeout=20)
+        assert agent.executor.size == 6
+        assert agent.backpressure.slots == 6
+        assert agent.rate_limits.per_minute == 5000
+        assert ac.results["cfg"][0].via == "s3"  # uploadToAC false applied before upload
+        # wrong types are ignored and absent keys keep their values
+        ac.add_task(
+            bytes_task(target, "bad", 10, 2, globalConfig={"poolSize": "many", "debugMode": 3})
+        )
+        ac.add_task(bytes_task(target, "after", 10, 3, globalConfig={"verifyCert": True}))
+        for i in range(20):
+            ac.add_task(bytes_task(target, f"more-{i}", 1000, i))
+        assert ac.wait_for_results(23, timeout=30)
+        assert agent.executor.size == 6
+        assert agent.rate_limits.per_minute == 5000
+        assert agent.uploader.upload_to_ac is False
+
+
+def test_resize_while_busy_loses_nothing(
+    ac: FakeACServer, target: FakeTarget, tmp_path: Path
+) -> None:
+    for i in range(30):
+        ac.add_task(
+            {
+                "taskId": f"t{i}",
+                "method": "GET",
+                "url": f"{target.url}/bytes/100?seed={i}&latency=0.1",
+                "globalConfig": {"poolSize": 2 + (i % 3) * 3},
+            }
+        )
+    with Pipeline(make_config(ac, tmp_path, executor_pool_size=3), retry_policy=FAST_RETRY):
+        assert ac.wait_for_results(30, timeout=60)
+    assert all(len(v) == 1 and v[0].via == "inline" for v in ac.results.values())
+
+
+def test_fetch_logs_task_uploads_a_zip(ac: FakeACServer, tmp_path: Path) -> None:
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    (log_dir / "app_log_prod.log").write_text("hello log\n")
+    ac.add_task({"taskId": "fetchLogs-1", "method": "GET", "url": "https://ac/agent/fetch-logs"})
+    config = make_config(ac, tmp_path, log_dir=str(log_dir))
+    with Pipeline(config, retry_policy=FAST_RETRY):
+        assert ac.wait_for_requests("upload-logs", 1, timeout=20)
+    upload = ac.results["fetchLogs-1"][0]
+    assert upload.via == "logs"
+    archive = zipfile.ZipFile(io.BytesIO(upload.body or b""))
+    names = archive.namelist()
+    assert any(n.endswith("app_log_prod.log") for n in names)
+    assert archive.read(next(n for n in names if n.endswith("app_log_prod.log"))) == b"hello log\n"
+    assert ac.count("put-result") == 0
+
+
+def test_results_echo_all_fields_and_version(
+    ac: FakeACServer, target: FakeTarget, tmp_path: Path
+) -> None:
+    ac.add_task(bytes_task(target, "echo", 5, 1, extra=[1, 2], nested={"a": None}))
+    with Pipeline(make_config(ac, tmp_path), retry_policy=FAST_RETRY) as agent:
+        assert ac.wait_for_results(1, timeout=20)
+    fields = ac.results["echo"][0].fields
+    assert fields["extra"] == [1, 2] and fields["nested"] == {"a": None}
+    assert fields["version"] == agent.version
+    assert fields["responseBase64"] is True
+    assert isinstance(fields["responseHeaders"], dict)
+
+
+def test_spool_is_empty_after_clean_run(
+    ac: FakeACServer, target: FakeTarget, tmp_path: Path
+) -> None:
+    for i in range(10):
+        ac.add_task(bytes_task(target, f"t{i}", 700_000 if i % 2 else 10, i))
+    with Pipeline(make_config(ac, tmp_path), retry_policy=FAST_RETRY) as agent:
+        assert ac.wait_for_results(10, timeout=30)
+        assert agent.backpressure.wait_drained(timeout=10)
+    leftovers: List[str] = [p.name for p in (tmp_path / "spool").iterdir()]
+    assert leftovers == []
+
+
+def test_gzip_upload_is_real_gzip(ac: FakeACServer, target: FakeTarget, tmp_path: Path) -> None:
+    ac.add_task(bytes_task(target, "z", 600_000, 5))
+    with Pipeline(make_config(ac, tmp_path), retry_policy=FAST_RETRY):
+        assert ac.wait_for_results(1, timeout=20)
+    r = ac.results["z"][0]
+    assert r.via == "upload" and r.fields["responseZipped"] is True
+    assert "output" not in r.fields
+    assert r.body == expected_body(600_000, 5)  # the fake gunzipped the file part
