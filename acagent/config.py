@@ -144,6 +144,12 @@ class AgentConfig:
             raise ConfigError("log_format", f"must be 'text' or 'json', got {self.log_format!r}")
         if self.health_addr is not None:
             parse_host_port(self.health_addr, field_name="health_addr")
+        try:
+            from .allowlist import TargetAllowList
+
+            TargetAllowList(self.allowed_targets)
+        except ValueError as exc:
+            raise ConfigError("allowed_targets", f"has an invalid entry: {exc}") from None
         for name in (
             "inward_proxy_https",
             "inward_proxy_http",
