@@ -104,6 +104,7 @@ class MultipartBody(io.RawIOBase):
         )
         self._index = 0
         self._current: Optional[BinaryIO] = None
+        self._position = 0
 
     @property
     def content_type(self) -> str:
@@ -114,6 +115,11 @@ class MultipartBody(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+    def tell(self) -> int:
+        # requests' super_len() subtracts tell() from len(); without a working
+        # tell() it sees length 0 and falls back to chunked transfer coding.
+        return self._position
 
     def _next_source(self) -> Optional[BinaryIO]:
         if self._index >= len(self._segments):
@@ -135,6 +141,7 @@ class MultipartBody(io.RawIOBase):
             chunk = self._current.read(min(want - len(out), 1 << 20))
             if chunk:
                 out += chunk
+                self._position += len(chunk)
             else:
                 self._current.close()
                 self._current = None
@@ -432,7 +439,7 @@ def _check_status(endpoint: str, reply: requests.Response) -> requests.Response:
 def _json_data(reply: requests.Response, endpoint: str) -> Any:
     try:
         body = reply.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         raise BadReplyError(f"{endpoint}: reply is not JSON") from None
     if not isinstance(body, dict):
         raise BadReplyError(f"{endpoint}: reply must be a JSON object, got {type(body).__name__}")

@@ -26,6 +26,9 @@ KNOWN_METHODS = frozenset(
     {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE", "CONNECT"}
 )
 
+#: bound of a usable ``expiryTsMs``: JSON allows Infinity and 400-digit numbers
+_EXPIRY_LIMIT = 2**63
+
 # Fields the agent adds to a result; a task carrying them would be confusing
 # but is still echoed, since the result's own value overwrites them.
 _RESULT_FIELDS = (
@@ -114,7 +117,11 @@ class Task:
         expiry = obj.get("expiryTsMs")
         if expiry is None:
             expiry_ms = now_value + int(default_ttl * 1000)
-        elif isinstance(expiry, (int, float)) and not isinstance(expiry, bool) and expiry == expiry:
+        elif (
+            isinstance(expiry, (int, float))
+            and not isinstance(expiry, bool)
+            and -_EXPIRY_LIMIT < expiry < _EXPIRY_LIMIT  # also false for NaN and +-inf
+        ):
             expiry_ms = int(expiry)
         else:
             raise bad("expiryTsMs must be a number of epoch milliseconds")

@@ -116,25 +116,36 @@ class RetryPolicy:
 
 
 class _Budget:
-    """Counts one call's failures by kind; fed by tenacity's stop hook."""
+    """Counts one call's failures by kind; fed by tenacity's stop and wait hooks.
+
+    Each failed attempt is counted once, by whichever hook tenacity runs
+    first (tenacity 9 computes the wait before checking stop; 8.x did the
+    reverse), so the backoff sees this failure included: 1, 2, 4 x base.
+    """
 
     def __init__(self, policy: RetryPolicy) -> None:
         self.policy = policy
         self.rate_limited = 0
         self.errors = 0
+        self._counted_attempt = 0
+
+    def _count(self, state: tenacity.RetryCallState) -> Optional[BaseException]:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        if exc is not None and state.attempt_number != self._counted_attempt:
+            self._counted_attempt = state.attempt_number
+            if isinstance(exc, ACRateLimitError):
+                self.rate_limited += 1
+            else:
+                self.errors += 1
+        return exc
 
     def stop(self, state: tenacity.RetryCallState) -> bool:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        if exc is None:
+        if self._count(state) is None:
             return True
-        if isinstance(exc, ACRateLimitError):
-            self.rate_limited += 1
-        else:
-            self.errors += 1
         return self.policy.is_exhausted(self.rate_limited, self.errors)
 
     def wait(self, state: tenacity.RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome is not None else None
+        exc = self._count(state)
         assert exc is not None
         return self.policy.wait_for(exc, self.errors)
 
