@@ -112,6 +112,11 @@ class Task:
         body = obj.get("input")
         if body is not None and not isinstance(body, str):
             raise bad("input must be a string")
+        if body is not None and not body.isascii():
+            try:
+                body.encode("utf-8")
+            except UnicodeEncodeError:  # JSON allows lone surrogates; UTF-8 does not
+                raise bad("input is not encodable as UTF-8") from None
 
         now_value = now_ms() if now is None else now
         expiry = obj.get("expiryTsMs")
