@@ -171,6 +171,13 @@ _OPTIONS: List[tuple[str, str, Any, tuple[str, ...], str]] = [
         "also write <tmp>/armorcode/log/app_log<index>.log (default true)",
     ),
     (
+        "--logDir",
+        "log_dir",
+        str,
+        (),
+        "folder of app_log<index>.log and metrics/ (default <tmp>/armorcode/log)",
+    ),
+    (
         "--metricsFile",
         "enable_metrics_file",
         str2bool,

@@ -620,9 +620,11 @@ class AgentMetrics:
 # ---------------------------------------------------------------------------
 # today's JSON-lines metrics file
 # ---------------------------------------------------------------------------
-def default_metrics_path(index: str = "_prod") -> str:
-    """``<tmp>/armorcode/log/metrics/metrics<index>.json``, as today's agent."""
-    return os.path.join(default_base_dir(), "log", "metrics", f"metrics{index}.json")
+def default_metrics_path(index: str = "_prod", log_dir: Optional[str] = None) -> str:
+    """``<log_dir>/metrics/metrics<index>.json``; ``log_dir`` defaults to
+    ``<tmp>/armorcode/log``, as today's agent."""
+    base = log_dir or os.path.join(default_base_dir(), "log")
+    return os.path.join(base, "metrics", f"metrics{index}.json")
 
 
 def strip_url(url: str) -> str:

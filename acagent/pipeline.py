@@ -31,12 +31,12 @@ from typing import Any, ContextManager, Dict, Mapping, Optional, Type
 
 from . import __version__, logs
 from .backpressure import Backpressure
-from .client import ACClient, force_ipv4
+from .client import API_PREFIX, ACClient, force_ipv4
 from .config import AgentConfig
 from .executor import Executor
 from .fetcher import Fetcher
 from .health import HealthServer, ReadinessTracker
-from .metrics import AgentMetrics, MetricsFileWriter, default_metrics_path
+from .metrics import AgentMetrics, MetricsFileWriter, default_metrics_path, request_tags
 from .models import Result, Task
 from .ratelimit import RateLimits
 from .retry import RetryPolicy
@@ -128,14 +128,12 @@ class Pipeline:
         elif status == "error" or (status.isdigit() and int(status) >= 500):
             self.readiness.record_failure()
         if self.metrics_file is not None:
+            # request_tags drops the query string and any user:password of the URL
+            method = "GET" if endpoint in ("get-task", "upload-url") else "POST"
+            url = f"{self.config.base_url}{API_PREFIX}{endpoint}"
+            tags = request_tags(logs.current_task_id() or "", endpoint, url, method, status)
             self.metrics_file.write_metric(
-                "http.request.duration_ms",
-                round(seconds * 1000.0, 3),
-                {
-                    "operation": endpoint,
-                    "status_code": status,
-                    "domain": _domain(self.config.base_url),
-                },
+                "http.request.duration_ms", round(seconds * 1000.0, 3), tags
             )
 
     # ------------------------------------------------------------------ lifecycle
@@ -157,7 +155,7 @@ class Pipeline:
             log.info("%d result(s) from an earlier run will be re-sent", len(pending))
         if self.config.enable_metrics_file:
             self.metrics_file = MetricsFileWriter(
-                default_metrics_path(self.config.index),
+                default_metrics_path(self.config.index, self.config.resolved_log_dir()),
                 retention_days=self.config.metrics_retention_days,
             )
         if not self.config.verify:
@@ -300,18 +298,23 @@ class Pipeline:
         self.metrics.tasks_fetched_total.inc()
         if task.global_config:
             self.apply_global_config(task.global_config)
-        if self.stopping:
-            self.task_finished(Result.agent_error(task, "agent shutting down", failure="shutdown"))
-        elif task.is_expired():
-            log.warning("task %s expired before it was fetched; not run", task.task_id)
-            self.task_finished(
-                Result.agent_error(task, "task expired before execution", failure="expired")
-            )
-        else:
-            self.task_queue.put(task)
+        with logs.task_context(task.task_id):
+            log.debug("task fetched: %s", task.method)
+            if self.stopping:
+                result = Result.agent_error(task, "agent shutting down", failure="shutdown")
+                self.task_finished(result)
+            elif task.is_expired():
+                log.warning("task %s expired before it was fetched; not run", task.task_id)
+                self.task_finished(
+                    Result.agent_error(task, "task expired before execution", failure="expired")
+                )
+            else:
+                self.task_queue.put(task)
 
     def task_finished(self, result: Result) -> None:
         """A result is ready: spool it, then queue it for upload."""
+        with logs.task_context(result.task_id):
+            log.debug("result ready: status=%s bytes=%d", result.status_code, result.body_size)
         self.spool.save(result.key, result.to_record())
         if result.is_error:
             self.metrics.tasks_failed_total.inc(reason=result.failure or "agent_error")
@@ -324,6 +327,8 @@ class Pipeline:
     def result_delivered(self, result: Result, *, via: Optional[str], counted: bool) -> None:
         """The Uploader is done with a result (accepted, or refused for good)."""
         self.spool.remove(result.key)
+        with logs.task_context(result.task_id):
+            log.debug("result delivered via %s", via or "nothing (refused)")
         if via is not None:
             self.metrics.tasks_uploaded_total.inc(via=via)
         else:
@@ -418,9 +423,3 @@ class Pipeline:
                 break
             with contextlib.suppress(Exception):
                 self.log_status()
-
-
-def _domain(url: str) -> str:
-    from urllib.parse import urlsplit
-
-    return urlsplit(url).hostname or ""
