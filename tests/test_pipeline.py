@@ -161,10 +161,12 @@ def test_slow_upload_does_not_block_fetching_or_executing(
         try:
             # the uploader holds the big result and its request hangs at the server
             assert wait_until(
-                lambda: ac.tasks_handed_out == 1
-                and agent.result_queue.qsize() == 0
-                and not agent.uploader.idle.is_set()
-                and ac.inflight >= 1,
+                lambda: (
+                    ac.tasks_handed_out == 1
+                    and agent.result_queue.qsize() == 0
+                    and not agent.uploader.idle.is_set()
+                    and ac.inflight >= 1
+                ),
                 timeout=20,
             )
             before = len(target.requests)
