@@ -255,7 +255,10 @@ class Executor:
             raise TargetFailure("task expired before it could run", "expired")
         if not self.allow.allows_url(task.url):
             raise TargetFailure(f"target host not in the allow-list: {_host(task.url)}", "denied")
-        body = task.input.encode("utf-8") if task.input is not None else None
+        try:
+            body = task.input.encode("utf-8") if task.input is not None else None
+        except UnicodeEncodeError:  # JSON can carry a lone surrogate ("\ud800")
+            raise TargetFailure("input is not valid UTF-8 text", "malformed") from None
         deadline = time.monotonic() + left
         try:
             reply = self.session.request(
@@ -274,6 +277,12 @@ class Executor:
             raise TargetFailure(f"target timed out: {_brief(exc)}", "timeout") from None
         except requests.exceptions.InvalidURL as exc:
             raise TargetFailure(f"invalid url: {_brief(exc)}", "malformed") from None
+        except requests.exceptions.InvalidHeader:
+            # requests quotes the offending header value in its message: it may
+            # be a credential, so it goes neither into the log nor the result.
+            raise TargetFailure(
+                "invalid request header (leading whitespace or reserved characters)", "malformed"
+            ) from None
         except (requests.RequestException, urllib3.exceptions.HTTPError, ValueError) as exc:
             raise TargetFailure(
                 f"target unreachable: {_brief(exc)}", "target_unreachable"

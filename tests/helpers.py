@@ -1,0 +1,200 @@
+"""Shared helpers of the reliability tests: fast stage subclasses, configs, subprocess agents.
+
+Every wait here is bounded. ``wait_until`` polls a condition (for things no
+event announces, such as files appearing in a spool folder written by another
+process); it never sleeps to "let something happen".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+from acagent.config import AgentConfig
+from acagent.executor import Executor
+from acagent.fetcher import Fetcher
+from acagent.pipeline import Pipeline
+from acagent.retry import RetryPolicy
+from acagent.uploader import Uploader
+
+#: generous bound for one "this must happen" wait; a pass takes a fraction of it
+WAIT = 20.0
+
+
+class FastFetcher(Fetcher):
+    BACKOFF_MIN = 0.05
+    BACKOFF_MAX = 0.2
+    CAPACITY_POLL = 0.05
+
+
+class FastUploader(Uploader):
+    POLL = 0.05
+    REDELIVER_MIN = 0.05
+    REDELIVER_MAX = 0.3
+
+
+class FastExecutor(Executor):
+    POLL = 0.05
+
+
+def fast_policy(**changes: Any) -> RetryPolicy:
+    values: Dict[str, Any] = {
+        "backoff_base": 0.05,
+        "backoff_max": 0.2,
+        "jitter": 0.01,
+        "concurrency_wait_max": 0.05,
+        "default_rate_limit_wait": 0.05,
+    }
+    values.update(changes)
+    return RetryPolicy(**values)
+
+
+def make_config(server_url: str, spool_dir: Path, **changes: Any) -> AgentConfig:
+    values: Dict[str, Any] = {
+        "server_url": server_url,
+        "api_key": "k",
+        "spool_dir": str(spool_dir),
+        "poll_interval": 0.02,
+        "poll_jitter": 0.0,
+        "rate_limit_per_min": 0,
+        "shutdown_timeout": 10.0,
+    }
+    values.update(changes)
+    return AgentConfig(**values)
+
+
+def make_pipeline(config: AgentConfig, **kw: Any) -> Pipeline:
+    kw.setdefault("fetcher_class", FastFetcher)
+    kw.setdefault("uploader_class", FastUploader)
+    kw.setdefault("executor_class", FastExecutor)
+    kw.setdefault("retry_policy", fast_policy())
+    return Pipeline(config, **kw)
+
+
+@contextlib.contextmanager
+def running(pipeline: Pipeline, stop_timeout: float = 10.0) -> Iterator[Pipeline]:
+    """Start ``pipeline``; on exit stop it (bounded) and check its threads ended."""
+    pipeline.start()
+    try:
+        yield pipeline
+    finally:
+        pipeline.stop(timeout=stop_timeout)
+        assert pipeline.wait_stopped(1.0)
+        assert not pipeline.fetcher.is_alive()
+        assert not pipeline.uploader.is_alive()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until true or ``timeout``; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return bool(predicate())
+        time.sleep(interval)
+
+
+def spool_records(spool_dir: Path) -> List[Dict[str, Any]]:
+    """The saved result records in a spool folder (``<key>.json``), parsed."""
+    records = []
+    if not spool_dir.is_dir():
+        return records
+    for path in sorted(spool_dir.glob("*.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue  # being replaced right now; the next poll sees it
+    return records
+
+
+def spool_task_ids(spool_dir: Path) -> List[str]:
+    return [str(r["fields"].get("taskId")) for r in spool_records(spool_dir)]
+
+
+# --------------------------------------------------------------------------
+# the CLI as a subprocess
+# --------------------------------------------------------------------------
+
+
+class AgentProcess:
+    """``python -m acagent`` in a subprocess; its combined output goes to a file."""
+
+    def __init__(
+        self,
+        server_url: str,
+        spool_dir: Path,
+        log_path: Path,
+        extra: Sequence[str] = (),
+        env: Optional[Dict[str, str]] = None,
+        api_key: str = "k",
+    ) -> None:
+        args = [
+            sys.executable,
+            "-m",
+            "acagent",
+            "--serverUrl",
+            server_url,
+            "--apiKey",
+            api_key,
+            "--spoolDir",
+            str(spool_dir),
+            "--pollInterval",
+            "0.05",
+            "--rateLimitPerMin",
+            "0",
+            "--enableFileLogging",
+            "false",
+            "--metricsFile",
+            "false",
+            *extra,
+        ]
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # closed in wait()/kill()
+        self.proc = subprocess.Popen(
+            args,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=str(spool_dir.parent),
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float) -> Optional[int]:
+        """Exit code, or None if it did not exit within ``timeout``."""
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self._log.close()
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self._log.close()
+
+    def __enter__(self) -> AgentProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()

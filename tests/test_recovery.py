@@ -1,0 +1,166 @@
+"""Recovery: results survive an AC outage longer than the retry budget, and a crash.
+
+In-process: the AC server goes away (listener closed, or every upload answered
+503) after the tasks were fetched; each upload spends its retry budget and is
+parked in the spool; when the server is back the Uploader re-sends every
+parked result. Subprocess: the CLI agent is SIGKILLed while its results sit in
+the spool; a new agent on the same spool delivers them.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+from helpers import (
+    WAIT,
+    AgentProcess,
+    FastUploader,
+    make_config,
+    make_pipeline,
+    running,
+    spool_records,
+    wait_until,
+)
+
+from acagent.testing import FakeACServer, FakeTarget, expected_sha256
+
+N = 6
+
+
+class ParkCountingUploader(FastUploader):
+    """Counts results parked after a spent retry budget (not quiet re-parks)."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.park_events = 0
+        self.parked_ids: set[str] = set()
+        self.all_parked = threading.Event()
+
+    def _park(self, item, *, front, quiet=False):  # type: ignore[no-untyped-def]
+        super()._park(item, front=front, quiet=quiet)
+        if not quiet:
+            self.park_events += 1
+            self.parked_ids.add(item.result.task_id)
+            if len(self.parked_ids) >= N:
+                self.all_parked.set()
+
+
+def _tasks(target: FakeTarget, prefix: str, latency: float) -> List[Dict[str, object]]:
+    return [
+        {
+            "taskId": f"{prefix}-{i}",
+            "method": "GET",
+            "url": f"{target.url}/bytes/{1000 + i}?seed={i}&latency={latency}",
+        }
+        for i in range(N)
+    ]
+
+
+@pytest.mark.parametrize("outage", ["listener-down", "upload-503"])
+def test_results_parked_during_long_outage_arrive_afterwards(tmp_path: Path, outage: str) -> None:
+    with FakeTarget() as target, FakeACServer() as ac:
+        if outage == "upload-503":
+            ac.inject("put-result", status=503, body=b"maintenance", times=100_000)
+        config = make_config(ac.url, tmp_path / "spool", executor_pool_size=N)
+        pipeline = make_pipeline(config, uploader_class=ParkCountingUploader)
+        uploader = pipeline.uploader
+        assert isinstance(uploader, ParkCountingUploader)
+        # The targets answer after 0.5 s, so every task is fetched (and the
+        # listener closed) before the first result is ready for upload.
+        ac.add_tasks(_tasks(target, outage, latency=0.5))
+        with running(pipeline):
+            assert ac.wait_for(lambda: ac.tasks_handed_out == N, WAIT)
+            if outage == "listener-down":
+                ac.set_down(True)
+            # Longer than the retry budget: every result is parked at least once.
+            assert uploader.all_parked.wait(WAIT), uploader.parked_ids
+            assert ac.results == {}, "a result got through during the outage"
+            assert pipeline.spool.size() == N
+            assert pipeline.fetcher.is_alive() and pipeline.uploader.is_alive()
+            if outage == "listener-down":
+                ac.set_down(False)
+            else:
+                ac.clear_faults()
+            assert ac.wait_for_results(N, WAIT), sorted(ac.results)
+            assert wait_until(lambda: pipeline.spool.size() == 0, WAIT)
+        results = ac.results
+        assert sorted(results) == sorted(f"{outage}-{i}" for i in range(N))
+        for i in range(N):
+            (got,) = results[f"{outage}-{i}"]  # exactly one each
+            assert got.via == "inline" and got.fields["statusCode"] == 200
+            assert got.body_sha256 == expected_sha256(1000 + i, i)
+        if outage == "upload-503":
+            assert ac.count("put-result", 503) >= N * 4  # the budget: 1 try + 3 retries each
+        assert uploader.park_events >= N
+        assert ac.max_inflight <= 2
+        assert list((tmp_path / "spool").iterdir()) == []
+
+
+@pytest.mark.timeout(90)
+def test_sigkill_with_results_in_spool_then_restart_delivers_everything(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    with FakeTarget() as target, FakeACServer() as ac:
+        # The first put-result is recorded but its reply is lost (a 503 after
+        # processing): the agent cannot know, so it keeps the result and may
+        # send it again: the one legitimate duplicate. Every other upload
+        # fails (the agent retries with its default 5 s backoff), so the
+        # results stay in the spool until the kill.
+        ac.inject("put-result", status=503, process=True, times=1)
+        ac.inject("put-result", status=503, body=b"maintenance", times=100_000)
+        ac.inject("upload-result", status=503, body=b"maintenance", times=100_000)
+        tasks = [
+            {
+                "taskId": f"crash-{i}",
+                "method": "GET",
+                "url": f"{target.url}/bytes/{700 + i}?seed={i}",
+            }
+            for i in range(N)
+        ]
+        # one body above the inline limit: its spool body file must survive too
+        tasks.append(
+            {"taskId": "crash-big", "method": "GET", "url": f"{target.url}/bytes/600000?seed=99"}
+        )
+        ac.add_tasks(tasks)
+        first = AgentProcess(ac.url, spool, tmp_path / "first.log")
+        with first:
+            ids = {t["taskId"] for t in tasks}
+            held = wait_until(
+                lambda: {str(r["fields"]["taskId"]) for r in spool_records(spool)} >= ids, WAIT
+            )
+            assert held, (spool_records(spool), first.output())
+            assert ac.wait_for_results(1, WAIT)  # the lost-reply result
+            accepted_before_kill = set(ac.results)
+            first.kill()
+            assert first.proc.returncode == -signal.SIGKILL
+        assert ac.tasks_handed_out == len(tasks)
+        assert len(accepted_before_kill) == 1  # only the lost-reply result got in
+        assert ac.count("put-result", 503) >= 1  # it did try
+
+        ac.clear_faults()
+        second = AgentProcess(ac.url, spool, tmp_path / "second.log")
+        with second:
+            assert ac.wait_for_results(len(tasks), WAIT), (sorted(ac.results), second.output())
+            assert wait_until(lambda: spool_records(spool) == [], WAIT)
+            second.signal(signal.SIGTERM)
+            assert second.wait(15) == 0, second.output()
+        results = ac.results
+        assert set(results) == {t["taskId"] for t in tasks}
+        for task_id, got in results.items():
+            # at-least-once: a duplicate is allowed only for a result accepted before the kill
+            if task_id not in accepted_before_kill:
+                assert len(got) == 1, task_id
+            else:
+                assert all(g.fields == got[0].fields for g in got), task_id
+        for i in range(N):
+            for got in results[f"crash-{i}"]:
+                assert got.via == "inline" and got.body_sha256 == expected_sha256(700 + i, i)
+        (big,) = results["crash-big"]
+        assert big.via == "upload" and big.body_sha256 == expected_sha256(600000, 99)
+        assert ac.max_inflight <= 2
+        leftovers = [p.name for p in spool.iterdir()]
+        assert leftovers == []

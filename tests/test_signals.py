@@ -1,0 +1,148 @@
+"""Real signals to the CLI agent (``python -m acagent``) in a subprocess.
+
+- one SIGTERM (or SIGINT) while tasks run: stop fetching, finish the running
+  tasks, upload every result, exit 0 well within ``--shutdownTimeout``;
+- the deadline passes with tasks still running: exit 0 at the deadline, the
+  unfinished tasks answered "agent shutting down" in the spool;
+- a second SIGTERM during the graceful stop: exit at once, the rest spooled;
+  the next start delivers what was spooled.
+
+Every task the server handed out must end with a result at the server or a
+record in the spool.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+from helpers import WAIT, AgentProcess, spool_records, wait_until
+
+from acagent.testing import FakeACServer, FakeTarget, expected_sha256
+
+
+def _tasks(target: FakeTarget, prefix: str, n: int, latency: float) -> List[Dict[str, object]]:
+    return [
+        {
+            "taskId": f"{prefix}-{i}",
+            "method": "GET",
+            "url": f"{target.url}/bytes/{500 + i}?seed={i}&latency={latency}",
+        }
+        for i in range(n)
+    ]
+
+
+def _spooled(spool: Path) -> Dict[str, dict]:
+    return {str(r["fields"]["taskId"]): r for r in spool_records(spool)}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_one_signal_mid_run_finishes_running_tasks_and_exits_0(tmp_path: Path, signum: int) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    with FakeTarget() as target, FakeACServer() as ac:
+        # 4 threads, 10 tasks of ~1 s: 4 run when the signal comes, 6 are never fetched.
+        ac.add_tasks(_tasks(target, "graceful", 10, latency=1.0))
+        with AgentProcess(
+            ac.url,
+            spool,
+            tmp_path / "agent.log",
+            ["--executorPoolSize", "4", "--shutdownTimeout", "10"],
+        ) as agent:
+            assert target.wait_for(lambda: target.inflight == 4, WAIT), agent.output()
+            sent = time.monotonic()
+            agent.signal(signum)
+            code = agent.wait(12)
+            took = time.monotonic() - sent
+            assert code == 0, agent.output()
+        assert took < 10, took  # well within the deadline: the tasks needed ~1 s
+        handed_out = ac.tasks_handed_out
+        assert handed_out == 4
+        assert ac.pending_tasks() == 10 - handed_out  # nothing fetched after the signal
+        results = ac.results
+        assert len(results) == handed_out
+        for task_id, got in results.items():
+            assert len(got) == 1
+            i = int(task_id.split("-")[1])
+            assert got[0].via == "inline" and got[0].body_sha256 == expected_sha256(500 + i, i)
+        assert spool_records(spool) == []
+        assert "stopping" in agent.output()
+
+
+@pytest.mark.timeout(60)
+def test_deadline_passes_with_tasks_running_rest_is_spooled(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    with FakeTarget() as target, FakeACServer() as ac:
+        fast = _tasks(target, "fast", 2, latency=0.0)
+        slow = _tasks(target, "slow", 3, latency=30.0)
+        ac.add_tasks(fast + slow)
+        with AgentProcess(
+            ac.url,
+            spool,
+            tmp_path / "agent.log",
+            ["--executorPoolSize", "5", "--shutdownTimeout", "1.5"],
+        ) as agent:
+            assert ac.wait_for_results(2, WAIT), agent.output()
+            assert target.wait_for(lambda: target.inflight == 3, WAIT), agent.output()
+            sent = time.monotonic()
+            agent.signal(signal.SIGTERM)
+            code = agent.wait(10)
+            took = time.monotonic() - sent
+            assert code == 0, agent.output()
+        # the deadline (1.5 s) plus the short join grace, not the targets' 30 s
+        assert took < 6, took
+        assert ac.tasks_handed_out == 5
+        spooled = _spooled(spool)
+        assert sorted(ac.results) == ["fast-0", "fast-1"]
+        assert sorted(spooled) == ["slow-0", "slow-1", "slow-2"]
+        for record in spooled.values():
+            assert record["statusCode"] == 500
+            assert record["error"] == "agent shutting down"
+
+
+@pytest.mark.timeout(60)
+def test_second_sigterm_exits_at_once_and_spools_the_rest(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    with FakeTarget() as target, FakeACServer() as ac:
+        # Targets that take 30 s: the running tasks cannot finish.
+        ac.add_tasks(_tasks(target, "stuck", 3, latency=30.0))
+        with AgentProcess(
+            ac.url,
+            spool,
+            tmp_path / "first.log",
+            ["--executorPoolSize", "3", "--shutdownTimeout", "25"],
+        ) as agent:
+            assert target.wait_for(lambda: target.inflight == 3, WAIT), agent.output()
+            agent.signal(signal.SIGTERM)
+            # the graceful stop has begun (and would wait up to 25 s)
+            assert wait_until(lambda: "stopping" in agent.output(), WAIT), agent.output()
+            assert agent.wait(0.5) is None
+            sent = time.monotonic()
+            agent.signal(signal.SIGTERM)
+            code = agent.wait(10)
+            took = time.monotonic() - sent
+            assert code == 0, agent.output()
+        assert took < 3, took
+        assert ac.results == {}
+        spooled = _spooled(spool)
+        assert sorted(spooled) == ["stuck-0", "stuck-1", "stuck-2"]
+        for record in spooled.values():
+            assert record["statusCode"] == 500
+            assert record["error"] == "agent shutting down"
+
+        # The next start sends what the spool holds.
+        with AgentProcess(ac.url, spool, tmp_path / "second.log") as again:
+            assert ac.wait_for_results(3, WAIT), again.output()
+            assert wait_until(lambda: spool_records(spool) == [], WAIT)
+            again.signal(signal.SIGTERM)
+            assert again.wait(15) == 0, again.output()
+        for task_id, got in ac.results.items():
+            assert len(got) == 1, task_id
+            assert got[0].via == "error"
+            assert got[0].fields["output"] == "Agent Side Error: agent shutting down"
+            assert got[0].fields["statusCode"] == 500
