@@ -283,6 +283,10 @@ class Executor:
             raise TargetFailure(
                 "invalid request header (leading whitespace or reserved characters)", "malformed"
             ) from None
+        except UnicodeError:
+            raise TargetFailure(
+                "a request header is not encodable as Latin-1 (HTTP/1.1)", "malformed"
+            ) from None
         except (requests.RequestException, urllib3.exceptions.HTTPError, ValueError) as exc:
             raise TargetFailure(
                 f"target unreachable: {_brief(exc)}", "target_unreachable"

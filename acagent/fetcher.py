@@ -31,6 +31,8 @@ class Fetcher(threading.Thread):
     BACKOFF_MAX = 600.0
     #: how long one capacity wait lasts before the stop flag is checked again
     CAPACITY_POLL = 0.5
+    #: a "Too many concurrent requests" 429 without a wait header waits 0..this
+    CONCURRENCY_WAIT_MAX = 10.0
 
     def __init__(self, pipeline: Pipeline) -> None:
         super().__init__(name="acagent-fetcher", daemon=True)
@@ -69,6 +71,9 @@ class Fetcher(threading.Thread):
                 bp.cancel()
                 self._on_error(exc)
                 continue
+            except BaseException:
+                bp.cancel()  # the thread dies; a stop must not wait for this reservation
+                raise
             if task is None:
                 bp.cancel()
                 self._backoff = self.BACKOFF_MIN
@@ -98,7 +103,11 @@ class Fetcher(threading.Thread):
         if isinstance(exc, ACRateLimitError):
             wait = exc.retry_after
             if wait is None:
-                wait = self._rng.uniform(0.0, 10.0) if exc.concurrency else self.BACKOFF_MIN
+                wait = (
+                    self._rng.uniform(0.0, self.CONCURRENCY_WAIT_MAX)
+                    if exc.concurrency
+                    else self.BACKOFF_MIN
+                )
             log.warning("get-task rate limited; waiting %.1fs", wait)
             self.wait(wait)
             return
