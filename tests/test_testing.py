@@ -109,7 +109,8 @@ def test_task_fifo_then_null_reply() -> None:
         assert ids == ["t1", "t2", "t3"]
         r = s.get(ac.url + GT, timeout=WAIT)
         assert r.status_code == 200 and r.json() == {"data": None}
-        assert ac.tasks_handed_out == 3 and ac.pending_tasks() == 0
+        # counted once the reply is written, which may be just after the client read it
+        assert ac.wait_for(lambda: ac.tasks_handed_out == 3, WAIT) and ac.pending_tasks() == 0
         rec = ac.requests[0]
         assert rec.endpoint == "get-task" and rec.query["agentVersion"] == "2.0.0"
         assert s.get(ac.url + API + "get-task", timeout=WAIT).status_code == 400  # no agentId
@@ -137,7 +138,7 @@ def test_raw_replies_are_served_in_order() -> None:
         r = s.get(ac.url + GT, timeout=WAIT)
         assert r.json() == {"data": 5} and r.headers["X-Test"] == "1"
         assert s.get(ac.url + GT, timeout=WAIT).json()["data"]["taskId"] == "after"
-        assert ac.tasks_handed_out == 1
+        assert ac.wait_for(lambda: ac.tasks_handed_out == 1, WAIT)
 
 
 def test_hold_poll_returns_early_when_task_added() -> None:
