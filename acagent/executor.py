@@ -25,7 +25,7 @@ import requests
 import urllib3.exceptions
 
 from .allowlist import TargetAllowList
-from .client import build_session
+from .client import EnvCachedSession, build_session
 from .errors import AgentError
 from .models import Result, Task, echo_fields
 
@@ -47,7 +47,7 @@ class TargetFailure(AgentError):
         self.slug = slug
 
 
-class TargetSession(requests.Session):
+class TargetSession(EnvCachedSession):
     """A session that re-checks the allow-list on every redirect hop."""
 
     def __init__(self, allow: TargetAllowList) -> None:
