@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
-from typing import Iterable, List, Tuple, Union
+from typing import Iterable, List, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
 _Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -42,10 +42,7 @@ class TargetAllowList:
         return bool(self.names or self.patterns or self.networks)
 
     def allows_url(self, url: str) -> bool:
-        try:
-            host = urlsplit(url).hostname
-        except ValueError:
-            return False
+        host = host_of(url)
         return host is not None and self.allows_host(host)
 
     def allows_host(self, host: str) -> bool:
@@ -61,6 +58,14 @@ class TargetAllowList:
 
     def describe(self) -> Tuple[str, ...]:
         return tuple(self.names + self.patterns + [str(n) for n in self.networks])
+
+
+def host_of(url: str) -> Optional[str]:
+    """The host name of ``url``, or None if it has none or does not parse."""
+    try:
+        return urlsplit(url).hostname
+    except ValueError:
+        return None
 
 
 def _is_ip(text: str) -> bool:

@@ -107,13 +107,23 @@ class EnvCachedSession(requests.Session):
         return {**merged, "proxies": dict(merged["proxies"] or {})}
 
 
-def build_session(pool_size: int, *, user_agent: str) -> requests.Session:
-    """A keep-alive session whose pool keeps ``pool_size`` connections per host."""
-    session = EnvCachedSession()
+def build_session(
+    pool_size: int,
+    *,
+    user_agent: Optional[str] = None,
+    session: Optional[requests.Session] = None,
+) -> requests.Session:
+    """A keep-alive session whose pool keeps ``pool_size`` connections per host.
+
+    ``session`` (default: a new ``EnvCachedSession``) gets the pooled
+    adapters; ``user_agent`` replaces requests' own when given.
+    """
+    session = session if session is not None else EnvCachedSession()
     adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-    session.headers["User-Agent"] = user_agent
+    if user_agent is not None:
+        session.headers["User-Agent"] = user_agent
     return session
 
 
@@ -247,7 +257,7 @@ class ACClient:
 
     def set_verify(self, verify: bool) -> None:
         """globalConfig ``verifyCert``: keep the CA bundle when turning verification on."""
-        self.verify = (self.config.ca_bundle or True) if verify else False
+        self.verify = self.config.tls_verify_for(verify)
 
     # -- the permit ----------------------------------------------------
     @contextlib.contextmanager

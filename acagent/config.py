@@ -180,9 +180,11 @@ class AgentConfig:
     @property
     def tls_verify(self) -> bool | str:
         """The value for requests' ``verify=``."""
-        if not self.verify:
-            return False
-        return self.ca_bundle or True
+        return self.tls_verify_for(self.verify)
+
+    def tls_verify_for(self, enabled: bool) -> bool | str:
+        """requests' ``verify=`` with verification on or off, keeping the CA bundle."""
+        return (self.ca_bundle or True) if enabled else False
 
     @property
     def executor_slots(self) -> int:

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any, Dict, Union
 import requests
 import urllib3.exceptions
 
-from .allowlist import TargetAllowList
+from .allowlist import TargetAllowList, host_of
 from .client import EnvCachedSession, build_session
 from .errors import AgentError
-from .models import Result, Task, echo_fields
+from .models import Result, Task, echo_fields, new_result_key
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -64,12 +64,7 @@ class TargetSession(EnvCachedSession):
 
 
 def _host(url: str) -> str:
-    from urllib.parse import urlsplit
-
-    try:
-        return urlsplit(url).hostname or "?"
-    except ValueError:
-        return "?"
+    return host_of(url) or "?"
 
 
 class Executor:
@@ -100,11 +95,8 @@ class Executor:
 
     # -- lifecycle -------------------------------------------------------
     def _make_session(self, pool_size: int) -> requests.Session:
-        session = TargetSession(self.allow)
-        template = build_session(pool_size, user_agent="acagent")
-        for prefix, adapter in template.adapters.items():
-            session.mount(prefix, adapter)
-        session.headers.pop("User-Agent", None)
+        session = build_session(pool_size, session=TargetSession(self.allow))
+        session.headers.pop("User-Agent", None)  # targets see urllib3's default, as before
         return session
 
     def _new_pool(self, size: int) -> concurrent.futures.ThreadPoolExecutor:
@@ -149,7 +141,7 @@ class Executor:
         log.info("executor resized to %d threads", size)
 
     def set_verify(self, verify: bool) -> None:
-        self.verify = (self.config.ca_bundle or True) if verify else False
+        self.verify = self.config.tls_verify_for(verify)
 
     def dispatcher_alive(self) -> bool:
         return self._dispatcher.is_alive()
@@ -186,7 +178,7 @@ class Executor:
             )
 
     def submit(self, task: Task) -> None:
-        key = Result(fields={}, status_code=0).key
+        key = new_result_key()
         with self._lock:
             self._active[key] = task
             pool = self._pool
@@ -294,7 +286,7 @@ class Executor:
         with reply:
             size = self._stream_body(reply, key, deadline)
         return Result(
-            fields=_echo(task),
+            fields=echo_fields(task.raw),
             status_code=reply.status_code,
             response_headers=dict(reply.headers),
             body_path=str(self.pipeline.spool.body_path(key)) if size else None,
@@ -335,10 +327,6 @@ class Executor:
             if out is not None:
                 out.close()
         return size
-
-
-def _echo(task: Task) -> Dict[str, Any]:
-    return echo_fields(task.raw)
 
 
 def _brief(exc: BaseException) -> str:

@@ -42,6 +42,11 @@ _RESULT_FIELDS = (
 )
 
 
+def new_result_key() -> str:
+    """A fresh result key: 32 hex digits, safe as a file name in the spool."""
+    return uuid.uuid4().hex
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -197,7 +202,7 @@ class Result:
     body_path: Optional[str] = None
     body_size: int = 0
     error: Optional[str] = None
-    key: str = field(default_factory=lambda: uuid.uuid4().hex)
+    key: str = field(default_factory=new_result_key)
     #: set for the fetch-logs task: the zip to send to upload-logs
     logs_zip: Optional[str] = None
     #: short slug of the failure (metrics label) when ``error`` is set

@@ -32,12 +32,12 @@ from typing import Any, ContextManager, Dict, Mapping, Optional, Type
 from . import __version__, logs
 from .backpressure import Backpressure
 from .client import API_PREFIX, ACClient, force_ipv4
-from .config import AgentConfig
+from .config import AgentConfig, parse_host_port
 from .executor import Executor
 from .fetcher import Fetcher
 from .health import HealthServer, ReadinessTracker
 from .metrics import AgentMetrics, MetricsFileWriter, default_metrics_path, request_tags
-from .models import Result, Task
+from .models import Result, Task, echo_fields
 from .ratelimit import RateLimits
 from .retry import RetryPolicy
 from .spool import ResultSpool
@@ -165,8 +165,6 @@ class Pipeline:
         self.fetcher.start()
         self._monitor.start()
         if self.config.health_addr:
-            from .config import parse_host_port
-
             host, port = parse_host_port(self.config.health_addr)
             self.health = HealthServer(
                 host,
@@ -259,18 +257,13 @@ class Pipeline:
                 return False
             # A get-task in flight may still hand us a task; it is answered
             # "agent shutting down" by task_fetched and counted here.
+            # Results parked from this run are still outstanding; parked results
+            # of earlier runs are not, and simply stay in the spool.
             if (
                 self.backpressure.wait_drained(timeout=min(left, 0.2))
                 and not self.fetcher.is_alive()
             ):
-                if self.uploader.parked == 0 or not self.uploader.is_alive():
-                    return True
-            if (
-                self.uploader.parked
-                and self.backpressure.outstanding() == 0
-                and not self.fetcher.is_alive()
-            ):
-                return True  # only results of earlier runs remain: they stay in the spool
+                return True
 
     def _abort_unfinished(self) -> None:
         self.abort.set()
@@ -345,8 +338,6 @@ class Pipeline:
 
     def collect_logs(self, task: Task, key: str) -> Result:
         """The fetch-logs task: zip the log folder for upload-logs."""
-        from .models import echo_fields
-
         target = os.path.join(self.work_dir, f"logs_{key}.zip")
         logs.zip_logs(self.config.resolved_log_dir(), target)
         return Result(fields=echo_fields(task.raw), status_code=200, logs_zip=target, key=key)
