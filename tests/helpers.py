@@ -17,11 +17,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
+from acagent import __version__
+from acagent.client import ACClient
 from acagent.config import AgentConfig
 from acagent.executor import Executor
 from acagent.fetcher import Fetcher
 from acagent.pipeline import Pipeline
 from acagent.retry import RetryPolicy
+from acagent.testing import FakeACServer
 from acagent.uploader import Uploader
 
 #: generous bound for one "this must happen" wait; a pass takes a fraction of it
@@ -198,3 +201,26 @@ class AgentProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+# -- ACClient tests (test_client.py, test_retry.py) ----------------------------
+
+#: short retry waits for client tests
+FAST_CLIENT = RetryPolicy(backoff_base=0.05, jitter=0.01, concurrency_wait_max=0.1)
+
+
+def make_client(ac: FakeACServer, policy: RetryPolicy = FAST_CLIENT, **settings: Any) -> ACClient:
+    config = AgentConfig(server_url=ac.url, api_key="k", rate_limit_per_min=0, **settings)
+    return ACClient(config, retry_policy=policy)
+
+
+def result_payload(task_id: str, **extra: Any) -> Dict[str, Any]:
+    """A minimal put-result body."""
+    payload: Dict[str, Any] = {
+        "taskId": task_id,
+        "version": __version__,
+        "statusCode": 200,
+        "responseHeaders": {},
+    }
+    payload.update(extra)
+    return payload

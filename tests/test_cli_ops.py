@@ -109,18 +109,6 @@ class AgentCLI:
 
 
 @pytest.fixture
-def ac() -> Iterator[FakeACServer]:
-    with FakeACServer(max_concurrent=2) as server:
-        yield server
-
-
-@pytest.fixture
-def target() -> Iterator[FakeTarget]:
-    with FakeTarget() as t:
-        yield t
-
-
-@pytest.fixture
 def agent_env(tmp_path: Path) -> Dict[str, str]:
     """The environment of the subprocess: its default <tmp> is inside tmp_path."""
     tmp = tmp_path / "tmp"

@@ -17,6 +17,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 import requests
+from helpers import FAST_CLIENT as FAST
+from helpers import make_client
+from helpers import result_payload as result
 
 from acagent import __version__
 from acagent.client import ACClient, MultipartBody
@@ -29,27 +32,9 @@ from acagent.errors import (
     TaskError,
 )
 from acagent.models import Task
-from acagent.retry import RetryPolicy
 from acagent.testing import FakeACServer, closed_port_url, expected_body
 
-FAST = RetryPolicy(backoff_base=0.05, jitter=0.01, concurrency_wait_max=0.1)
 JOIN = 15.0  # upper bound for any thread join in this file
-
-
-def make_client(ac: FakeACServer, policy: RetryPolicy = FAST, **settings: Any) -> ACClient:
-    config = AgentConfig(server_url=ac.url, api_key="k", rate_limit_per_min=0, **settings)
-    return ACClient(config, retry_policy=policy)
-
-
-def result(task_id: str, **extra: Any) -> Dict[str, Any]:
-    payload: Dict[str, Any] = {
-        "taskId": task_id,
-        "version": __version__,
-        "statusCode": 200,
-        "responseHeaders": {},
-    }
-    payload.update(extra)
-    return payload
 
 
 def task(task_id: str, **extra: Any) -> Dict[str, Any]:

@@ -81,18 +81,6 @@ class DyingFetcher(FastFetcher):
 FAST_RETRY = RetryPolicy(backoff_base=0.05, backoff_max=0.2, jitter=0.01)
 
 
-@pytest.fixture
-def ac() -> Iterator[FakeACServer]:
-    with FakeACServer(max_concurrent=2) as server:
-        yield server
-
-
-@pytest.fixture
-def target() -> Iterator[FakeTarget]:
-    with FakeTarget() as t:
-        yield t
-
-
 def make_config(ac: FakeACServer, tmp_path: Path, **changes: Any) -> AgentConfig:
     values: Dict[str, Any] = {
         "server_url": ac.url,

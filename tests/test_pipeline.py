@@ -7,7 +7,7 @@ import random
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, List
 
 import pytest
 
@@ -16,18 +16,6 @@ from acagent.config import INLINE_BODY_LIMIT
 from acagent.testing import FakeACServer, FakeTarget, expected_body, expected_sha256
 
 FAST_RETRY = RetryPolicy(backoff_base=0.05, backoff_max=0.2, jitter=0.01, concurrency_wait_max=0.05)
-
-
-@pytest.fixture
-def target() -> Iterator[FakeTarget]:
-    with FakeTarget() as t:
-        yield t
-
-
-@pytest.fixture
-def ac() -> Iterator[FakeACServer]:
-    with FakeACServer(max_concurrent=2) as server:
-        yield server
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
+from helpers import FAST_CLIENT as FAST
+from helpers import make_client
+from helpers import result_payload as result
 
-from acagent import __version__
 from acagent.client import ACClient
 from acagent.config import AgentConfig
 from acagent.errors import (
@@ -37,24 +39,7 @@ from acagent.retry import (
 )
 from acagent.testing import FakeACServer, RecordedRequest, closed_port_url, expected_body
 
-FAST = RetryPolicy(backoff_base=0.05, jitter=0.01, concurrency_wait_max=0.1)
 JOIN = 15.0
-
-
-def make_client(ac: FakeACServer, policy: RetryPolicy = FAST, **settings: Any) -> ACClient:
-    config = AgentConfig(server_url=ac.url, api_key="k", rate_limit_per_min=0, **settings)
-    return ACClient(config, retry_policy=policy)
-
-
-def result(task_id: str, **extra: Any) -> Dict[str, Any]:
-    payload: Dict[str, Any] = {
-        "taskId": task_id,
-        "version": __version__,
-        "statusCode": 200,
-        "responseHeaders": {},
-    }
-    payload.update(extra)
-    return payload
 
 
 def records(ac: FakeACServer, endpoint: str) -> List[RecordedRequest]:
