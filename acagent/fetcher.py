@@ -133,6 +133,6 @@ class Fetcher(threading.Thread):
         log.warning("task %s is malformed: %s", exc.task_id, exc.reason)
         fields = echo_fields(exc.raw) or {"taskId": exc.task_id}
         fields["taskId"] = exc.task_id
-        self.pipeline.answer_without_running(
+        self.pipeline.task_finished(
             Result.agent_error(fields, f"malformed task: {exc.reason}", failure="malformed")
         )

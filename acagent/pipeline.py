@@ -314,9 +314,6 @@ class Pipeline:
         self.result_queue.put(result)
         self.backpressure.executed()
 
-    # The Fetcher answers a malformed task this way.
-    answer_without_running = task_finished
-
     def result_delivered(self, result: Result, *, via: Optional[str], counted: bool) -> None:
         """The Uploader is done with a result (accepted, or refused for good)."""
         self.spool.remove(result.key)
