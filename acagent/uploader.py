@@ -109,7 +109,7 @@ class Uploader(threading.Thread):
                 item = _Item(result, counted=True)
             else:
                 self.idle.clear()
-            self._handle(item)
+            self._send_item(item)
         self.idle.set()
         log.debug("uploader stopped")
 
@@ -124,7 +124,7 @@ class Uploader(threading.Thread):
                 return self._parked.popleft()
         return None
 
-    def _handle(self, item: _Item) -> None:
+    def _send_item(self, item: _Item) -> None:
         result = item.result
         started = time.monotonic()
         with self.pipeline.task_log_context(result.task_id):
