@@ -7,13 +7,14 @@ Public API::
         ...
 
 Stages are customised by subclassing ``Fetcher``, ``Executor`` and
-``Uploader`` (see ``examples/``); ``acagent.testing`` has a fake AC server.
+``Uploader`` and passing a factory (the class, or ``functools.partial`` of
+it) to ``Pipeline`` (see ``examples/``); ``acagent.testing`` has a fake AC
+server.
 """
 
 from __future__ import annotations
 
-__version__ = "2.0.0"
-
+from ._version import __version__
 from .client import ACClient
 from .config import AgentConfig
 from .errors import (
@@ -25,13 +26,22 @@ from .errors import (
     AgentStopping,
     BadReplyError,
     ConfigError,
+    PermanentUploadError,
+    SpoolLockedError,
+    TargetFailure,
     TaskError,
 )
 from .executor import Executor
 from .fetcher import Fetcher
+from .globalconfig import RuntimeSettings
+from .ledger import Delivery, Ledger
+from .metrics import AgentMetrics
 from .models import Result, Task
+from .observers import Observer, Observers
 from .pipeline import Pipeline
 from .retry import RetryPolicy
+from .spool import ResultSpool
+from .stage import Stage, StageContext
 from .uploader import Uploader
 
 __all__ = [
@@ -42,14 +52,26 @@ __all__ = [
     "ACRateLimitError",
     "AgentConfig",
     "AgentError",
+    "AgentMetrics",
     "AgentStopping",
     "BadReplyError",
     "ConfigError",
+    "Delivery",
     "Executor",
     "Fetcher",
+    "Ledger",
+    "Observer",
+    "Observers",
+    "PermanentUploadError",
     "Pipeline",
     "Result",
+    "ResultSpool",
     "RetryPolicy",
+    "RuntimeSettings",
+    "SpoolLockedError",
+    "Stage",
+    "StageContext",
+    "TargetFailure",
     "Task",
     "TaskError",
     "Uploader",

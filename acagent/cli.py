@@ -19,7 +19,7 @@ from typing import Any, Dict, List, NoReturn, Optional, Sequence
 from . import __version__
 from .allowlist import TargetAllowList
 from .config import AgentConfig
-from .errors import ConfigError
+from .errors import ConfigError, SpoolLockedError
 
 log = logging.getLogger("acagent.cli")
 
@@ -341,7 +341,18 @@ def run(argv: Sequence[str]) -> int:
     signal.signal(signal.SIGINT, on_stop_signal)
     if hasattr(signal, "SIGUSR1"):
         signal.signal(signal.SIGUSR1, lambda *_: pipeline.request_status())
-    drained = pipeline.run_forever()
+    try:
+        drained = pipeline.run_forever()
+    except SpoolLockedError as exc:
+        print(f"acagent: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the --healthAddr port is taken: nothing was started
+        print(f"acagent: cannot start: {exc}", file=sys.stderr)
+        return 2
+    if pipeline.fatal_reason is not None:
+        log.critical("exiting: %s", pipeline.fatal_reason)
+        print(f"acagent: stopped because {pipeline.fatal_reason}", file=sys.stderr)
+        return 1
     log.info("exiting (%s)", "all results delivered" if drained else "rest kept in the spool")
     return 0
 

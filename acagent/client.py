@@ -14,6 +14,7 @@ session, carries no ``Authorization`` header and takes no permit.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import io
 import json
 import logging
@@ -28,7 +29,8 @@ import requests
 import urllib3.util.connection
 from requests.adapters import HTTPAdapter
 
-from . import __version__
+from ._version import __version__
+from .abandon import ConnectionTracker, TrackingAdapter
 from .config import AgentConfig
 from .errors import (
     ACConnectionError,
@@ -46,6 +48,21 @@ log = logging.getLogger("acagent.client")
 
 API_PREFIX = "/api/http-teleport/"
 
+#: the HTTP method of each AC endpoint (``s3`` is the presigned PUT)
+ENDPOINT_METHODS = {
+    "get-task": "GET",
+    "upload-url": "GET",
+    "put-result": "POST",
+    "upload-result": "POST",
+    "upload-logs": "POST",
+    "s3": "PUT",
+}
+
+
+def endpoint_method(endpoint: str) -> str:
+    return ENDPOINT_METHODS.get(endpoint, "POST")
+
+
 #: called after every exchange: (endpoint, status or "error", seconds)
 ExchangeHook = Callable[[str, str, float], None]
 
@@ -55,6 +72,13 @@ _NETWORK_ERRORS = (
     requests.exceptions.ChunkedEncodingError,
     requests.exceptions.ContentDecodingError,
 )
+
+
+#: what a server closing an idle kept-alive connection as we reuse it looks like: it
+#: closed without a response (FIN), or before we finished sending. A reset after the
+#: request went out (ECONNRESET on read) may mean the server is still working on it,
+#: so that one waits for the caller's backoff instead of being re-sent at once.
+_RESET_ERRORS = (http.client.RemoteDisconnected, BrokenPipeError)
 
 
 def make_agent_id() -> str:
@@ -112,14 +136,20 @@ def build_session(
     *,
     user_agent: Optional[str] = None,
     session: Optional[requests.Session] = None,
+    tracker: Optional[ConnectionTracker] = None,
 ) -> requests.Session:
     """A keep-alive session whose pool keeps ``pool_size`` connections per host.
 
     ``session`` (default: a new ``EnvCachedSession``) gets the pooled
-    adapters; ``user_agent`` replaces requests' own when given.
+    adapters; ``user_agent`` replaces requests' own when given; with
+    ``tracker``, connections note which thread uses them (see ``abandon.py``).
     """
     session = session if session is not None else EnvCachedSession()
-    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+    adapter = (
+        HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+        if tracker is None
+        else TrackingAdapter(tracker, pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+    )
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     if user_agent is not None:
@@ -232,7 +262,14 @@ class ACClient:
         self._inflight = 0
         self.verify: Union[bool, str] = config.tls_verify
         user_agent = f"acagent/{version}"
-        self.session = build_session(config.ac_max_concurrent, user_agent=user_agent)
+        self._tracker = ConnectionTracker()
+        #: the thread in get-task right now (for ``abandon_fetch``)
+        self._fetching_thread: Optional[int] = None
+        #: AC calls re-sent at once after a reset on a reused connection
+        self.resends = 0
+        self.session = build_session(
+            config.ac_max_concurrent, user_agent=user_agent, tracker=self._tracker
+        )
         self.session.headers["Authorization"] = f"Bearer {config.api_key}"
         self.s3_session = build_session(2, user_agent=user_agent)
         self._closed = False
@@ -258,6 +295,10 @@ class ACClient:
     def set_verify(self, verify: bool) -> None:
         """globalConfig ``verifyCert``: keep the CA bundle when turning verification on."""
         self.verify = self.config.tls_verify_for(verify)
+
+    def abandon_fetch(self) -> bool:
+        """Shut the connection of a get-task in flight (a stop during a long poll)."""
+        return self._tracker.shut(self._fetching_thread)
 
     # -- the permit ----------------------------------------------------
     @contextlib.contextmanager
@@ -313,22 +354,41 @@ class ACClient:
             headers["Content-Type"] = body.content_type
         try:
             with self._permit():
-                started = time.monotonic()
-                try:
-                    reply = self.session.request(
-                        method,
-                        self._url(endpoint),
-                        params=params,
-                        data=data,
-                        headers=headers,
-                        timeout=timeout,
-                        verify=self.verify,
-                        proxies=self.config.outgoing_proxies,
-                        allow_redirects=False,
-                    )
-                except _NETWORK_ERRORS as exc:
-                    self._report(endpoint, "error", started)
-                    raise ACConnectionError(f"{endpoint}: {type(exc).__name__}: {exc}") from exc
+                for fresh_try in (False, True):
+                    started = time.monotonic()
+                    try:
+                        reply = self.session.request(
+                            method,
+                            self._url(endpoint),
+                            params=params,
+                            data=data,
+                            headers=headers,
+                            timeout=timeout,
+                            verify=self.verify,
+                            proxies=self.config.outgoing_proxies,
+                            allow_redirects=False,
+                        )
+                        break
+                    except _NETWORK_ERRORS as exc:
+                        self._report(endpoint, "error", started)
+                        if fresh_try or not _is_stale_reset(exc) or self.abort.is_set():
+                            raise ACConnectionError(
+                                f"{endpoint}: {type(exc).__name__}: {exc}"
+                            ) from exc
+                        # The server closed a kept-alive connection as we
+                        # reused it: try once more, at once, on a fresh one.
+                        # The request may have reached the server: counted.
+                        self.resends += 1
+                        self._report(endpoint, "resend", started)
+                        log.debug("%s: connection reset on reuse; re-sending", endpoint)
+                        if body_factory is not None:
+                            assert body is not None
+                            body.close()
+                            body = body_factory()
+                            data = body
+                            headers["Content-Type"] = body.content_type
+                    finally:
+                        self._tracker.clear()
                 self._report(endpoint, str(reply.status_code), started)
         finally:
             if body is not None:
@@ -336,15 +396,27 @@ class ACClient:
         log.debug("%s -> %s", endpoint, reply.status_code)
         return _check_status(endpoint, reply)
 
-    def _call(self, endpoint: str, method: str, op_class: str, **kw: Any) -> requests.Response:
-        """An exchange with the retry policy (every call but get-task)."""
+    def _call(
+        self,
+        endpoint: str,
+        method: str,
+        op_class: str,
+        *,
+        policy: Optional[RetryPolicy] = None,
+        **kw: Any,
+    ) -> requests.Response:
+        """An exchange with a retry policy (every call but get-task).
+
+        ``policy`` defaults to the client's; ``ONE_ATTEMPT`` is for callers
+        that schedule their own retries.
+        """
 
         def on_retry(exc: BaseException, wait: float) -> None:
             log.warning("%s failed (%s); retrying in %.1fs", endpoint, exc, wait)
 
         return run_with_retries(
             lambda: self._exchange(endpoint, method, op_class, **kw),
-            self.retry_policy,
+            policy or self.retry_policy,
             stop=self.abort,
             on_retry=on_retry,
         )
@@ -367,9 +439,13 @@ class ACClient:
         params = {"agentId": self.agent_id, "agentVersion": self.version}
         if self.config.env_name:
             params["envName"] = self.config.env_name
-        reply = self._exchange(
-            "get-task", "GET", FETCH, timeout=self._json_timeout(), params=params
-        )
+        self._fetching_thread = threading.get_ident()
+        try:
+            reply = self._exchange(
+                "get-task", "GET", FETCH, timeout=self._json_timeout(), params=params
+            )
+        finally:
+            self._fetching_thread = None
         if reply.status_code == 204 or not reply.content.strip():
             return None
         data = _json_data(reply, "get-task")
@@ -385,12 +461,27 @@ class ACClient:
             exc.raw = data
             raise
 
-    def put_result(self, payload: Mapping[str, Any]) -> None:
+    def put_result(
+        self, payload: Mapping[str, Any], *, policy: Optional[RetryPolicy] = None
+    ) -> None:
         """POST put-result with the result JSON."""
-        self._call("put-result", "POST", UPLOAD, timeout=self._json_timeout(), json_body=payload)
+        self._call(
+            "put-result",
+            "POST",
+            UPLOAD,
+            policy=policy,
+            timeout=self._json_timeout(),
+            json_body=payload,
+        )
 
     def upload_result(
-        self, file_path: str, file_name: str, content_type: str, task_part: Mapping[str, Any]
+        self,
+        file_path: str,
+        file_name: str,
+        content_type: str,
+        task_part: Mapping[str, Any],
+        *,
+        policy: Optional[RetryPolicy] = None,
     ) -> None:
         """POST upload-result: multipart ``file`` (streamed from disk) + ``task``."""
         task_json = json.dumps(task_part, separators=(",", ":")).encode()
@@ -404,15 +495,23 @@ class ACClient:
             )
 
         self._call(
-            "upload-result", "POST", UPLOAD, timeout=self._upload_timeout(), body_factory=body
+            "upload-result",
+            "POST",
+            UPLOAD,
+            policy=policy,
+            timeout=self._upload_timeout(),
+            body_factory=body,
         )
 
-    def get_upload_url(self, file_name: str) -> Tuple[str, str]:
+    def get_upload_url(
+        self, file_name: str, *, policy: Optional[RetryPolicy] = None
+    ) -> Tuple[str, str]:
         """GET upload-url: the presigned ``(putUrl, getUrl)`` for ``file_name``."""
         reply = self._call(
             "upload-url",
             "GET",
             UPLOAD,
+            policy=policy,
             timeout=self._json_timeout(),
             params={"fileName": file_name},
         )
@@ -424,7 +523,14 @@ class ACClient:
             raise BadReplyError("upload-url: reply lacks putUrl/getUrl")
         return put_url, get_url
 
-    def put_s3(self, put_url: str, file_path: str, *, content_type: Optional[str] = None) -> None:
+    def put_s3(
+        self,
+        put_url: str,
+        file_path: str,
+        *,
+        content_type: Optional[str] = None,
+        policy: Optional[RetryPolicy] = None,
+    ) -> None:
         """PUT the body to a presigned URL: own session, no permit, no auth header."""
         headers = {"Content-Type": content_type} if content_type else {}
 
@@ -446,9 +552,15 @@ class ACClient:
             self._report("s3", str(reply.status_code), started)
             _check_status("s3", reply)
 
-        run_with_retries(attempt, self.retry_policy, stop=self.abort)
+        run_with_retries(attempt, policy or self.retry_policy, stop=self.abort)
 
-    def upload_logs(self, zip_path: str, task_part: Mapping[str, Any]) -> None:
+    def upload_logs(
+        self,
+        zip_path: str,
+        task_part: Mapping[str, Any],
+        *,
+        policy: Optional[RetryPolicy] = None,
+    ) -> None:
         """POST upload-logs: the zipped log folder + the task."""
         task_json = json.dumps(task_part, separators=(",", ":")).encode()
         params = {"envName": self.config.env_name} if self.config.env_name else None
@@ -465,10 +577,34 @@ class ACClient:
             "upload-logs",
             "POST",
             UPLOAD,
+            policy=policy,
             timeout=self._upload_timeout(),
             params=params,
             body_factory=body,
         )
+
+
+def _is_stale_reset(exc: BaseException) -> bool:
+    """A reset or close of a connection that was already open (not a connect failure)."""
+    if isinstance(exc, (requests.Timeout, requests.exceptions.ContentDecodingError)):
+        return False
+    pending = [exc]
+    seen = 0
+    while pending and seen < 12:  # requests wraps urllib3 wraps the socket error
+        current = pending.pop()
+        seen += 1
+        if isinstance(current, urllib3.exceptions.NewConnectionError):
+            return False
+        if isinstance(current, _RESET_ERRORS):
+            return True
+        linked = [a for a in current.args if isinstance(a, BaseException)]
+        linked += [
+            e
+            for e in (getattr(current, "reason", None), current.__cause__, current.__context__)
+            if isinstance(e, BaseException)
+        ]
+        pending.extend(linked)
+    return False
 
 
 def _check_status(endpoint: str, reply: requests.Response) -> requests.Response:

@@ -77,3 +77,29 @@ class BadReplyError(ACError):
 
 class AgentStopping(AgentError):
     """The agent is stopping; a wait or retry loop was cut short."""
+
+
+class SpoolLockedError(AgentError):
+    """Another agent process holds the spool folder (one agent per folder)."""
+
+    def __init__(self, directory: str, holder_pid: str) -> None:
+        super().__init__(
+            f"spool folder {directory} is in use by another agent (pid {holder_pid}); "
+            "give each agent its own --spoolDir"
+        )
+        self.directory = directory
+        self.holder_pid = holder_pid
+
+
+class TargetFailure(AgentError):
+    """A task could not be completed; ``reason`` goes into the error result."""
+
+    def __init__(self, reason: str, slug: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        #: short name of the failure (a metrics label), e.g. ``"timeout"``
+        self.slug = slug
+
+
+class PermanentUploadError(ACError):
+    """The AC server refused a result's content for good (400/422 after a few tries)."""

@@ -15,36 +15,28 @@ the old one finish what it runs, so no work is lost.
 from __future__ import annotations
 
 import concurrent.futures
+import heapq
 import logging
-import queue
+import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, Union
+from typing import Any, Dict, List, Optional, Tuple
 
 import requests
 import urllib3.exceptions
 
+from . import logs
 from .allowlist import TargetAllowList, host_of
 from .client import EnvCachedSession, build_session
-from .errors import AgentError
+from .errors import TargetFailure
 from .models import Result, Task, echo_fields, new_result_key
-
-if TYPE_CHECKING:
-    from .pipeline import Pipeline
+from .spool import SPOOL_ERRNOS, spool_error_reason
+from .stage import Stage, StageContext
 
 log = logging.getLogger("acagent.executor")
 
 CHECKMARX_TOKEN_PATH = "/cxrestapi/auth/identity/connect/token"  # noqa: S105 - a path
 CHUNK = 256 * 1024
-
-
-class TargetFailure(AgentError):
-    """A task could not be completed; ``reason`` goes into the error result."""
-
-    def __init__(self, reason: str, slug: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.slug = slug
 
 
 class TargetSession(EnvCachedSession):
@@ -67,31 +59,32 @@ def _host(url: str) -> str:
     return host_of(url) or "?"
 
 
-class Executor:
-    """Runs tasks on a thread pool. Subclass and override ``execute`` (or
-    ``prepare_headers``) to customise how a task becomes a target request."""
+class Executor(Stage):
+    """Runs tasks on a thread pool.
 
+    Hooks (may be overridden): ``execute(task, key=...) -> Result`` (must not
+    raise: a failure is an error result), ``prepare_headers(task)`` (add auth,
+    etc.), ``request_target(task, key)``. For subclasses: ``session`` (the
+    target session), ``allow`` (the target policy), ``deadline_watch``.
+    """
+
+    name = "executor"
     #: longest the dispatcher blocks on the task queue before checking for stop
     POLL = 0.5
 
-    def __init__(self, pipeline: Pipeline) -> None:
-        self.pipeline = pipeline
-        self.config = pipeline.config
-        self.task_queue: queue.Queue[Task] = pipeline.task_queue
+    def __init__(self, ctx: StageContext) -> None:
+        super().__init__(ctx)
         self.allow = TargetAllowList(self.config.allowed_targets)
-        self.verify: Union[bool, str] = self.config.tls_verify
         self.session = self._make_session(self.config.executor_pool_size)
-        self._size = self.config.executor_pool_size
+        self.deadline_watch = DeadlineWatch(ctx.abort)
+        self._size = ctx.settings.pool_size
         self._pool = self._new_pool(self._size)
-        self._old_pools: list[concurrent.futures.ThreadPoolExecutor] = []
         self._lock = threading.Lock()
-        self._busy = 0
-        self._running = False
-        self._dispatcher = threading.Thread(
-            target=self._dispatch_loop, name="acagent-dispatch", daemon=True
-        )
-        # Futures of tasks handed to a pool and not yet finished, by result key.
+        # Tasks handed to a pool and not yet finished, by result key, and their futures.
         self._active: Dict[str, Task] = {}
+        self._futures: Dict[concurrent.futures.Future[None], concurrent.futures.Executor] = {}
+        # Pools replaced by a resize: shut down, kept until their last task ended.
+        self._old_pools: List[concurrent.futures.ThreadPoolExecutor] = []
 
     # -- lifecycle -------------------------------------------------------
     def _make_session(self, pool_size: int) -> requests.Session:
@@ -104,31 +97,33 @@ class Executor:
             max_workers=size, thread_name_prefix="acagent-exec"
         )
 
-    def start(self) -> None:
-        self._running = True
-        self._dispatcher.start()
+    def start_threads(self) -> None:
+        self.spawn(self._dispatch_loop, "acagent-dispatch")
+        self.spawn(self.deadline_watch.run, "acagent-deadline")
 
-    def stop_intake(self) -> None:
-        """Stop taking new tasks from the queue (they get shutdown results)."""
-        self._running = False
+    def on_stop(self) -> None:
+        # The dispatcher ends its loop, answers queued tasks "agent shutting
+        # down" and returns; running tasks go on until they end or the abort
+        # signal cuts them short (see DeadlineWatch).
+        pass
 
     def join(self, timeout: float) -> bool:
-        """Wait for the dispatcher and every pool thread; True if all ended."""
+        """Wait for the dispatcher and every running task; True if all ended."""
         deadline = time.monotonic() + timeout
-        self._dispatcher.join(max(0.0, deadline - time.monotonic()))
+        dispatcher, watcher = self._threads
+        dispatcher.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
+            futures = list(self._futures)
             pools = [self._pool, *self._old_pools]
+        concurrent.futures.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
         for pool in pools:
-            pool.shutdown(wait=False)
-        for pool in pools:
-            for thread in list(getattr(pool, "_threads", ())):
-                thread.join(max(0.0, deadline - time.monotonic()))
-        alive = self._dispatcher.is_alive() or any(
-            t.is_alive() for p in pools for t in list(getattr(p, "_threads", ()))
-        )
-        if not alive:
+            pool.shutdown(wait=False)  # idle threads end; running ones were waited for
+        self.deadline_watch.close()
+        watcher.join(max(0.0, deadline - time.monotonic()))
+        done = not self.is_alive() and all(f.done() for f in futures)
+        if done:
             self.session.close()
-        return not alive
+        return done
 
     def resize(self, size: int) -> None:
         """Run new tasks on a pool of ``size`` threads; the old pool finishes its work."""
@@ -140,70 +135,80 @@ class Executor:
         old.shutdown(wait=False)  # queued work still runs; nothing is cancelled
         log.info("executor resized to %d threads", size)
 
-    def set_verify(self, verify: bool) -> None:
-        self.verify = self.config.tls_verify_for(verify)
-
-    def dispatcher_alive(self) -> bool:
-        return self._dispatcher.is_alive()
-
     @property
     def size(self) -> int:
         return self._size
 
     @property
     def busy(self) -> int:
-        return self._busy
-
-    def active_tasks(self) -> Dict[str, Task]:
+        """Tasks running now."""
         with self._lock:
-            return dict(self._active)
+            return len(self._active)
 
     # -- dispatching -----------------------------------------------------
     def _dispatch_loop(self) -> None:
-        while self._running:
-            try:
-                task = self.task_queue.get(timeout=self.POLL)
-            except queue.Empty:
-                continue
-            self.submit(task)
+        self.run_loop(self._dispatch_one)
         # Tasks fetched but never started get an error result now rather
         # than waiting for a pool that is shutting down.
-        while True:
-            try:
-                task = self.task_queue.get_nowait()
-            except queue.Empty:
-                break
-            self.pipeline.task_finished(
+        for task in self.ctx.ledger.take_queued_tasks():
+            self.ctx.ledger.finished(
                 Result.agent_error(task, "agent shutting down", failure="shutdown")
             )
+
+    def _dispatch_one(self) -> None:
+        task = self.ctx.ledger.take_task(timeout=self.POLL)
+        if task is None:
+            return
+        wanted = self.ctx.settings.pool_size
+        if wanted != self._size:
+            # globalConfig poolSize: resized here, on the one thread that
+            # submits, so a resize can never race a submit.
+            self.resize(wanted)
+        self.submit(task)
 
     def submit(self, task: Task) -> None:
         key = new_result_key()
         with self._lock:
             self._active[key] = task
-            pool = self._pool
-        pool.submit(self._run, task, key)
+            try:
+                future = self._pool.submit(self._run, task, key)
+            except RuntimeError:  # the pool is shutting down (a stop raced us)
+                del self._active[key]
+                refused = True
+            else:
+                self._futures[future] = self._pool
+                refused = False
+        if refused:
+            self.ctx.ledger.finished(
+                Result.agent_error(task, "agent shutting down", failure="shutdown", key=key)
+            )
+            return
+        future.add_done_callback(self._forget)
+
+    def _forget(self, future: concurrent.futures.Future[None]) -> None:
+        with self._lock:
+            self._futures.pop(future, None)
+            if self._old_pools:
+                # A replaced pool with no task left is shut down already: forget it.
+                busy = set(self._futures.values())
+                self._old_pools = [p for p in self._old_pools if p in busy]
 
     def _run(self, task: Task, key: str) -> None:
-        with self._lock:
-            self._busy += 1
-        try:
-            with self.pipeline.task_log_context(task.task_id):
-                try:
-                    result = self.execute(task, key=key)
-                except Exception as exc:  # execute() must not raise; a subclass might
-                    log.exception("execute() raised for task %s", task.task_id)
-                    result = Result.agent_error(task, f"{type(exc).__name__}: {exc}", key=key)
-                result.key = key
-                with self._lock:
-                    still_ours = self._active.pop(key, None) is not None
-                if still_ours:
-                    self.pipeline.task_finished(result)
-                else:
-                    self.pipeline.spool.discard_body(key)  # shutdown answered it already
-        finally:
+        started = time.monotonic()
+        with logs.task_context(task.task_id):
+            try:
+                result = self.execute(task, key=key)
+            except Exception as exc:  # execute() must not raise; a subclass might
+                log.exception("execute() raised for task %s", task.task_id)
+                result = Result.agent_error(task, f"{type(exc).__name__}: {exc}", key=key)
+            result.key = key
             with self._lock:
-                self._busy -= 1
+                still_ours = self._active.pop(key, None) is not None
+            if not still_ours:
+                self.ctx.spool.discard_body(key)  # the shutdown deadline answered it already
+                return
+            self.ctx.observers.emit("on_task_executed", result, time.monotonic() - started)
+            self.ctx.ledger.finished(result)
 
     def take_unfinished(self) -> Dict[str, Task]:
         """Claim every task still running (at the shutdown deadline)."""
@@ -214,21 +219,20 @@ class Executor:
     # -- one task --------------------------------------------------------
     def execute(self, task: Task, *, key: str) -> Result:
         """Run ``task`` and return its result; errors become error results."""
-        started = time.monotonic()
-        outcome = "error"
         try:
             if task.is_fetch_logs:
-                result = self.pipeline.collect_logs(task, key)
-            else:
-                result = self.request_target(task, key)
-            outcome = "ok" if not result.is_error else "error"
-            return result
+                return self.collect_logs(task, key)
+            return self.request_target(task, key)
         except TargetFailure as exc:
-            self.pipeline.spool.discard_body(key)
+            self.ctx.spool.discard_body(key)
             log.warning("task %s failed: %s", task.task_id, exc.reason)
             return Result.agent_error(task, exc.reason, failure=exc.slug, key=key)
-        finally:
-            self.pipeline.observe_task(outcome, time.monotonic() - started)
+
+    def collect_logs(self, task: Task, key: str) -> Result:
+        """The fetch-logs task: zip the log folder for upload-logs."""
+        target = os.path.join(self.ctx.work_dir, f"logs_{key}.zip")
+        logs.zip_logs(self.config.resolved_log_dir(), target)
+        return Result(fields=echo_fields(task.raw), status_code=200, logs_zip=target, key=key)
 
     def prepare_headers(self, task: Task) -> Dict[str, str]:
         """Headers for the target request (override to add auth, etc.)."""
@@ -260,7 +264,7 @@ class Executor:
                 data=body,
                 stream=True,
                 timeout=(min(self.config.connect_timeout, left), min(self.config.timeout, left)),
-                verify=self.verify,
+                verify=self.ctx.settings.verify,
                 proxies=self.config.inward_proxies,
             )
         except TargetFailure:
@@ -283,50 +287,175 @@ class Executor:
             raise TargetFailure(
                 f"target unreachable: {_brief(exc)}", "target_unreachable"
             ) from None
-        with reply:
-            size = self._stream_body(reply, key, deadline)
+        with reply, self.deadline_watch.watching(reply.raw, deadline) as watch:
+            size = self._stream_body(reply, key, deadline, watch)
         return Result(
             fields=echo_fields(task.raw),
             status_code=reply.status_code,
             response_headers=dict(reply.headers),
-            body_path=str(self.pipeline.spool.body_path(key)) if size else None,
+            body_path=str(self.ctx.spool.body_path(key)) if size else None,
             body_size=size,
             key=key,
         )
 
-    def _stream_body(self, reply: requests.Response, key: str, deadline: float) -> int:
+    def _stream_body(
+        self, reply: requests.Response, key: str, deadline: float, watch: _Watch
+    ) -> int:
         cap = self.config.max_response_bytes
         size = 0
-        spool = self.pipeline.spool
         out = None
         try:
             for chunk in reply.raw.stream(CHUNK, decode_content=True):
                 if not chunk:
                     continue
-                if out is None:
-                    out = spool.open_body(key)
                 size += len(chunk)
                 if cap and size > cap:
                     raise TargetFailure(f"response larger than {cap} bytes", "too_large")
-                out.write(chunk)
+                try:
+                    if out is None:
+                        out = self.ctx.spool.open_body(key)
+                    out.write(chunk)
+                except OSError as exc:
+                    raise _spool_failure(exc) from None
                 if time.monotonic() > deadline:
                     raise TargetFailure("task expired while reading the response", "timeout")
-                if self.pipeline.aborting:
+                if self.ctx.abort.is_set():
                     raise TargetFailure("agent shutting down", "shutdown")
         except TargetFailure:
             raise
-        except urllib3.exceptions.DecodeError as exc:
-            raise TargetFailure(
-                f"invalid Content-Encoding: {_brief(exc)}", "bad_encoding"
-            ) from None
-        except (urllib3.exceptions.ReadTimeoutError, TimeoutError) as exc:
-            raise TargetFailure(f"target timed out: {_brief(exc)}", "timeout") from None
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise TargetFailure(f"response body broken: {_brief(exc)}", "broken_body") from None
+        except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            raise _read_failure(exc, watch) from None
         finally:
             if out is not None:
-                out.close()
+                try:
+                    out.close()
+                except OSError as exc:  # the last buffered write failed on close
+                    raise _spool_failure(exc) from None
         return size
+
+
+class _Watch:
+    """One watched response: ``fired`` is set when the watch shut it (and why)."""
+
+    def __init__(self, response: Any, deadline: float) -> None:
+        self.response = response
+        self.deadline = deadline
+        self.fired: Optional[TargetFailure] = None
+
+
+class DeadlineWatch:
+    """Shuts the socket of a response that outlives its task's ``expiryTsMs``.
+
+    A target that trickles its body (one byte a second) never trips a read
+    timeout, and a read of a large piece blocks until the piece is full; so
+    a deadline checked between reads is a hint, not a deadline. This watch
+    runs one thread (started by the Executor) that calls
+    ``HTTPResponse.shutdown()`` (urllib3 >= 2.3) when a deadline passes, or
+    for every watched response when the agent's abort signal is set (stop at
+    the drain deadline): the blocked read ends at once with an error that
+    the executor reports as the watch's reason.
+    """
+
+    #: how often the thread looks at the abort signal while nothing is due
+    TICK = 0.5
+
+    def __init__(self, abort: threading.Event) -> None:
+        self._abort = abort
+        self._cond = threading.Condition()
+        self._heap: List[Tuple[float, int, _Watch]] = []
+        self._seq = 0
+        self._closed = False
+
+    def watching(self, response: Any, deadline: float) -> _Watching:
+        return _Watching(self, _Watch(response, deadline))
+
+    def _add(self, watch: _Watch) -> None:
+        with self._cond:
+            self._seq += 1
+            heapq.heappush(self._heap, (watch.deadline, self._seq, watch))
+            self._cond.notify()
+
+    def _remove(self, watch: _Watch) -> None:
+        with self._cond:
+            watch.response = None  # finished: the thread drops it when it comes up
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def run(self) -> None:
+        """The watch thread's loop; ends on ``close()``."""
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                while self._heap and self._heap[0][2].response is None:
+                    heapq.heappop(self._heap)  # finished in time
+                now = time.monotonic()
+                due: List[_Watch] = []
+                aborting = self._abort.is_set()
+                while self._heap and (aborting or self._heap[0][0] <= now):
+                    due.append(heapq.heappop(self._heap)[2])
+                wait = self.TICK if not self._heap else min(self.TICK, self._heap[0][0] - now)
+                if not due:
+                    self._cond.wait(max(0.0, wait))
+                    continue
+            for watch in due:
+                self._fire(watch, aborting)
+
+    @staticmethod
+    def _fire(watch: _Watch, aborting: bool) -> None:
+        response = watch.response
+        if response is None:
+            return
+        watch.fired = (
+            TargetFailure("agent shutting down", "shutdown")
+            if aborting
+            else TargetFailure("task expired while reading the response", "timeout")
+        )
+        try:
+            response.shutdown()
+        except Exception:  # best effort: the check between reads remains
+            log.debug("could not shut down a response", exc_info=True)
+
+
+class _Watching:
+    """Context manager: a response is watched for the duration of the ``with``."""
+
+    def __init__(self, owner: DeadlineWatch, watch: _Watch) -> None:
+        self._owner = owner
+        self._watch = watch
+
+    def __enter__(self) -> _Watch:
+        self._owner._add(self._watch)
+        return self._watch
+
+    def __exit__(self, *exc: object) -> None:
+        self._owner._remove(self._watch)
+
+
+def _spool_failure(exc: OSError) -> TargetFailure:
+    """A body that could not be written to the spool: the task's error result says why."""
+    if exc.errno in SPOOL_ERRNOS:
+        reason = spool_error_reason(exc)
+        if "no space" in reason:
+            reason = "no space for the response body in the spool folder"
+        return TargetFailure(reason, "spool_unwritable")
+    return TargetFailure(f"cannot write the response body: {_brief(exc)}", "spool_unwritable")
+
+
+def _read_failure(exc: Exception, watch: _Watch) -> Exception:
+    """The error result's reason for an exception raised while reading a body."""
+    if watch.fired is not None:  # the watch shut the socket: that is why the read failed
+        return watch.fired
+    if isinstance(exc, urllib3.exceptions.DecodeError):
+        return TargetFailure(f"invalid Content-Encoding: {_brief(exc)}", "bad_encoding")
+    if isinstance(exc, (urllib3.exceptions.ReadTimeoutError, TimeoutError)):
+        return TargetFailure(f"target timed out: {_brief(exc)}", "timeout")
+    if isinstance(exc, (urllib3.exceptions.HTTPError, OSError)):
+        return TargetFailure(f"response body broken: {_brief(exc)}", "broken_body")
+    return exc
 
 
 def _brief(exc: BaseException) -> str:

@@ -1,92 +1,122 @@
-"""Fetcher: the one thread that asks the AC server for tasks.
+"""Fetcher: the stage that asks the AC server for tasks.
 
-It asks only when the agent has somewhere to run the answer (see
-``backpressure.py``), so fetched work never piles up. An empty reply waits a
-poll interval with jitter (today's agent re-polls at once and burns its rate
-budget); a 5xx or network error backs off 5 s doubling to 600 s, reset on
-success; a 429 waits what the server asks. Every wait ends when the agent
-stops. ``fetch_one`` is the hook a subclass overrides to take tasks from
-elsewhere (see ``examples/jsonl_fetcher.py``).
+It asks only when the agent has somewhere to run the answer and can deliver
+its result (``Ledger.reserve``), so fetched work never piles up. How it waits
+after each kind of reply:
+
+* an empty reply: the poll interval with jitter (today's agent re-polls at
+  once and burns its rate budget);
+* one failed call among successes (5xx, timeout, reset): a brief backoff,
+  ``BRIEF_MIN`` doubling to ``BRIEF_MAX`` with jitter;
+* ``BREAKER_THRESHOLD`` failures in a row: the server is down, so the
+  breaker opens and waits grow from ``DOWN_MIN`` doubling to ``DOWN_MAX``
+  (5 s to 600 s, today's numbers); any success closes it;
+* a 429: what the server asks (a random 0..10 s for "Too many concurrent
+  requests" without a wait header);
+* 401/403: the server refused the API key: an actionable ERROR at most once a
+  minute, ``/readyz`` says why (the readiness observer sees the status), and
+  waits from ``AUTH_MIN`` doubling to ``AUTH_MAX`` (5 min) until it accepts.
+
+Every wait ends when the stage stops. On stop, a get-task held open by the
+server (long poll) is abandoned: its connection is shut, so the stop does not
+wait up to the read timeout, and a task the server hands out in that instant
+is answered "agent shutting down" by the Ledger.
+
+Hooks (may be overridden): ``fetch_one() -> Optional[Task]`` (take tasks from
+elsewhere: see ``examples/jsonl_fetcher.py``), ``idle_wait() -> float``.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import threading
-from typing import TYPE_CHECKING, Optional
+import time
+from typing import Optional
 
 from .errors import ACConnectionError, ACHTTPError, ACRateLimitError, BadReplyError, TaskError
+from .logthrottle import LogThrottle
 from .models import Result, Task, echo_fields
-
-if TYPE_CHECKING:
-    from .pipeline import Pipeline
+from .stage import Stage, StageContext
 
 log = logging.getLogger("acagent.fetcher")
 
+#: the hint logged when the AC server refuses the API key
+AUTH_HINT = "the AC server refused the API key: check --apiKey / api_key"
 
-class Fetcher(threading.Thread):
-    #: first wait after a 5xx / network failure, doubled per failure up to BACKOFF_MAX
-    BACKOFF_MIN = 5.0
-    BACKOFF_MAX = 600.0
+
+class Fetcher(Stage):
+    name = "fetcher"
+
+    #: brief backoff after one failed call: first wait, doubled up to BRIEF_MAX
+    BRIEF_MIN = 0.25
+    BRIEF_MAX = 4.0
+    #: consecutive failures that open the breaker ("the server is down")
+    BREAKER_THRESHOLD = 5
+    DOWN_MIN = 5.0
+    DOWN_MAX = 600.0
+    #: waits while the server refuses the API key
+    AUTH_MIN = 5.0
+    AUTH_MAX = 300.0
     #: how long one capacity wait lasts before the stop flag is checked again
     CAPACITY_POLL = 0.5
     #: a "Too many concurrent requests" 429 without a wait header waits 0..this
     CONCURRENCY_WAIT_MAX = 10.0
 
-    def __init__(self, pipeline: Pipeline) -> None:
-        super().__init__(name="acagent-fetcher", daemon=True)
-        self.pipeline = pipeline
-        self.config = pipeline.config
-        self.running = False
-        #: set by stop(): every wait of this thread ends at once
-        self.stopping = threading.Event()
-        self._backoff = self.BACKOFF_MIN
+    def __init__(self, ctx: StageContext) -> None:
+        super().__init__(ctx)
+        self._failures = 0
+        self._auth_failures = 0
         self._rng = random.Random()
+        self._auth_log = LogThrottle(60.0)
 
-    # -- lifecycle -------------------------------------------------------
-    def start(self) -> None:
-        self.running = True
-        super().start()
+    # ------------------------------------------------------------ lifecycle
+    def start_threads(self) -> None:
+        self.spawn(lambda: self.run_loop(self.fetch_step), "acagent-fetcher")
 
-    def stop(self) -> None:
-        self.running = False
-        self.stopping.set()
+    def on_stop(self) -> None:
+        # Abandon a get-task the server holds open: its task would be answered
+        # "shutting down" anyway, and the stop must not wait for the long poll.
+        self.ctx.client.abandon_fetch()
 
-    # -- the loop ----------------------------------------------------------
-    def run(self) -> None:
-        bp = self.pipeline.backpressure
-        while self.running:
-            if not bp.reserve(timeout=self.CAPACITY_POLL):
-                continue
-            if not self.running:
-                bp.cancel()
-                break
+    # ------------------------------------------------------------ one step
+    def fetch_step(self) -> None:
+        """Reserve room, ask for one task, hand it to the Ledger; then wait as the reply says."""
+        ledger = self.ctx.ledger
+        if not ledger.reserve(timeout=self.CAPACITY_POLL):
+            return
+        pause = 0.0
+        reserved = True
+        try:
+            if self.stopping.is_set():
+                return
+            started = time.monotonic()
             try:
                 task = self.fetch_one()
             except TaskError as exc:
-                self._answer_malformed(exc)  # uses or cancels the reservation
-                continue
-            except Exception as exc:  # noqa: BLE001 - the loop must survive any failure
-                bp.cancel()
-                self._on_error(exc)
-                continue
-            except BaseException:
-                bp.cancel()  # the thread dies; a stop must not wait for this reservation
-                raise
+                reserved = not self._answer_malformed(exc)
+                return
+            except Exception as exc:  # noqa: BLE001 - every failure has a wait, none is fatal
+                pause = self._pause_after(exc)
+                return
+            self.ctx.observers.emit(
+                "on_fetch_finished", time.monotonic() - started, task is not None
+            )
+            self._succeeded()
             if task is None:
-                bp.cancel()
-                self._backoff = self.BACKOFF_MIN
-                self.wait(self.idle_wait())
-                continue
-            self._backoff = self.BACKOFF_MIN
-            self.pipeline.task_fetched(task)
-        log.debug("fetcher stopped")
+                pause = self.idle_wait()
+                return
+            reserved = False
+            ledger.fetched(task)
+        finally:
+            if reserved:
+                ledger.cancel()
+            if pause > 0:
+                self.wait(pause)
 
+    # ------------------------------------------------------------ hooks
     def fetch_one(self) -> Optional[Task]:
         """Get one task, or None if there is none now. Override to fetch elsewhere."""
-        with self.pipeline.metrics.get_task_seconds.time():
-            return self.pipeline.client.get_task()
+        return self.ctx.client.get_task()
 
     def idle_wait(self) -> float:
         """Seconds to wait after an empty reply: the poll interval +- jitter."""
@@ -94,45 +124,57 @@ class Fetcher(threading.Thread):
         jitter = self.config.poll_jitter
         return max(0.0, base + self._rng.uniform(-jitter, jitter))
 
-    def wait(self, seconds: float) -> bool:
-        """Sleep unless stopping; True if the sleep was cut short."""
-        return self.stopping.wait(seconds)
+    # ------------------------------------------------------------ failures
+    def _succeeded(self) -> None:
+        if self._failures >= self.BREAKER_THRESHOLD:
+            log.warning("get-task works again after %d failures", self._failures)
+        if self._auth_failures:
+            log.warning("the AC server accepts the API key again")
+        self._failures = 0
+        self._auth_failures = 0
 
-    # -- failures ----------------------------------------------------------
-    def _on_error(self, exc: Exception) -> None:
+    def _pause_after(self, exc: Exception) -> float:
+        """How long to wait after a failed get-task (and log it once, plainly)."""
         if isinstance(exc, ACRateLimitError):
             wait = exc.retry_after
             if wait is None:
                 wait = (
                     self._rng.uniform(0.0, self.CONCURRENCY_WAIT_MAX)
                     if exc.concurrency
-                    else self.BACKOFF_MIN
+                    else self.DOWN_MIN
                 )
-            log.warning("get-task rate limited; waiting %.1fs", wait)
-            self.wait(wait)
-            return
-        if isinstance(exc, BadReplyError) or (isinstance(exc, ACHTTPError) and exc.status < 500):
-            log.error("get-task: %s; waiting %.0fs", exc, self.BACKOFF_MIN)
-            self.wait(self.BACKOFF_MIN)
-            return
-        if isinstance(exc, (ACHTTPError, ACConnectionError)):
-            wait = self._backoff
-            self._backoff = min(self._backoff * 2, self.BACKOFF_MAX)
-            log.warning("get-task failed (%s); backing off %.0fs", exc, wait)
-            self.wait(wait)
-            return
-        log.exception("fetcher: unexpected error; waiting %.0fs", self.BACKOFF_MIN)
-        self.wait(self.BACKOFF_MIN)
+            log.warning("get-task: rate limited by the AC server; waiting %.1fs", wait)
+            return wait
+        if isinstance(exc, ACHTTPError) and exc.status in (401, 403):
+            self._auth_failures += 1
+            wait = min(self.AUTH_MIN * 2.0 ** (self._auth_failures - 1), self.AUTH_MAX)
+            if self._auth_log.ready():
+                log.error("get-task: HTTP %d: %s; retrying in %.0fs", exc.status, AUTH_HINT, wait)
+            return wait
+        if isinstance(exc, (ACHTTPError, ACConnectionError, BadReplyError)):
+            self._failures += 1
+            wait = self._failure_wait(self._failures)
+            level = logging.WARNING if self._failures <= self.BREAKER_THRESHOLD else logging.DEBUG
+            log.log(level, "get-task failed (%s); waiting %.1fs", exc, wait)
+            return wait
+        raise exc  # not an AC failure: a bug; run_loop logs it with its traceback
 
-    def _answer_malformed(self, exc: TaskError) -> None:
-        """A task we cannot run but can name gets an error result; else one log line."""
+    def _failure_wait(self, failures: int) -> float:
+        if failures < self.BREAKER_THRESHOLD:
+            step = self.BRIEF_MIN * 2.0 ** (failures - 1)
+            return min(step, self.BRIEF_MAX) * self._rng.uniform(0.5, 1.0)
+        step = self.DOWN_MIN * 2.0 ** (failures - self.BREAKER_THRESHOLD)
+        return min(step, self.DOWN_MAX) * self._rng.uniform(0.8, 1.0)
+
+    def _answer_malformed(self, exc: TaskError) -> bool:
+        """A task we cannot run but can name gets an error result; True if answered."""
         if exc.task_id is None:
-            self.pipeline.backpressure.cancel()
             log.error("skipped a task without a usable taskId: %s", exc.reason)
-            return
+            return False
         log.warning("task %s is malformed: %s", exc.task_id, exc.reason)
         fields = echo_fields(exc.raw) or {"taskId": exc.task_id}
         fields["taskId"] = exc.task_id
-        self.pipeline.task_finished(
+        self.ctx.ledger.finished(
             Result.agent_error(fields, f"malformed task: {exc.reason}", failure="malformed")
         )
+        return True

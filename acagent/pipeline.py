@@ -1,46 +1,58 @@
-r"""Pipeline: wires the Fetcher, Executor and Uploader over queues, and runs them.
+r"""Pipeline: wires the stages to their collaborators, starts them, and stops them in order.
 
 ```
-AC --get-task--> Fetcher --task queue--> Executor (N threads) --result queue--> Uploader --> AC
-          \________ ACClient: one keep-alive session, BoundedSemaphore(acMaxConcurrent) ______/
+AC --get-task--> Fetcher --Ledger.tasks--> Executor --Ledger.results--> Uploader --> AC
+         \______ ACClient: one keep-alive session, acMaxConcurrent permits ______/
 ```
 
-Every result is written to the spool before it is queued for upload and
-removed when the server accepted it (see ``spool.py``).
+The Pipeline owns no behaviour of its own: task accounting lives in the
+``Ledger``, metrics/readiness/globalConfig are observers, and each stage
+gets a frozen ``StageContext`` (never the Pipeline). Stages are pluggable as
+*factories*: a ``Stage`` subclass or any callable taking the context, e.g.
+``functools.partial(JsonlFetcher, path=p)``.
 
-Stop order (``stop``): stop intake first (the Fetcher stops asking; tasks
-fetched but not started are answered "agent shutting down"), let running
-tasks finish and keep the Uploader alive while the results drain, all within
-``shutdown_timeout``. At the deadline, or on ``stop_now()`` (a second
-signal), abort: tasks still running are answered "agent shutting down" in the
-spool, pending results stay in the spool, and the threads are joined with a
-short timeout. The library never installs signal handlers; the CLI does.
+Start is all-or-nothing: the spool folder is locked and the health port
+bound before any stage starts; if a step fails, what started is stopped and
+nothing is fetched.
+
+Stop order (``stop``): stop intake (the Fetcher stops asking, a long poll is
+abandoned, tasks fetched but not started are answered "agent shutting
+down"), let running tasks finish and keep the Uploader delivering while the
+results drain, all within ``shutdown_timeout``. At the deadline, or on
+``stop_now()`` (a second signal), abort: running requests are cut, their
+tasks are answered "agent shutting down" in the spool, pending results stay
+in the spool, and the threads are joined with a short timeout. The library
+never installs signal handlers; the CLI does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import queue
 import shutil
 import tempfile
 import threading
 import time
-from typing import Any, ContextManager, Dict, Mapping, Optional, Type
+from typing import Any, Callable, Optional, Sequence, Tuple
 
-from . import __version__, logs
-from .backpressure import Backpressure
-from .client import API_PREFIX, ACClient, force_ipv4
+from ._version import __version__
+from .client import ACClient, force_ipv4
 from .config import AgentConfig, parse_host_port
 from .executor import Executor
 from .fetcher import Fetcher
-from .health import HealthServer, ReadinessTracker
-from .metrics import AgentMetrics, MetricsFileWriter, default_metrics_path, request_tags
-from .models import Result, Task, echo_fields
+from .globalconfig import GlobalConfigObserver, RuntimeSettings
+from .health import HealthServer
+from .ledger import Ledger
+from .metrics import AgentMetrics, MetricsFileWriter, default_metrics_path
+from .metricsobserver import MetricsFileObserver, MetricsObserver
+from .models import Result
+from .observers import Observer, Observers
 from .ratelimit import RateLimits
+from .readiness import Readiness
 from .retry import RetryPolicy
 from .spool import ResultSpool
+from .stage import Stage, StageContext
+from .threadcrash import ThreadCrashHook
 from .uploader import Uploader
 
 log = logging.getLogger("acagent.pipeline")
@@ -48,62 +60,95 @@ log = logging.getLogger("acagent.pipeline")
 #: how long threads get to end after the drain deadline passed
 JOIN_GRACE = 5.0
 
+#: a stage factory: a Stage subclass, or any callable taking the context
+StageFactory = Callable[[StageContext], Stage]
+
 
 class Pipeline:
     """The agent. ``start()``, then ``stop()``; or ``run_forever()``; or ``with Pipeline(...)``.
 
-    Stage classes are pluggable: pass subclasses of ``Fetcher``, ``Executor``
-    and ``Uploader``; each is constructed with this pipeline.
+    For callers: ``start``, ``stop``, ``run_forever``, ``request_stop`` and
+    ``stop_now`` (signal-safe), ``request_status``, ``liveness``,
+    ``readiness``, ``fatal_reason``. Wired parts, read-only: ``config``,
+    ``client``, ``ledger``, ``spool``, ``settings``, ``metrics``,
+    ``observers``, ``fetcher``, ``executor``, ``uploader``, ``health``.
     """
 
     def __init__(
         self,
         config: AgentConfig,
         *,
-        fetcher_class: Type[Fetcher] = Fetcher,
-        executor_class: Type[Executor] = Executor,
-        uploader_class: Type[Uploader] = Uploader,
+        fetcher: StageFactory = Fetcher,
+        executor: StageFactory = Executor,
+        uploader: StageFactory = Uploader,
         client: Optional[ACClient] = None,
         retry_policy: Optional[RetryPolicy] = None,
         metrics: Optional[AgentMetrics] = None,
+        observers: Sequence[Observer] = (),
     ) -> None:
         self.config = config
-        self.version = __version__
-        #: set when the agent must stop at once (deadline or second signal)
+        #: the one stop signal of the stages: set when the agent must stop at once
         self.abort = threading.Event()
-        self.metrics = metrics or AgentMetrics()
-        self.readiness = ReadinessTracker(config.ready_window)
+        self.metrics = metrics if metrics is not None else AgentMetrics()
+        self.readiness = Readiness(config.ready_window)
+        self.observers = Observers((MetricsObserver(self.metrics), self.readiness, *observers))
         if config.ipv4_fallback:
             force_ipv4()
         self.rate_limits = RateLimits(config.rate_limit_per_min)
-        self.client = client or ACClient(
-            config,
-            retry_policy=retry_policy,
-            rate_limits=self.rate_limits,
-            abort=self.abort,
-            on_exchange=self._on_exchange,
-        )
-        if client is not None:
+        if client is None:
+            client = ACClient(
+                config, retry_policy=retry_policy, rate_limits=self.rate_limits, abort=self.abort
+            )
+        else:
             client.abort = self.abort
-            client.on_exchange = client.on_exchange or self._on_exchange
+            self.rate_limits = client.rate_limits
+        client.on_exchange = self._on_exchange
+        self.client = client
+        self.settings = RuntimeSettings(
+            verify=config.tls_verify,
+            upload_to_ac=config.upload_to_ac,
+            pool_size=config.executor_pool_size,
+            verify_for=config.tls_verify_for,
+        )
         self.spool = ResultSpool(config.resolved_spool_dir())
+        self.ledger = Ledger(
+            slots=config.executor_slots,
+            threshold=config.response_queue_threshold,
+            spool=self.spool,
+            observers=self.observers,
+        )
+        self.observers.add(
+            GlobalConfigObserver(
+                self.settings,
+                on_verify=self.client.set_verify,
+                on_pool_size=lambda n: self.ledger.resize(n + config.prefetch),
+                on_rate=self.rate_limits.set_rate,
+            )
+        )
         self.work_dir = tempfile.mkdtemp(prefix="acagent-work-")
-        self.backpressure = Backpressure(config.executor_slots, config.response_queue_threshold)
-        self.task_queue: queue.Queue[Task] = queue.Queue()
-        self.result_queue: queue.Queue[Result] = queue.Queue()
+        self.context = StageContext(
+            config=config,
+            client=self.client,
+            ledger=self.ledger,
+            spool=self.spool,
+            work_dir=self.work_dir,
+            abort=self.abort,
+            observers=self.observers,
+            settings=self.settings,
+        )
+        self.executor = executor(self.context)
+        self.uploader = uploader(self.context)
+        self.fetcher = fetcher(self.context)
+        self.health: Optional[HealthServer] = None
+        self._metrics_file: Optional[MetricsFileWriter] = None
+        self._crash_hook = ThreadCrashHook(self._on_thread_crash)
+        self._fatal: Optional[str] = None
         self._stop_requested = threading.Event()
-        #: wakes the monitor thread (stop, or a status line asked for)
-        self._wake = threading.Event()
         self._hurry = threading.Event()
+        self._wake = threading.Event()  # wakes the monitor (stop, or a status line asked for)
         self._stopped = threading.Event()
         self._started = False
         self._stop_lock = threading.Lock()
-        self._applied: Dict[str, Any] = {}
-        self.health: Optional[HealthServer] = None
-        self.metrics_file: Optional[MetricsFileWriter] = None
-        self.executor = executor_class(self)
-        self.uploader = uploader_class(self)
-        self.fetcher = fetcher_class(self)
         self._monitor = threading.Thread(
             target=self._monitor_loop, name="acagent-monitor", daemon=True
         )
@@ -114,75 +159,117 @@ class Pipeline:
         m = self.metrics
         m.ac_permits_max.set(self.config.ac_max_concurrent)
         m.ac_inflight.set_function(lambda: float(self.client.inflight))
-        m.task_queue_size.set_function(lambda: float(self.task_queue.qsize()))
-        m.result_queue_size.set_function(lambda: float(self.result_queue.qsize()))
-        m.executor_busy_threads.set_function(lambda: float(self.executor.busy))
+        m.task_queue_size.set_function(lambda: float(self.ledger.tasks.qsize()))
+        m.result_queue_size.set_function(lambda: float(len(self.ledger.results)))
+        m.executor_busy_threads.set_function(lambda: float(_busy(self.executor)))
         m.spool_size.set_function(lambda: float(self.spool.size()))
 
     def _on_exchange(self, endpoint: str, status: str, seconds: float) -> None:
-        self.metrics.ac_requests_total.inc(endpoint=endpoint, status=status)
-        if endpoint == "s3":
-            return
-        if status.isdigit() and int(status) < 300:
-            self.readiness.record_success()
-        elif status == "error" or (status.isdigit() and int(status) >= 500):
-            self.readiness.record_failure()
-        if self.metrics_file is not None:
-            # request_tags drops the query string and any user:password of the URL
-            method = "GET" if endpoint in ("get-task", "upload-url") else "POST"
-            url = f"{self.config.base_url}{API_PREFIX}{endpoint}"
-            tags = request_tags(logs.current_task_id() or "", endpoint, url, method, status)
-            self.metrics_file.write_metric(
-                "http.request.duration_ms", round(seconds * 1000.0, 3), tags
-            )
+        self.observers.emit("on_exchange", endpoint, status, seconds)
+
+    def _on_thread_crash(self, thread_name: str, exc: BaseException) -> None:
+        if self._fatal is None:
+            self._fatal = f"thread {thread_name} died: {type(exc).__name__}: {exc}"
+        self.request_stop()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
+        """Start everything, or nothing: on failure what started is stopped and the error raised."""
         if self._started:
             raise RuntimeError("a Pipeline can be started once")
         self._started = True
-        removed = self.spool.clean_orphans()
-        if removed:
-            log.info("removed %d orphan file(s) from the spool", removed)
-        pending = self.spool.pending()
-        for _key, record in pending:
-            try:
-                self.uploader.park_from_spool(Result.from_record(record))
-            except (KeyError, TypeError, ValueError) as exc:
-                log.error("spool record %s is unusable (%s); removed", _key, exc)
-                self.spool.remove(_key)
-        if pending:
-            log.info("%d result(s) from an earlier run will be re-sent", len(pending))
-        if self.config.enable_metrics_file:
-            self.metrics_file = MetricsFileWriter(
-                default_metrics_path(self.config.index, self.config.resolved_log_dir()),
-                retention_days=self.config.metrics_retention_days,
-            )
-        if not self.config.verify:
-            log.warning("TLS certificate verification is OFF (--verify false): not for production")
-        self.uploader.start()
-        self.executor.start()
-        self.fetcher.start()
-        self._monitor.start()
-        if self.config.health_addr:
-            host, port = parse_host_port(self.config.health_addr)
-            self.health = HealthServer(
-                host,
-                port,
-                liveness=self.liveness,
-                readiness=self.readiness.check,
-                metrics_text=self.metrics.registry.render_prometheus,
-            )
-            self.health.start()
+        started: list[Stage] = []
+        try:
+            self.spool.lock()  # one agent per spool folder, before anything reads it
+            self._recover_spool()
+            if self.config.health_addr:
+                host, port = parse_host_port(self.config.health_addr)
+                self.health = HealthServer(
+                    host,
+                    port,
+                    liveness=self.liveness,
+                    readiness=self.readiness.check,
+                    metrics_text=self.metrics.registry.render_prometheus,
+                )
+                self.health.start()
+            if self.config.enable_metrics_file:
+                self._metrics_file = MetricsFileWriter(
+                    default_metrics_path(self.config.index, self.config.resolved_log_dir()),
+                    retention_days=self.config.metrics_retention_days,
+                )
+                self.observers.add(MetricsFileObserver(self._metrics_file, self.config.base_url))
+            if not self.config.verify:
+                log.warning(
+                    "TLS certificate verification is OFF (--verify false): not for production"
+                )
+            self._crash_hook.install()
+            for stage in (self.uploader, self.executor, self.fetcher):
+                stage.start()
+                started.append(stage)
+            self._monitor.start()
+        except BaseException:
+            self._undo_start(started)
+            raise
         log.info(
-            "agent %s started: executor=%d prefetch=%d threshold=%d acMaxConcurrent=%d rate=%d/min",
+            "agent %s %s started: executor=%d prefetch=%d threshold=%d acMaxConcurrent=%d "
+            "rate=%d/min spool=%s",
+            __version__,
             self.client.agent_id,
             self.config.executor_pool_size,
             self.config.prefetch,
             self.config.response_queue_threshold,
             self.config.ac_max_concurrent,
             self.config.rate_limit_per_min,
+            self.spool.directory,
         )
+
+    def _recover_spool(self) -> None:
+        """Queue what an earlier run left in the spool; the file name is the key."""
+        removed = self.spool.clean_orphans()
+        if removed:
+            log.info("removed %d orphan file(s) from the spool", removed)
+        pending = self.spool.pending()
+        for key, record in pending:
+            try:
+                result = Result.from_record(record)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.error("spool record %s is unusable (%s); moved to quarantine", key, exc)
+                self.spool.quarantine(key, f"unusable record: {exc}")
+                continue
+            # The record's own "key" and "bodyPath" are not trusted: the file
+            # name says which result this is and where its body lives.
+            result.key = key
+            if result.body_path is not None:
+                result.body_path = str(self.spool.body_path(key))
+            self.ledger.adopt(result)
+        if pending:
+            log.info("%d result(s) from an earlier run will be re-sent", len(pending))
+        quarantined = self.spool.quarantined()
+        if quarantined:
+            log.warning(
+                "%d result(s) refused by the AC server are kept in %s/quarantine: %s",
+                len(quarantined),
+                self.spool.directory,
+                ", ".join(quarantined[:10]) + (" ..." if len(quarantined) > 10 else ""),
+            )
+
+    def _undo_start(self, started: list[Stage]) -> None:
+        self.abort.set()
+        self.ledger.close_intake()
+        for stage in reversed(started):
+            stage.stop()
+        self.ledger.close()
+        for stage in reversed(started):
+            stage.join(JOIN_GRACE)
+        if self.health is not None:
+            self.health.stop()
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+        self._crash_hook.uninstall()
+        self.client.close()
+        self.spool.unlock()
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        self._stopped.set()
 
     def __enter__(self) -> Pipeline:
         self.start()
@@ -212,6 +299,11 @@ class Pipeline:
             pass
         return self.stop()
 
+    @property
+    def fatal_reason(self) -> Optional[str]:
+        """Why the agent cannot go on (an agent thread died), or None."""
+        return self._fatal
+
     def stop(self, timeout: Optional[float] = None) -> bool:
         """Stop in order (see the module doc). True if every result was delivered."""
         with self._stop_lock:
@@ -221,31 +313,33 @@ class Pipeline:
             deadline = time.monotonic() + budget
             log.info("stopping: intake closed, draining for up to %.0fs", budget)
             self.request_stop()
+            self.ledger.close_intake()
             self.fetcher.stop()
-            self.executor.stop_intake()
+            self.executor.stop()
             drained = self._drain(deadline)
             if not drained:
                 self._abort_unfinished()
             self.uploader.stop()
-            self.backpressure.close()
+            self.ledger.close()
             grace = time.monotonic() + (JOIN_GRACE if drained else 1.0)
-            self.fetcher.join(max(0.0, grace - time.monotonic()))
-            self.uploader.join(max(0.0, grace - time.monotonic()))
-            self.executor.join(max(0.0, grace - time.monotonic()))
+            for stage in (self.fetcher, self.uploader, self.executor):
+                if not stage.join(max(0.0, grace - time.monotonic())):
+                    log.warning("%s did not end in time", type(stage).__name__)
             self._monitor.join(max(0.0, grace - time.monotonic()))
             if self.health is not None:
                 self.health.stop()
-            if self.metrics_file is not None:
-                self.metrics_file.close()
+            if self._metrics_file is not None:
+                self._metrics_file.close()
             if not self.uploader.is_alive():
                 self.client.close()
+            self._crash_hook.uninstall()
+            self.spool.unlock()
             shutil.rmtree(self.work_dir, ignore_errors=True)
             self._stopped.set()
-            left = self.spool.size()
             log.info(
                 "stopped (%s); %d result(s) kept in the spool",
                 "drained" if drained else "aborted",
-                left,
+                self.spool.size(),
             )
             return drained
 
@@ -255,150 +349,50 @@ class Pipeline:
             left = deadline - time.monotonic()
             if left <= 0 or self._hurry.is_set():
                 return False
-            # A get-task in flight may still hand us a task; it is answered
-            # "agent shutting down" by task_fetched and counted here.
-            # Results parked from this run are still outstanding; parked results
-            # of earlier runs are not, and simply stay in the spool.
-            if (
-                self.backpressure.wait_drained(timeout=min(left, 0.2))
-                and not self.fetcher.is_alive()
-            ):
+            # Results adopted from earlier runs are not counted: they simply
+            # stay in the spool if not delivered by now.
+            if self.ledger.wait_drained(timeout=min(left, 0.2)) and not self.fetcher.is_alive():
                 return True
 
     def _abort_unfinished(self) -> None:
         self.abort.set()
-        for key, task in self.executor.take_unfinished().items():
+        take = getattr(self.executor, "take_unfinished", None)
+        unfinished = take() if take is not None else {}
+        for key, task in unfinished.items():
             result = Result.agent_error(task, "agent shutting down", failure="shutdown", key=key)
             self.spool.discard_body(key)
-            self.spool.save(key, result.to_record())
-            self.metrics.tasks_failed_total.inc(reason="shutdown")
+            with contextlib.suppress(OSError):
+                self.spool.save(key, result.to_record())
+            self.observers.emit("on_result_ready", result)
         log.warning("shutdown deadline reached: unfinished work is kept in the spool")
 
-    @property
-    def aborting(self) -> bool:
-        return self.abort.is_set()
+    def wait_stopped(self, timeout: float) -> bool:
+        return self._stopped.wait(timeout)
 
     @property
     def stopping(self) -> bool:
         return self._stop_requested.is_set()
 
-    def wait_stopped(self, timeout: float) -> bool:
-        return self._stopped.wait(timeout)
-
-    # ------------------------------------------------------------------ stage callbacks
-    def task_fetched(self, task: Task) -> None:
-        """The Fetcher got a task (with a backpressure reservation)."""
-        self.metrics.tasks_fetched_total.inc()
-        if task.global_config:
-            self.apply_global_config(task.global_config)
-        with logs.task_context(task.task_id):
-            log.debug("task fetched: %s", task.method)
-            if self.stopping:
-                result = Result.agent_error(task, "agent shutting down", failure="shutdown")
-                self.task_finished(result)
-            elif task.is_expired():
-                log.warning("task %s expired before it was fetched; not run", task.task_id)
-                self.task_finished(
-                    Result.agent_error(task, "task expired before execution", failure="expired")
-                )
-            else:
-                self.task_queue.put(task)
-
-    def task_finished(self, result: Result) -> None:
-        """A result is ready: spool it, then queue it for upload."""
-        with logs.task_context(result.task_id):
-            log.debug("result ready: status=%s bytes=%d", result.status_code, result.body_size)
-        self.spool.save(result.key, result.to_record())
-        if result.is_error:
-            self.metrics.tasks_failed_total.inc(reason=result.failure or "agent_error")
-        self.result_queue.put(result)
-        self.backpressure.executed()
-
-    def result_delivered(self, result: Result, *, via: Optional[str], counted: bool) -> None:
-        """The Uploader is done with a result (accepted, or refused for good)."""
-        self.spool.remove(result.key)
-        with logs.task_context(result.task_id):
-            log.debug("result delivered via %s", via or "nothing (refused)")
-        if via is not None:
-            self.metrics.tasks_uploaded_total.inc(via=via)
-        else:
-            self.metrics.tasks_failed_total.inc(reason="upload_failed")
-        if counted:
-            self.backpressure.uploaded()
-
-    def observe_task(self, outcome: str, seconds: float) -> None:
-        self.metrics.tasks_processed_total.inc(outcome=outcome)
-        self.metrics.target_request_seconds.observe(seconds)
-
-    def task_log_context(self, task_id: str) -> ContextManager[None]:
-        return logs.task_context(task_id)
-
-    def collect_logs(self, task: Task, key: str) -> Result:
-        """The fetch-logs task: zip the log folder for upload-logs."""
-        target = os.path.join(self.work_dir, f"logs_{key}.zip")
-        logs.zip_logs(self.config.resolved_log_dir(), target)
-        return Result(fields=echo_fields(task.raw), status_code=200, logs_zip=target, key=key)
-
-    # ------------------------------------------------------------------ runtime settings
-    def apply_global_config(self, settings: Mapping[str, Any]) -> None:
-        """Apply the server's globalConfig: each key only if present, valid and changed."""
-        for key, value in settings.items():
-            if self._applied.get(key, object()) == value:
-                continue
-            if not self._apply_one(key, value):
-                log.warning("globalConfig %s=%r ignored (wrong type or range)", key, value)
-                continue
-            self._applied[key] = value
-
-    def _apply_one(self, key: str, value: Any) -> bool:
-        if key in ("debugMode", "verifyCert", "uploadToAC"):
-            if not isinstance(value, bool):
-                return False
-            if key == "debugMode":
-                logs.set_debug(value)
-            elif key == "verifyCert":
-                if not value:
-                    log.warning("server turned TLS verification off (globalConfig verifyCert)")
-                self.client.set_verify(value)
-                self.executor.set_verify(value)
-            else:
-                self.uploader.upload_to_ac = value
-            log.info("globalConfig: %s=%s", key, value)
-            return True
-        if key in ("poolSize", "rateLimitPerMin"):
-            if isinstance(value, bool) or not isinstance(value, int):
-                return False
-            if key == "poolSize":
-                if not 1 <= value <= 2000:
-                    return False
-                self.executor.resize(value)
-                self.backpressure.resize(value + self.config.prefetch)
-            else:
-                if value < 0:
-                    return False
-                self.rate_limits.set_rate(value)
-            log.info("globalConfig: %s=%s", key, value)
-            return True
-        return True  # unknown keys are ignored silently: newer servers may add some
-
     # ------------------------------------------------------------------ health and status
-    def liveness(self) -> tuple[bool, str]:
-        threads = {
-            "fetcher": self.fetcher,
-            "uploader": self.uploader,
-            "monitor": self._monitor,
-        }
+    def liveness(self) -> Tuple[bool, str]:
+        if self._fatal is not None:
+            return False, self._fatal
         if self.stopping:
             return True, "stopping"
-        dead = [name for name, t in threads.items() if not t.is_alive()]
-        if not self.executor.dispatcher_alive():
-            dead.append("dispatcher")
+        dead = [name for stage in self._stages() for name in stage.dead_threads()]
+        if self._started and not self._monitor.is_alive():
+            dead.append(self._monitor.name)
         if dead:
             return False, "stage thread(s) not running: " + ", ".join(dead)
         return True, "ok"
 
+    def _stages(self) -> Tuple[Stage, Stage, Stage]:
+        return (self.fetcher, self.executor, self.uploader)
+
     def status_line(self) -> str:
-        return self.metrics.status_line() + f" parked={self.uploader.parked}"
+        holds = self.ledger.holds()
+        held = f" held={','.join(sorted(holds))}" if holds else ""
+        return self.metrics.status_line() + f" retrying={_retrying(self.uploader)}{held}"
 
     def log_status(self) -> None:
         log.info("%s", self.status_line())
@@ -409,5 +403,15 @@ class Pipeline:
             self._wake.clear()
             if self._stop_requested.is_set():
                 break
-            with contextlib.suppress(Exception):
+            try:
                 self.log_status()
+            except Exception:  # a status line is never worth a dead thread
+                log.debug("status line failed", exc_info=True)
+
+
+def _busy(stage: Any) -> int:
+    return int(getattr(stage, "busy", 0))
+
+
+def _retrying(stage: Any) -> int:
+    return int(getattr(stage, "retrying", 0))

@@ -115,6 +115,10 @@ class RetryPolicy:
         return float(min(step, self.backoff_max) + self.rng.uniform(0.0, self.jitter))
 
 
+#: one attempt and no retry: for callers that schedule their own retries (the Uploader)
+ONE_ATTEMPT = RetryPolicy(rate_limit_retries=0, error_retries=0)
+
+
 class _Budget:
     """Counts one call's failures by kind; fed by tenacity's stop and wait hooks.
 

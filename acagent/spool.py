@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -31,7 +32,9 @@ import threading
 from pathlib import Path
 from typing import Any, BinaryIO, Dict, Final, Iterator, List, Optional, Set, Tuple
 
-__all__ = ["Record", "ResultSpool"]
+from .errors import SpoolLockedError
+
+__all__ = ["QUARANTINE_DIR", "SPOOL_ERRNOS", "Record", "ResultSpool", "spool_error_reason"]
 
 log = logging.getLogger("acagent.spool")
 
@@ -42,6 +45,11 @@ _RECORD: Final = ".json"
 _BODY: Final = ".body"
 _TMP: Final = ".json.tmp"
 _CORRUPT: Final = ".json.corrupt"
+
+#: sub-folder for results the AC server refused for good (kept for a human)
+QUARANTINE_DIR: Final = "quarantine"
+#: the lock file that keeps a second agent off the folder
+LOCK_FILE: Final = ".lock"
 
 _KEY_RE: Final = re.compile(r"[0-9a-f]{32}")
 _NAME_RE: Final = re.compile(r"([0-9a-f]{32})(\.json|\.body|\.json\.tmp|\.json\.corrupt)")
@@ -57,6 +65,21 @@ _FSYNC_UNSUPPORTED: Final = frozenset(
     for code in (getattr(errno, name, None) for name in ("EINVAL", "ENOTSUP", "EOPNOTSUPP"))
     if code is not None
 )
+
+
+#: errno values that mean "the spool cannot take data now" (as opposed to a bug)
+SPOOL_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM})
+
+
+def spool_error_reason(exc: OSError) -> str:
+    """A short, operator-facing reason for a spool write failure."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left in the spool folder"
+    if exc.errno == errno.EROFS:
+        return "the spool folder is on a read-only file system"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "no permission to write the spool folder"
+    return f"cannot write the spool folder ({exc.strerror or type(exc).__name__})"
 
 
 def _create_private(path: Path) -> BinaryIO:
@@ -79,17 +102,16 @@ class ResultSpool:
     """
 
     DELIVERY_GUARANTEE: Final[str] = "at-least-once"
-    """The delivery guarantee the spool gives, and why.
+    """The delivery guarantee the spool gives, and why: at least once.
 
-    Exactly once while the process lives: a result is uploaded, and on the
-    server's acceptance removed, by the one thread that owns its key.
-
-    At least once across crashes: the record is durable (fsynced file and
-    directory) before the upload starts and is removed only after the server
-    accepted it. A crash between the server's acceptance and the end of
-    ``remove`` leaves the record on disk, so the next start re-sends it: the
-    server then sees the same ``taskId`` twice, with identical content. A crash
-    before the acceptance loses nothing. Nothing is ever dropped silently.
+    The record is durable (fsynced file and directory) before the upload
+    starts and is removed only after the server accepted it, so a crash
+    before the acceptance loses nothing. A result can reach the server twice,
+    with identical content: when a crash falls between the server's
+    acceptance and the end of ``remove`` (the next start re-sends it), and
+    when the reply to an upload is lost (a connection reset after the request
+    went out): the client re-sends once at once, and counts it
+    (``ac_requests_total{status="resend"}``). Nothing is ever dropped silently.
     """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
@@ -110,6 +132,7 @@ class ResultSpool:
         self._live_bodies: Set[str] = set()
         # Records already reported as unreadable, so each is logged once.
         self._reported: Set[str] = set()
+        self._lock_fd: Optional[int] = None
 
     def __repr__(self) -> str:
         return f"ResultSpool({str(self._dir)!r}, records={len(self._keys)})"
@@ -214,6 +237,85 @@ class ResultSpool:
             self._live_bodies.discard(key)
         if removed:
             self._fsync_dir()
+
+    def probe_writable(self) -> bool:
+        """Whether a small file can be written and synced in the folder now.
+
+        Used while the spool is known to be full or read-only, to notice by
+        itself when it can take results again.
+        """
+        probe = self._dir / ".probe.tmp"
+        try:
+            self._write_synced(probe, b"0" * 4096)
+        except OSError:
+            return False
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+        return True
+
+    def quarantine(self, key: str, reason: str) -> Optional[Path]:
+        """Move the record and body of ``key`` into ``quarantine/`` with a reason file.
+
+        For a result the AC server refused for good (400/422): the content is
+        never silently deleted; an operator finds it there (listed at start).
+        Returns the folder it went to, or None if nothing was on disk.
+        """
+        target = self._dir / QUARANTINE_DIR / self._check_key(key)
+        moved = False
+        with self._lock:  # invariant: see save()
+            for suffix in (_RECORD, _BODY):
+                source = self._path(key, suffix)
+                if not source.exists():
+                    continue
+                target.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.replace(source, target / ("record.json" if suffix == _RECORD else "body"))
+                moved = True
+            self._keys.discard(key)
+            self._live_bodies.discard(key)
+        if not moved:
+            return None
+        self._write_synced(target / "reason.txt", reason.encode("utf-8", "replace"))
+        self._fsync_dir()
+        return target
+
+    def quarantined(self) -> List[str]:
+        """Keys of the results kept in ``quarantine/`` (for the start-up listing)."""
+        folder = self._dir / QUARANTINE_DIR
+        try:
+            return sorted(e.name for e in os.scandir(folder) if _KEY_RE.fullmatch(e.name))
+        except FileNotFoundError:
+            return []
+
+    # ------------------------------------------------------------------ the folder lock
+    def lock(self) -> None:
+        """Take an exclusive lock on the folder for this process (one agent per spool).
+
+        Raises ``SpoolLockedError`` naming the holder's pid if another process
+        has it. The lock lives as long as the open file: ``unlock`` or the
+        process's end releases it (also after kill -9).
+        """
+        if self._lock_fd is not None:
+            return
+        path = self._dir / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise SpoolLockedError(str(self._dir), holder) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     # ------------------------------------------------------------------ reading
 

@@ -1,34 +1,56 @@
-"""Uploader: sends results back to the AC server.
+"""Uploader: the stage that delivers results to the AC server.
 
-One thread by default. A body of 1..512,000 bytes goes inline (base64) in
-put-result; a larger one is gzip-compressed from its spool file to a private
-work file and sent to upload-result (``uploadToAc`` true) or to S3 via a
-presigned URL (false). A result's spool record and body are removed only once
-the server accepted it.
+A body of 1..512,000 bytes goes inline (base64) in put-result; a larger one
+is gzip-compressed from its spool file to a private work file and sent to
+upload-result (``uploadToAc`` true) or to S3 via a presigned URL (false).
 
-A result whose upload exhausts the retry budget (AC down for minutes) is
-*parked*: it stays in the spool and this thread re-sends the oldest parked
-result with a backoff of 5 s doubling to 5 min, between fresh results, until
-it goes through. Results left in the spool by an earlier run are parked at
-start. ``deliver(result)`` is the hook a subclass overrides.
+**No head-of-line blocking.** ``senders`` threads (``acMaxConcurrent - 1``,
+at least one: one permit stays free for get-task, so a slow upload never
+stops fetching) take results from the Ledger's ``DueQueue``. Each result
+carries its own retry state and due time: a failed attempt puts it back due after *its* backoff, and the
+thread moves on to the next due result. Fresh results and retried ones are
+served in order of their due times, so neither starves the other.
+
+**What a failure means** (PROTOCOL.md statuses; a real result is never
+replaced by an error result nor deleted for a status that may be transient
+or fixed by an operator):
+
+* 5xx, 407, 408, timeouts, resets: retried, ``RETRY_MIN`` doubling to
+  ``RETRY_MAX`` with jitter, per result. A run of failures opens the upload
+  class's breaker (``ClassBreaker``); a 429 with a wait pauses the class.
+* 401/403: the server refused the API key. The result is kept, fetching is
+  held (no new work that cannot be delivered), an actionable ERROR is logged
+  at most once a minute, and the result is retried; the first accepted
+  delivery releases the hold.
+* 413 on put-result: the same result goes through upload-result instead.
+* 400/422 (the server refuses the content): ``REFUSALS_BEFORE_QUARANTINE``
+  attempts, then the original record and body move to the spool's
+  ``quarantine/`` folder and the task is answered with an error result that
+  quotes the server's reason.
+
+Hooks (may be overridden): ``deliver(result) -> str`` (raise on failure;
+return how it went). For subclasses: ``breaker``, ``compress(source, target)``.
 """
 
 from __future__ import annotations
 
-import collections
 import gzip
 import logging
 import os
-import queue
+import random
 import shutil
 import threading
 import time
 import uuid
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Deque, Optional
+from typing import Optional, Set
 
+from . import logs
+from .breaker import ClassBreaker
 from .config import INLINE_BODY_LIMIT
-from .errors import ACError, ACHTTPError, ACRateLimitError, AgentStopping, BadReplyError
+from .errors import ACError, ACHTTPError, ACRateLimitError, AgentStopping
+from .fetcher import AUTH_HINT
+from .ledger import Delivery
+from .logthrottle import LogThrottle
 from .models import (
     Result,
     error_payload,
@@ -37,226 +59,273 @@ from .models import (
     upload_file_name,
     upload_task_part,
 )
-
-if TYPE_CHECKING:
-    from .pipeline import Pipeline
+from .retry import ONE_ATTEMPT
+from .stage import Stage, StageContext
 
 log = logging.getLogger("acagent.uploader")
 
+#: the hold set while the AC server refuses the API key for uploads
+AUTH_HOLD = "auth"
 
-@dataclass
-class _Item:
-    result: Result
-    #: counted by the backpressure (fetched in this run), so release it when done
-    counted: bool
-
-
-class PermanentUploadError(ACError):
-    """The server refused a result for good (a 4xx that is not a 429)."""
+#: statuses that mean "the server will not take this content as it is"
+CONTENT_REFUSED = frozenset({400, 422})
 
 
-class Uploader(threading.Thread):
+class Uploader(Stage):
+    name = "uploader"
+
+    #: longest a sender blocks waiting for a due result before checking for stop
     POLL = 0.5
-    REDELIVER_MIN = 5.0
-    REDELIVER_MAX = 300.0
-    #: gzip level for upload-result: fast, since one thread compresses everything
+    #: per-result backoff after a transient failure: first wait, doubled up to RETRY_MAX
+    RETRY_MIN = 0.5
+    RETRY_MAX = 60.0
+    #: per-result wait while the server refuses the API key, doubled up to AUTH_RETRY_MAX
+    AUTH_RETRY_MIN = 2.0
+    AUTH_RETRY_MAX = 60.0
+    #: a "Too many concurrent requests" 429 without a wait header waits 0..this
+    CONCURRENCY_WAIT_MAX = 10.0
+    #: failures in a row that open the upload class's breaker, and its pauses
+    BREAKER_THRESHOLD = 5
+    BREAKER_OPEN_MIN = 5.0
+    BREAKER_OPEN_MAX = 300.0
+    #: 400/422 refusals of one result before it is quarantined
+    REFUSALS_BEFORE_QUARANTINE = 3
+    #: gzip level for upload-result: fast, since senders compress inline
     COMPRESS_LEVEL = 3
     COPY_CHUNK = 1 << 20
 
-    def __init__(self, pipeline: Pipeline, *, name: str = "acagent-uploader") -> None:
-        super().__init__(name=name, daemon=True)
-        self.pipeline = pipeline
-        self.config = pipeline.config
-        self.client = pipeline.client
-        self.upload_to_ac = self.config.upload_to_ac
-        self.running = False
-        self._parked: Deque[_Item] = collections.deque()
-        self._parked_lock = threading.Lock()
-        self._next_redelivery = 0.0
-        self._redeliver_wait = self.REDELIVER_MIN
-        #: set while this thread is idle (nothing in hand); used by drain()
-        self.idle = threading.Event()
+    def __init__(self, ctx: StageContext, *, senders: Optional[int] = None) -> None:
+        super().__init__(ctx)
+        # One permit is left to get-task (so uploads, however slow, never stop
+        # fetching); the others may all carry uploads at once.
+        self.senders = senders or max(1, self.config.ac_max_concurrent - 1)
+        self.breaker = ClassBreaker(
+            threshold=self.BREAKER_THRESHOLD,
+            open_min=self.BREAKER_OPEN_MIN,
+            open_max=self.BREAKER_OPEN_MAX,
+        )
+        self._rng = random.Random()
+        self._auth_log = LogThrottle(60.0)
+        self._inline_refused: Set[str] = set()
+        self._lock = threading.Lock()
+        self._retrying = 0
 
-    # -- lifecycle -------------------------------------------------------
-    def start(self) -> None:
-        self.running = True
-        super().start()
-
-    def stop(self) -> None:
-        self.running = False
-
-    def park_from_spool(self, result: Result) -> None:
-        """Queue a result found in the spool at start for redelivery."""
-        with self._parked_lock:
-            self._parked.append(_Item(result, counted=False))
+    # ------------------------------------------------------------ lifecycle
+    def start_threads(self) -> None:
+        for n in range(self.senders):
+            self.spawn(lambda: self.run_loop(self.send_step), f"acagent-uploader-{n}")
 
     @property
-    def parked(self) -> int:
-        return len(self._parked)
+    def retrying(self) -> int:
+        """Results waiting for a retry after a failed attempt."""
+        return self._retrying
 
-    # -- the loop ----------------------------------------------------------
-    def run(self) -> None:
-        results: queue.Queue[Result] = self.pipeline.result_queue
-        while self.running:
-            item = self._due_parked()
-            if item is None:
-                self.idle.set()
-                try:
-                    result = results.get(timeout=self._poll_timeout())
-                except queue.Empty:
-                    continue
-                self.idle.clear()
-                item = _Item(result, counted=True)
-            else:
-                self.idle.clear()
-            self._send_item(item)
-        self.idle.set()
-        log.debug("uploader stopped")
+    # ------------------------------------------------------------ one step
+    def send_step(self) -> None:
+        """Take the longest-due result and make one delivery attempt."""
+        if not self.breaker.wait_closed(self.stopping):
+            return
+        delivery = self.ctx.ledger.take_result(timeout=self.POLL)
+        if delivery is None:
+            return
+        with logs.task_context(delivery.result.task_id):
+            self._attempt(delivery)
 
-    def _poll_timeout(self) -> float:
-        if self._parked:
-            return max(0.01, min(self.POLL, self._next_redelivery - time.monotonic()))
-        return self.POLL
-
-    def _due_parked(self) -> Optional[_Item]:
-        with self._parked_lock:
-            if self._parked and time.monotonic() >= self._next_redelivery:
-                return self._parked.popleft()
-        return None
-
-    def _send_item(self, item: _Item) -> None:
-        result = item.result
-        started = time.monotonic()
-        with self.pipeline.task_log_context(result.task_id):
-            via: Optional[str]
-            try:
-                via = self.deliver(result)
-            except AgentStopping:
-                self._park(item, front=True, quiet=True)
-                return
-            except PermanentUploadError as exc:
-                via = self._deliver_fallback(result, exc)
-                if via is None:
-                    self._done(item, via=None)
-                    return
-            except ACError as exc:
-                log.error(
-                    "upload of task %s failed after retries (%s); kept in spool",
-                    result.task_id,
-                    exc,
-                )
-                self._park(item, front=False)
-                return
-            except Exception:
-                log.exception("unexpected error uploading task %s; kept in spool", result.task_id)
-                self._park(item, front=False)
-                return
-        self.pipeline.metrics.upload_seconds.observe(time.monotonic() - started)
-        self._redeliver_wait = self.REDELIVER_MIN
-        self._next_redelivery = 0.0
-        self._done(item, via=via)
-
-    def _park(self, item: _Item, *, front: bool, quiet: bool = False) -> None:
-        with self._parked_lock:
-            if front:
-                self._parked.appendleft(item)
-            else:
-                self._parked.append(item)
-        self._next_redelivery = time.monotonic() + self._redeliver_wait
-        if not quiet:
-            log.warning(
-                "%d result(s) parked; next redelivery in %.0fs",
-                len(self._parked),
-                self._redeliver_wait,
-            )
-        self._redeliver_wait = min(self._redeliver_wait * 2, self.REDELIVER_MAX)
-
-    def _done(self, item: _Item, *, via: Optional[str]) -> None:
-        self.pipeline.result_delivered(item.result, via=via, counted=item.counted)
-
-    def _deliver_fallback(self, result: Result, exc: Exception) -> Optional[str]:
-        """The body could not be delivered for good: send an error result instead."""
-        log.error(
-            "task %s: server refused the result (%s); sending an error result", result.task_id, exc
-        )
-        if result.is_error:
-            return None
-        fallback = Result.agent_error(
-            result.fields, f"upload failed: {exc}", failure="upload_failed"
-        )
+    def _attempt(self, delivery: Delivery) -> None:
+        result = delivery.result
         try:
-            self.client.put_result(error_payload(fallback, self.client.version))
-        except ACError as again:
-            log.error("task %s: error result refused too (%s); dropped", result.task_id, again)
-            return None
-        return "error"
+            via = self.deliver(result)
+        except AgentStopping:
+            self._again(delivery, 0.0)  # stays in the spool; re-sent after a restart
+            return
+        except Exception as exc:  # noqa: BLE001 - every failure keeps the result
+            self._failed(delivery, exc)
+            return
+        self.breaker.success()
+        if delivery.attempts:
+            self._note_retry_done()
+        self.ctx.ledger.release(AUTH_HOLD)
+        with self._lock:
+            self._inline_refused.discard(result.key)
+        self.ctx.ledger.delivered(delivery)
+        log.debug("result delivered via %s", via)
+        self.ctx.observers.emit(
+            "on_result_delivered", result, via, time.monotonic() - delivery.started
+        )
 
-    # -- one result --------------------------------------------------------
+    # ------------------------------------------------------------ failures
+    def _failed(self, delivery: Delivery, exc: Exception) -> None:
+        result = delivery.result
+        status = exc.status if isinstance(exc, ACHTTPError) else None
+        if delivery.attempts == 0:
+            self._note_retry_start()
+        delivery.attempts += 1
+        if isinstance(exc, ACRateLimitError):
+            wait = exc.retry_after
+            if wait is None:
+                wait = self._rng.uniform(0.0, self.CONCURRENCY_WAIT_MAX)
+            else:
+                self.breaker.pause(wait)
+            reason = "rate limited (429)"
+        elif status in (401, 403):
+            wait = self._auth_wait(delivery)
+            self.ctx.ledger.hold(AUTH_HOLD, f"{AUTH_HINT} (HTTP {status} on upload)")
+            if self._auth_log.ready():
+                log.error("upload: HTTP %d: %s; results are kept and retried", status, AUTH_HINT)
+            reason = f"HTTP {status}"
+        elif status == 413 and result.key not in self._inline_refused and self._is_inline(result):
+            with self._lock:
+                self._inline_refused.add(result.key)
+            log.warning(
+                "task %s: put-result too large for the server (413); using upload-result",
+                result.task_id,
+            )
+            self._again(delivery, 0.0)
+            return
+        elif status in CONTENT_REFUSED:
+            delivery.refusals += 1
+            if delivery.refusals >= self.REFUSALS_BEFORE_QUARANTINE:
+                self._quarantine(delivery, exc)
+                return
+            wait = self._retry_wait(delivery.refusals)
+            reason = f"refused by the server (HTTP {status})"
+        elif isinstance(exc, ACError):
+            self.breaker.failure()
+            wait = self._retry_wait(delivery.attempts)
+            reason = str(exc)
+        else:
+            log.error(
+                "task %s: unexpected error while uploading; kept and retried",
+                result.task_id,
+                exc_info=exc,
+            )
+            wait = self._retry_wait(delivery.attempts)
+            reason = f"{type(exc).__name__}"
+        level = logging.WARNING if delivery.attempts <= 3 else logging.DEBUG
+        log.log(
+            level,
+            "task %s: upload failed (%s); retry %d in %.1fs",
+            result.task_id,
+            reason,
+            delivery.attempts,
+            wait,
+        )
+        self.ctx.observers.emit("on_result_retry", result, reason, wait)
+        self._again(delivery, wait)
+
+    def _again(self, delivery: Delivery, wait: float) -> None:
+        self.ctx.ledger.retry_later(delivery, wait)
+
+    def _retry_wait(self, n: int) -> float:
+        step = min(self.RETRY_MIN * 2.0 ** max(n - 1, 0), self.RETRY_MAX)
+        return step * self._rng.uniform(0.5, 1.0)
+
+    def _auth_wait(self, delivery: Delivery) -> float:
+        step = self.AUTH_RETRY_MIN * 2.0 ** max(delivery.attempts - 1, 0)
+        return min(step, self.AUTH_RETRY_MAX) * self._rng.uniform(0.8, 1.0)
+
+    def _note_retry_start(self) -> None:
+        with self._lock:
+            self._retrying += 1
+
+    def _note_retry_done(self) -> None:
+        with self._lock:
+            self._retrying -= 1
+
+    def _quarantine(self, delivery: Delivery, exc: Exception) -> None:
+        """The server refused the content for good: keep it for a human, answer with an error."""
+        result = delivery.result
+        server_reason = exc.body[:300] if isinstance(exc, ACHTTPError) else str(exc)
+        status = exc.status if isinstance(exc, ACHTTPError) else 0
+        where = self.ctx.spool.quarantine(result.key, f"HTTP {status}: {server_reason}")
+        log.error(
+            "task %s: the AC server refused the result %d times (HTTP %d: %s); original kept in %s",
+            result.task_id,
+            delivery.refusals,
+            status,
+            server_reason,
+            where,
+        )
+        self.ctx.observers.emit("on_result_quarantined", result, server_reason)
+        if result.is_error:
+            # Nothing better to send: the refused thing was already an error result.
+            self.ctx.ledger.delivered(delivery)
+            self._note_retry_done()
+            return
+        fallback = Result.agent_error(
+            result.fields,
+            f"the AC server refused the result (HTTP {status}): {server_reason}",
+            failure="refused",
+            key=result.key,
+        )
+        delivery.result = fallback
+        delivery.refusals = 0
+        self._again(delivery, 0.0)  # retry_later saves the fallback record durably
+
+    # ------------------------------------------------------------ one result
     def deliver(self, result: Result) -> str:
         """Send one result; returns how it went (inline, empty, upload, s3, error, logs).
 
-        Raises ``PermanentUploadError`` if the server refuses it for good and
-        ``ACError`` when the retry budget is spent.
+        Raises an ``ACError`` (or any exception) when it did not go through:
+        the caller decides from it when to try again.
         """
-        try:
-            return self._deliver(result)
-        except (ACRateLimitError, AgentStopping):
-            raise
-        except ACHTTPError as exc:
-            if exc.status < 500:
-                raise PermanentUploadError(str(exc)) from exc
-            raise
-        except BadReplyError as exc:
-            raise PermanentUploadError(str(exc)) from exc
-
-    def _deliver(self, result: Result) -> str:
-        client, version = self.client, self.client.version
+        client, version = self.ctx.client, self.ctx.client.version
         if result.logs_zip is not None:
-            client.upload_logs(result.logs_zip, upload_task_part(result, version, zipped=True))
+            if not os.path.exists(result.logs_zip):  # zipped by an earlier run: zip again
+                logs.zip_logs(self.config.resolved_log_dir(), result.logs_zip)
+            client.upload_logs(
+                result.logs_zip, upload_task_part(result, version, zipped=True), policy=ONE_ATTEMPT
+            )
             return "logs"
         if result.is_error:
-            client.put_result(error_payload(result, version))
+            client.put_result(error_payload(result, version), policy=ONE_ATTEMPT)
             return "error"
         if result.body_size == 0 or result.body_path is None:
-            client.put_result(inline_payload(result, version, b""))
+            client.put_result(inline_payload(result, version, b""), policy=ONE_ATTEMPT)
             return "empty"
         if not os.path.exists(result.body_path):
             lost = Result.agent_error(
                 result.fields, "result body lost from the spool", failure="lost"
             )
-            client.put_result(error_payload(lost, version))
+            client.put_result(error_payload(lost, version), policy=ONE_ATTEMPT)
             return "error"
-        if result.body_size <= INLINE_BODY_LIMIT:
+        if self._is_inline(result) and result.key not in self._inline_refused:
             with open(result.body_path, "rb") as fh:
                 body = fh.read(INLINE_BODY_LIMIT + 1)
-            client.put_result(inline_payload(result, version, body))
+            client.put_result(inline_payload(result, version, body), policy=ONE_ATTEMPT)
             return "inline"
-        if self.upload_to_ac:
+        if self.ctx.settings.upload_to_ac or self._is_inline(result):
             self._upload_to_ac(result)
             return "upload"
         self._upload_to_s3(result)
         return "s3"
 
+    @staticmethod
+    def _is_inline(result: Result) -> bool:
+        return 0 < result.body_size <= INLINE_BODY_LIMIT and result.logs_zip is None
+
     def _upload_to_ac(self, result: Result) -> None:
         assert result.body_path is not None
-        work = os.path.join(self.pipeline.work_dir, f"{result.key}.gz")
+        work = os.path.join(self.ctx.work_dir, f"{result.key}.gz")
         zipped = True
         try:
-            self._compress(result.body_path, work)
+            self.compress(result.body_path, work)
         except OSError as exc:
             log.warning("task %s: compression failed (%s); sending raw", result.task_id, exc)
             zipped = False
         try:
-            self.client.upload_result(
+            self.ctx.client.upload_result(
                 work if zipped else result.body_path,
                 upload_file_name(result.task_id, zipped=zipped),
                 "application/zip" if zipped else "text/plain",
-                upload_task_part(result, self.client.version, zipped=zipped),
+                upload_task_part(result, self.ctx.client.version, zipped=zipped),
+                policy=ONE_ATTEMPT,
             )
         finally:
             _remove_quietly(work)
 
-    def _compress(self, source: str, target: str) -> None:
+    def compress(self, source: str, target: str) -> None:
+        """gzip ``source`` into a new private file ``target``."""
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with open(source, "rb") as src, os.fdopen(fd, "wb") as raw:
             with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=self.COMPRESS_LEVEL) as gz:
@@ -264,12 +333,15 @@ class Uploader(threading.Thread):
 
     def _upload_to_s3(self, result: Result) -> None:
         assert result.body_path is not None
-        put_url, get_url = self.client.get_upload_url(f"{result.task_id}{uuid.uuid4().hex}")
+        client = self.ctx.client
+        put_url, get_url = client.get_upload_url(
+            f"{result.task_id}{uuid.uuid4().hex}", policy=ONE_ATTEMPT
+        )
         content_type = next(
             (v for k, v in result.response_headers.items() if k.lower() == "content-type"), None
         )
-        self.client.put_s3(put_url, result.body_path, content_type=content_type)
-        self.client.put_result(s3_payload(result, self.client.version, get_url))
+        client.put_s3(put_url, result.body_path, content_type=content_type, policy=ONE_ATTEMPT)
+        client.put_result(s3_payload(result, client.version, get_url), policy=ONE_ATTEMPT)
 
 
 def _remove_quietly(path: str) -> None:

@@ -2,24 +2,32 @@
 
 Run it: ``python examples/archiving_uploader.py [ARCHIVE_DIR]``. Each result
 the server accepted is copied to ``ARCHIVE_DIR/<taskId>.json`` (the result
-metadata) and ``<taskId>.body`` (the body bytes, if any).
+metadata) and ``<taskId>.body`` (the body bytes, if any). The folder reaches
+the stage through its constructor:
+``Pipeline(config, uploader=functools.partial(ArchivingUploader, archive_dir=...))``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import sys
 import tempfile
 
-from acagent import AgentConfig, Pipeline, Result, Uploader
+from typing_extensions import override
+
+from acagent import AgentConfig, Pipeline, Result, StageContext, Uploader
 from acagent.testing import FakeACServer, FakeTarget, expected_body
 
 
 class ArchivingUploader(Uploader):
-    archive_dir = os.path.join(tempfile.gettempdir(), "acagent-archive")
+    def __init__(self, ctx: StageContext, *, archive_dir: str) -> None:
+        super().__init__(ctx)
+        self.archive_dir = archive_dir
 
+    @override
     def deliver(self, result: Result) -> str:
         via = super().deliver(result)  # raises if the server did not accept it
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in result.task_id)
@@ -34,7 +42,6 @@ class ArchivingUploader(Uploader):
 
 def main(argv: list[str]) -> int:
     archive = argv[0] if argv else tempfile.mkdtemp(prefix="acagent-archive-")
-    ArchivingUploader.archive_dir = archive
     with FakeTarget() as target, FakeACServer() as ac:
         for i, size in enumerate((10, 700_000)):
             ac.add_task(
@@ -44,7 +51,8 @@ def main(argv: list[str]) -> int:
             config = AgentConfig(
                 server_url=ac.url, api_key="k", spool_dir=spool, poll_interval=0.05
             )
-            with Pipeline(config, uploader_class=ArchivingUploader):
+            uploader = functools.partial(ArchivingUploader, archive_dir=archive)
+            with Pipeline(config, uploader=uploader):
                 if not ac.wait_for_results(2, timeout=30):
                     print("timed out waiting for results")
                     return 1

@@ -1,40 +1,42 @@
-"""An Executor that adds an auth header and refuses hosts outside an allow-list.
+"""An Executor that adds the tool's credentials, behind the built-in allow-list.
 
 Run it: ``python examples/auth_allowlist_executor.py`` starts a fake AC
 server and a fake target, runs two tasks (one allowed, one not) through the
-real pipeline and checks the results. In production you would pass
-``executor_class=AuthExecutor`` to ``Pipeline`` with your real config.
+real pipeline and checks the results.
+
+Which hosts the agent may call is the agent's own job: set
+``AgentConfig(allowed_targets=...)`` (``--allowedTargets``), which is
+enforced on the connection actually made, on every redirect hop. Do not
+re-implement it in a subclass. This example only adds what the built-in
+executor does not know: a credential from the environment, never from the
+task, and never logged. In production:
+``Pipeline(config, executor=functools.partial(AuthExecutor, token=...))``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import tempfile
 from typing import Dict
-from urllib.parse import urlsplit
 
-from acagent import AgentConfig, Executor, Pipeline, Result, Task
+from typing_extensions import override
+
+from acagent import AgentConfig, Executor, Pipeline, StageContext, Task
 from acagent.testing import FakeACServer, FakeTarget
 
 
 class AuthExecutor(Executor):
-    #: hosts this agent may call; everything else is refused before connecting
-    ALLOWED_HOSTS = frozenset({"127.0.0.1", "jira.internal.example"})
+    def __init__(self, ctx: StageContext, *, token: str) -> None:
+        super().__init__(ctx)
+        self._token = token
 
+    @override
     def prepare_headers(self, task: Task) -> Dict[str, str]:
         headers = super().prepare_headers(task)
-        # A token from the environment, never from the task, and never logged.
-        headers["Authorization"] = f"Bearer {os.environ.get('TOOL_TOKEN', 'example-token')}"
+        headers["Authorization"] = f"Bearer {self._token}"
         return headers
-
-    def execute(self, task: Task, *, key: str) -> Result:
-        host = urlsplit(task.url).hostname or ""
-        if not task.is_fetch_logs and host not in self.ALLOWED_HOSTS:
-            return Result.agent_error(
-                task, f"host {host} is not allowed", failure="denied", key=key
-            )
-        return super().execute(task, key=key)
 
 
 def main() -> int:
@@ -43,9 +45,14 @@ def main() -> int:
         ac.add_task({"taskId": "denied", "method": "GET", "url": "http://elsewhere.example/x"})
         with tempfile.TemporaryDirectory() as spool:
             config = AgentConfig(
-                server_url=ac.url, api_key="k", spool_dir=spool, poll_interval=0.05
+                server_url=ac.url,
+                api_key="k",
+                spool_dir=spool,
+                poll_interval=0.05,
+                allowed_targets=("127.0.0.1",),
             )
-            with Pipeline(config, executor_class=AuthExecutor):
+            token = os.environ.get("TOOL_TOKEN", "example-token")
+            with Pipeline(config, executor=functools.partial(AuthExecutor, token=token)):
                 if not ac.wait_for_results(2, timeout=30):
                     print("timed out waiting for results")
                     return 1

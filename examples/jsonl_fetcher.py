@@ -3,29 +3,33 @@
 Run it: ``python examples/jsonl_fetcher.py [TASKS.jsonl]``. Each line is one
 task object (PROTOCOL.md "The task"); results still go to the AC server.
 Backpressure, the spool and shutdown work as with the real Fetcher, because
-only ``fetch_one`` is replaced.
+only the ``fetch_one`` hook is replaced. Settings reach the stage through
+its constructor: ``Pipeline(config, fetcher=functools.partial(JsonlFetcher, path=...))``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import tempfile
 import threading
 from typing import IO, Optional
 
-from acagent import AgentConfig, Fetcher, Pipeline, Task
+from typing_extensions import override
+
+from acagent import AgentConfig, Fetcher, Pipeline, StageContext, Task
 from acagent.testing import FakeACServer, FakeTarget
 
 
 class JsonlFetcher(Fetcher):
-    path = "tasks.jsonl"
-
-    def __init__(self, pipeline: Pipeline) -> None:
-        super().__init__(pipeline)
+    def __init__(self, ctx: StageContext, *, path: str) -> None:
+        super().__init__(ctx)
+        self.path = path
         self._file: Optional[IO[str]] = None
         self._lock = threading.Lock()
 
+    @override
     def fetch_one(self) -> Optional[Task]:
         with self._lock:
             if self._file is None:
@@ -35,11 +39,17 @@ class JsonlFetcher(Fetcher):
                     return Task.parse(json.loads(line))
         return None  # end of file: the Fetcher idles as on an empty get-task
 
+    @override
+    def on_stop(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+
 
 def main(argv: list[str]) -> int:
     with FakeTarget() as target, FakeACServer() as ac:
         if argv:
-            JsonlFetcher.path = argv[0]
+            path = argv[0]
             expected = None
         else:
             with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as fh:
@@ -48,13 +58,13 @@ def main(argv: list[str]) -> int:
                     fh.write(
                         json.dumps({"taskId": f"file-{i}", "method": "GET", "url": url}) + "\n"
                     )
-            JsonlFetcher.path = fh.name
+            path = fh.name
             expected = 5
         with tempfile.TemporaryDirectory() as spool:
             config = AgentConfig(
                 server_url=ac.url, api_key="k", spool_dir=spool, poll_interval=0.05
             )
-            with Pipeline(config, fetcher_class=JsonlFetcher):
+            with Pipeline(config, fetcher=functools.partial(JsonlFetcher, path=path)):
                 ok = ac.wait_for_results(expected or 1, timeout=30)
         print(f"results received: {sorted(ac.results)}; get-task calls: {ac.count('get-task')}")
         return 0 if ok and ac.count("get-task") == 0 else 1

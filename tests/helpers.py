@@ -24,6 +24,7 @@ from acagent.executor import Executor
 from acagent.fetcher import Fetcher
 from acagent.pipeline import Pipeline
 from acagent.retry import RetryPolicy
+from acagent.spool import LOCK_FILE
 from acagent.testing import FakeACServer
 from acagent.uploader import Uploader
 
@@ -32,15 +33,23 @@ WAIT = 20.0
 
 
 class FastFetcher(Fetcher):
-    BACKOFF_MIN = 0.05
-    BACKOFF_MAX = 0.2
+    BRIEF_MIN = 0.05
+    BRIEF_MAX = 0.2
+    DOWN_MIN = 0.05
+    DOWN_MAX = 0.2
+    AUTH_MIN = 0.05
+    AUTH_MAX = 0.2
     CAPACITY_POLL = 0.05
 
 
 class FastUploader(Uploader):
     POLL = 0.05
-    REDELIVER_MIN = 0.05
-    REDELIVER_MAX = 0.3
+    RETRY_MIN = 0.05
+    RETRY_MAX = 0.3
+    AUTH_RETRY_MIN = 0.05
+    AUTH_RETRY_MAX = 0.3
+    BREAKER_OPEN_MIN = 0.05
+    BREAKER_OPEN_MAX = 0.3
 
 
 class FastExecutor(Executor):
@@ -74,9 +83,9 @@ def make_config(server_url: str, spool_dir: Path, **changes: Any) -> AgentConfig
 
 
 def make_pipeline(config: AgentConfig, **kw: Any) -> Pipeline:
-    kw.setdefault("fetcher_class", FastFetcher)
-    kw.setdefault("uploader_class", FastUploader)
-    kw.setdefault("executor_class", FastExecutor)
+    kw.setdefault("fetcher", FastFetcher)
+    kw.setdefault("uploader", FastUploader)
+    kw.setdefault("executor", FastExecutor)
     kw.setdefault("retry_policy", fast_policy())
     return Pipeline(config, **kw)
 
@@ -103,6 +112,11 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
         if time.monotonic() >= deadline:
             return bool(predicate())
         time.sleep(interval)
+
+
+def spool_names(spool_dir: Path) -> List[str]:
+    """The names in a spool folder, less the lock file every running agent keeps there."""
+    return sorted(p.name for p in spool_dir.iterdir() if p.name != LOCK_FILE)
 
 
 def spool_records(spool_dir: Path) -> List[Dict[str, Any]]:

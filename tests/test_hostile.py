@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
-from helpers import WAIT, make_config, make_pipeline, running, wait_until
+from helpers import WAIT, make_config, make_pipeline, running, spool_names, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -254,9 +254,9 @@ def test_global_config_with_wrong_types_keeps_old_settings(agent: Agent) -> None
     pipeline = agent.pipeline
     before = (
         pipeline.executor.size,
-        pipeline.uploader.upload_to_ac,
+        pipeline.settings.upload_to_ac,
         pipeline.client.verify,
-        pipeline.executor.verify,
+        pipeline.settings.verify,
         pipeline.rate_limits.per_minute,
         logging.getLogger("acagent").level,
     )
@@ -281,9 +281,9 @@ def test_global_config_with_wrong_types_keeps_old_settings(agent: Agent) -> None
         assert fields["globalConfig"] == settings_obj  # and is echoed
     after = (
         pipeline.executor.size,
-        pipeline.uploader.upload_to_ac,
+        pipeline.settings.upload_to_ac,
         pipeline.client.verify,
-        pipeline.executor.verify,
+        pipeline.settings.verify,
         pipeline.rate_limits.per_minute,
         logging.getLogger("acagent").level,
     )
@@ -356,7 +356,7 @@ def test_endless_body_is_bounded_by_the_task_expiry(agent: Agent) -> None:
     assert took < 5, took
     # the record goes once the acceptance is processed; the partial body went before
     spool = agent.pipeline.spool
-    assert wait_until(lambda: list(spool.directory.iterdir()) == [], WAIT)
+    assert wait_until(lambda: spool_names(spool.directory) == [], WAIT)
     agent.still_works()
 
 
@@ -547,4 +547,4 @@ def test_random_task_objects_parse_and_execute_without_escaping(tmp_path: Path) 
         assert seen["executed"] >= 15, seen
         assert 0 < seen["errors"] < seen["executed"], seen
         assert target.errors == []
-        assert list((tmp_path / "spool").iterdir()) == []
+        assert spool_names(tmp_path / "spool") == []

@@ -26,6 +26,7 @@ from acagent import AgentConfig, Pipeline, RetryPolicy
 from acagent.fetcher import Fetcher
 from acagent.health import METRICS_CONTENT_TYPE
 from acagent.models import Task
+from acagent.stage import StageContext
 from acagent.testing import FakeACServer, FakeTarget, expected_sha256
 from acagent.uploader import Uploader
 
@@ -36,8 +37,10 @@ API_KEY = "obs-secret-key-6f1d2c"
 
 
 class FastFetcher(Fetcher):
-    BACKOFF_MIN = 0.05
-    BACKOFF_MAX = 0.2
+    BRIEF_MIN = 0.05
+    BRIEF_MAX = 0.2
+    DOWN_MIN = 0.05
+    DOWN_MAX = 0.2
     CAPACITY_POLL = 0.05
 
 
@@ -52,8 +55,8 @@ class PausableFetcher(FastFetcher):
     agent's counters and the fake server's counts can be compared exactly.
     """
 
-    def __init__(self, pipeline: Pipeline) -> None:
-        super().__init__(pipeline)
+    def __init__(self, ctx: StageContext) -> None:
+        super().__init__(ctx)
         self.pause = threading.Event()
         self.parked = threading.Event()
 
@@ -68,8 +71,8 @@ class PausableFetcher(FastFetcher):
 class DyingFetcher(FastFetcher):
     """A Fetcher whose thread dies (BaseException, not caught by the loop) on demand."""
 
-    def __init__(self, pipeline: Pipeline) -> None:
-        super().__init__(pipeline)
+    def __init__(self, ctx: StageContext) -> None:
+        super().__init__(ctx)
         self.die = threading.Event()
 
     def fetch_one(self) -> Optional[Task]:
@@ -96,11 +99,11 @@ def make_config(ac: FakeACServer, tmp_path: Path, **changes: Any) -> AgentConfig
     return AgentConfig(**values)
 
 
-def make_pipeline(config: AgentConfig, fetcher_class: type[Fetcher] = FastFetcher) -> Pipeline:
+def make_pipeline(config: AgentConfig, fetcher: Any = FastFetcher) -> Pipeline:
     return Pipeline(
         config,
-        fetcher_class=fetcher_class,
-        uploader_class=FastUploader,
+        fetcher=fetcher,
+        uploader=FastUploader,
         retry_policy=FAST_RETRY,
     )
 
@@ -322,7 +325,7 @@ def test_metrics_scraped_during_and_after_a_run_match_the_server(
     ac.add_tasks(bytes_task(target, tid, size, seed) for tid, (size, seed) in expected.items())
     put_result_stalled = ac.stall("put-result")  # the first upload hangs at the server
     config = make_config(ac, tmp_path, executor_pool_size=8)
-    pipeline = make_pipeline(config, fetcher_class=PausableFetcher)
+    pipeline = make_pipeline(config, fetcher=PausableFetcher)
     fetcher = cast(PausableFetcher, pipeline.fetcher)
     pipeline.start()
     try:
@@ -440,8 +443,10 @@ def _get_task_errors(base: str) -> float:
     return scrape(base).value("acagent_ac_requests_total", endpoint="get-task", status="error") or 0
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_healthz_turns_503_when_a_stage_thread_dies(ac: FakeACServer, tmp_path: Path) -> None:
+def test_healthz_turns_503_when_a_stage_thread_dies(
+    ac: FakeACServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.CRITICAL, logger="acagent.threadcrash")
     pipeline = make_pipeline(make_config(ac, tmp_path, shutdown_timeout=1.0), DyingFetcher)
     fetcher = cast(DyingFetcher, pipeline.fetcher)
     pipeline.start()
@@ -452,14 +457,18 @@ def test_healthz_turns_503_when_a_stage_thread_dies(ac: FakeACServer, tmp_path: 
         assert probe(base + "/healthz") == (200, "ok\n")
 
         fetcher.die.set()
-        fetcher.join(WAIT)
-        assert not fetcher.is_alive(), "the fetcher thread should have died"
+        assert fetcher.join(WAIT), "the fetcher thread should have died"
         status, reason = probe(base + "/healthz")
         assert status == 503
-        assert "fetcher" in reason
-        assert pipeline.liveness() == (False, "stage thread(s) not running: fetcher")
+        assert "acagent-fetcher" in reason and "SystemExit" in reason
+        assert pipeline.fatal_reason is not None and "acagent-fetcher" in pipeline.fatal_reason
+        # not silent: a log record with the thread name and the traceback
+        crashes = [r for r in caplog.records if r.name == "acagent.threadcrash"]
+        assert len(crashes) == 1
+        assert "acagent-fetcher" in crashes[0].getMessage()
+        assert crashes[0].exc_info is not None and crashes[0].exc_info[0] is SystemExit
+        assert pipeline.stopping  # the agent asked itself to stop (run_forever returns)
     finally:
-        # the dead fetcher never gave its reservation back: the drain times out
         pipeline.stop(timeout=1.0)
     assert pipeline.wait_stopped(1.0)
 
@@ -474,7 +483,7 @@ def test_metrics_file_of_a_real_run_has_todays_line_shape(
     ac.add_tasks(bytes_task(target, tid, 1000 + i, i) for i, tid in enumerate(ids))
     log_dir = tmp_path / "log"
     config = make_config(ac, tmp_path, enable_metrics_file=True, log_dir=str(log_dir), index="_obs")
-    pipeline = make_pipeline(config, fetcher_class=PausableFetcher)
+    pipeline = make_pipeline(config, fetcher=PausableFetcher)
     fetcher = cast(PausableFetcher, pipeline.fetcher)
     before = int(time.time() * 1000)
     pipeline.start()
@@ -565,7 +574,7 @@ def status_lines() -> Iterator[StatusLines]:
 _STATUS_RE = re.compile(
     r"status: fetched=(\d+) processed=(\d+) uploaded=(\d+) failed=(\d+) \| "
     r"queue task=(\d+) result=(\d+) spool=(\d+) \| busy=(\d+) ac_inflight=(\d+)/(\d+) \| "
-    r"per-min fetched=[\d.]+ processed=[\d.]+ uploaded=[\d.]+ failed=[\d.]+ parked=(\d+)"
+    r"per-min fetched=[\d.]+ processed=[\d.]+ uploaded=[\d.]+ failed=[\d.]+ retrying=(\d+)"
 )
 
 

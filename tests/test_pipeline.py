@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List
 
 import pytest
+from helpers import spool_names
 
+import acagent
 from acagent import AgentConfig, Pipeline, RetryPolicy
 from acagent.config import INLINE_BODY_LIMIT
 from acagent.testing import FakeACServer, FakeTarget, expected_body, expected_sha256
@@ -106,8 +108,8 @@ def test_backpressure_caps_fetching_while_uploads_stall(
     with Pipeline(config, retry_policy=FAST_RETRY) as agent:
         try:
             # Fetching stops on its own once results pile up...
-            assert wait_until(lambda: agent.backpressure.outstanding() >= threshold, timeout=20)
-            assert wait_until(lambda: agent.backpressure.executing == 0, timeout=20)
+            assert wait_until(lambda: agent.ledger.outstanding() >= threshold, timeout=20)
+            assert wait_until(lambda: agent.ledger.executing == 0, timeout=20)
             handed = ac.tasks_handed_out
             # ...and stays stopped: no further get-task succeeds in a 1 s window.
             assert not ac.wait_for(lambda: ac.tasks_handed_out > handed, timeout=1.0)
@@ -129,7 +131,7 @@ def test_prefetch_adds_to_the_cap(ac: FakeACServer, target: FakeTarget, tmp_path
     with Pipeline(config, retry_policy=FAST_RETRY) as agent:
         try:
             assert wait_until(
-                lambda: agent.backpressure.executing == 0 and ac.tasks_handed_out >= 2, timeout=20
+                lambda: agent.ledger.executing == 0 and ac.tasks_handed_out >= 2, timeout=20
             )
             handed = ac.tasks_handed_out
             assert not ac.wait_for(lambda: ac.tasks_handed_out > handed, timeout=1.0)
@@ -151,8 +153,7 @@ def test_slow_upload_does_not_block_fetching_or_executing(
             assert wait_until(
                 lambda: (
                     ac.tasks_handed_out == 1
-                    and agent.result_queue.qsize() == 0
-                    and not agent.uploader.idle.is_set()
+                    and len(agent.ledger.results) == 0
                     and ac.inflight >= 1
                 ),
                 timeout=20,
@@ -254,7 +255,7 @@ def test_global_config_applied_at_runtime(
         )
         assert ac.wait_for_results(1, timeout=20)
         assert agent.executor.size == 6
-        assert agent.backpressure.slots == 6
+        assert agent.ledger.slots == 6
         assert agent.rate_limits.per_minute == 5000
         assert ac.results["cfg"][0].via == "s3"  # uploadToAC false applied before upload
         # wrong types are ignored and absent keys keep their values
@@ -267,7 +268,7 @@ def test_global_config_applied_at_runtime(
         assert ac.wait_for_results(23, timeout=30)
         assert agent.executor.size == 6
         assert agent.rate_limits.per_minute == 5000
-        assert agent.uploader.upload_to_ac is False
+        assert agent.settings.upload_to_ac is False
 
 
 def test_resize_while_busy_loses_nothing(
@@ -308,11 +309,11 @@ def test_results_echo_all_fields_and_version(
     ac: FakeACServer, target: FakeTarget, tmp_path: Path
 ) -> None:
     ac.add_task(bytes_task(target, "echo", 5, 1, extra=[1, 2], nested={"a": None}))
-    with Pipeline(make_config(ac, tmp_path), retry_policy=FAST_RETRY) as agent:
+    with Pipeline(make_config(ac, tmp_path), retry_policy=FAST_RETRY):
         assert ac.wait_for_results(1, timeout=20)
     fields = ac.results["echo"][0].fields
     assert fields["extra"] == [1, 2] and fields["nested"] == {"a": None}
-    assert fields["version"] == agent.version
+    assert fields["version"] == acagent.__version__
     assert fields["responseBase64"] is True
     assert isinstance(fields["responseHeaders"], dict)
 
@@ -324,8 +325,8 @@ def test_spool_is_empty_after_clean_run(
         ac.add_task(bytes_task(target, f"t{i}", 700_000 if i % 2 else 10, i))
     with Pipeline(make_config(ac, tmp_path), retry_policy=FAST_RETRY) as agent:
         assert ac.wait_for_results(10, timeout=30)
-        assert agent.backpressure.wait_drained(timeout=10)
-    leftovers: List[str] = [p.name for p in (tmp_path / "spool").iterdir()]
+        assert agent.ledger.wait_drained(timeout=10)
+    leftovers: List[str] = spool_names(tmp_path / "spool")
     assert leftovers == []
 
 

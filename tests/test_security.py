@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
 import pytest
-from helpers import WAIT, AgentProcess, make_config, make_pipeline, running, wait_until
+from helpers import WAIT, AgentProcess, make_config, make_pipeline, running, spool_names, wait_until
 
 from acagent import logs
 from acagent.models import Result
+from acagent.spool import LOCK_FILE
 from acagent.testing import (
     FakeACServer,
     FakeTarget,
@@ -312,7 +313,7 @@ def test_spool_and_work_files_are_private(tmp_path: Path, open_umask: None) -> N
             assert wait_until(lambda: any(work.glob("*.gz")), WAIT)
             ac.add_task({"taskId": "small", "method": "GET", "url": f"{target.url}/bytes/10"})
             assert wait_until(lambda: pipeline.spool.size() == 2, WAIT)
-            files = list(spool.iterdir()) + list(work.iterdir())
+            files = [p for p in spool.iterdir() if p.name != LOCK_FILE] + list(work.iterdir())
             kinds = sorted({p.name.split(".", 1)[1] for p in files})
             assert kinds == ["body", "gz", "json"], kinds
             assert _mode(spool) == 0o700 and _mode(work) == 0o700
@@ -320,7 +321,7 @@ def test_spool_and_work_files_are_private(tmp_path: Path, open_umask: None) -> N
             put.set()
             upload.set()
             assert ac.wait_for_results(2, WAIT)
-            assert wait_until(lambda: list(spool.iterdir()) == [], WAIT)
+            assert wait_until(lambda: spool_names(spool) == [], WAIT)
         assert ac.results["big"][0].body_sha256 == expected_sha256(600000, 0)
         assert not work.exists()  # the work folder goes with the pipeline
 
@@ -353,7 +354,7 @@ def test_orphans_cleaned_and_earlier_results_resent_at_start(tmp_path: Path) -> 
         with running(pipeline):
             assert ac.wait_for_results(1, WAIT)
             assert wait_until(
-                lambda: sorted(p.name for p in spool.iterdir()) == ["README.txt"], WAIT
+                lambda: spool_names(spool) == ["README.txt"], WAIT
             )
         (got,) = ac.results["earlier"]
         assert got.via == "inline" and got.body_sha256 == expected_sha256(3000, 5)

@@ -526,5 +526,6 @@ def test_delivery_guarantee_is_documented() -> None:
     assert ResultSpool.DELIVERY_GUARANTEE == "at-least-once"
     source = Path(__file__).resolve().parents[1] / "acagent" / "spool.py"
     text = source.read_text("utf-8")
-    assert "Exactly once while the process lives" in text
-    assert "same ``taskId`` twice" in text
+    # No stronger claim than the code keeps: a lost reply can mean a second copy.
+    assert "Exactly once while the process lives" not in text
+    assert "at least once" in text and "identical content" in text

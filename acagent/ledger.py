@@ -1,0 +1,292 @@
+"""Ledger: every fetched task's account, from get-task to the server's acceptance.
+
+The Ledger is where invariant 3 of SPEC.md lives: *every task the Fetcher
+receives ends in exactly one accepted result*. It owns
+
+* **backpressure**: the Fetcher ``reserve``\\ s room before get-task (a free
+  executor slot, counting the prefetch allowance, and results waiting for
+  upload below ``response_queue_threshold``) and ``cancel``\\ s it when no
+  task came. A result stays counted until delivery is done with it, so a
+  stalled upload path stops fetching. Hence: tasks fetched and not yet
+  delivered never exceed ``slots + threshold``.
+* **holds**: named reasons to stop taking work (the AC server refused the API
+  key, the spool cannot be written, ...). While any hold is set, ``reserve``
+  says no; holds are released by whoever set them, and the spool hold is
+  released by the Ledger itself once a probe write succeeds.
+* **"spool, then queue"**: ``finished`` writes the result record durably and
+  only then queues it for delivery.
+* **both queues**: ``tasks`` (a FIFO the Executor takes from) and ``results``
+  (a ``DueQueue`` of ``Delivery`` items: each result carries its own retry
+  state and due time).
+
+Locking contract: ``_cond`` guards the counters (``_executing``,
+``_results``), ``_holds``, ``_intake_closed`` and ``_closed``. It is never
+held while doing disk I/O or calling observers, and every change that can
+admit a fetch notifies. ``fetched`` checks ``_intake_closed`` and puts the
+task on the queue under the lock, so a stop can never slip between the check
+and the put (a task put after the executor's last drain would be lost).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from . import logs
+from .duequeue import DueQueue
+from .models import Result, Task
+from .observers import Observers
+from .spool import SPOOL_ERRNOS, ResultSpool, spool_error_reason
+
+log = logging.getLogger("acagent.ledger")
+
+#: the hold set while the spool folder cannot be written
+SPOOL_HOLD = "spool"
+
+
+@dataclass
+class Delivery:
+    """One result on its way to the AC server, with its own retry state."""
+
+    result: Result
+    #: counted by backpressure (fetched in this run): release the count when done
+    counted: bool
+    #: failed attempts so far (reset never: it only grows until success)
+    attempts: int = 0
+    #: attempts that failed because the server refused the content (400/422)
+    refusals: int = 0
+    #: when the first attempt started (monotonic), for the delivery duration
+    started: float = field(default_factory=time.monotonic)
+    #: the record is on disk (False while the spool cannot be written)
+    durable: bool = True
+
+
+class Ledger:
+    """Task accounting and backpressure; see the module docstring.
+
+    For callers (the stages): ``reserve``/``cancel``/``fetched`` (Fetcher),
+    ``take_task``/``finished`` (Executor), ``take_result``/``retry_later``/
+    ``delivered`` (Uploader); ``hold``/``release`` (anyone); and
+    ``close_intake``/``close``/``wait_drained`` (the Pipeline's stop).
+    """
+
+    #: seconds between probe writes while the spool hold is set
+    SPOOL_PROBE_INTERVAL = 1.0
+
+    def __init__(
+        self,
+        *,
+        slots: int,
+        threshold: int,
+        spool: ResultSpool,
+        observers: Optional[Observers] = None,
+    ) -> None:
+        if slots < 1 or threshold < 1:
+            raise ValueError("slots and threshold must be >= 1")
+        self.spool = spool
+        self.observers = observers if observers is not None else Observers()
+        self.tasks: queue.Queue[Task] = queue.Queue()
+        self.results: DueQueue[Delivery] = DueQueue()
+        self._cond = threading.Condition()
+        self._slots = slots
+        self._threshold = threshold
+        self._executing = 0
+        self._results = 0
+        self._holds: Dict[str, str] = {}
+        self._intake_closed = False
+        self._closed = False
+        self._next_probe = 0.0
+
+    # ------------------------------------------------------------ the Fetcher's side
+    def reserve(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for room for one more task; True = reserved."""
+        self._probe_spool_if_held()
+        with self._cond:
+            ok = self._cond.wait_for(self._has_room, timeout=timeout)
+            if ok and not self._closed and not self._intake_closed:
+                self._executing += 1
+                return True
+            return False
+
+    def _has_room(self) -> bool:
+        if self._closed or self._intake_closed:
+            return True  # wake up: the answer is "no", at once
+        return not self._holds and self._executing < self._slots and self._results < self._threshold
+
+    def cancel(self) -> None:
+        """The reservation was not used (no task came back)."""
+        with self._cond:
+            self._executing -= 1
+            self._cond.notify_all()
+
+    def fetched(self, task: Task) -> None:
+        """A reserved get-task handed out ``task``: queue it, or answer it at once."""
+        self.observers.emit("on_task_fetched", task)
+        with logs.task_context(task.task_id):
+            log.debug("task fetched: %s", task.method)
+        answer: Optional[Result] = None
+        with self._cond:
+            if self._intake_closed:
+                answer = Result.agent_error(task, "agent shutting down", failure="shutdown")
+            elif task.is_expired():
+                answer = Result.agent_error(
+                    task, "task expired before execution", failure="expired"
+                )
+            else:
+                self.tasks.put(task)
+        if answer is not None:
+            if answer.failure == "expired":
+                log.warning("task %s expired before it was fetched; not run", task.task_id)
+            self.finished(answer)
+
+    # ------------------------------------------------------------ the Executor's side
+    def take_task(self, timeout: float) -> Optional[Task]:
+        try:
+            return self.tasks.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def take_queued_tasks(self) -> List[Task]:
+        """Every task still waiting for a thread (the executor answers them at stop)."""
+        taken: List[Task] = []
+        while True:
+            try:
+                taken.append(self.tasks.get_nowait())
+            except queue.Empty:
+                return taken
+
+    def finished(self, result: Result) -> None:
+        """A reserved task has its result: spool it, then queue it for delivery.
+
+        If the spool cannot be written (full, read-only, no permission), the
+        result is still queued (it lives in memory until delivered), fetching
+        is held until a probe write succeeds, and the reason is logged. A
+        body that was never written is reported in the result by the executor.
+        """
+        with logs.task_context(result.task_id):
+            log.debug("result ready: status=%s bytes=%d", result.status_code, result.body_size)
+        durable = self._save(result)
+        with self._cond:
+            self._executing -= 1
+            self._results += 1
+            self._cond.notify_all()
+        self.results.put(Delivery(result, counted=True, durable=durable))
+        self.observers.emit("on_result_ready", result)
+
+    def _save(self, result: Result) -> bool:
+        try:
+            self.spool.save(result.key, result.to_record())
+        except OSError as exc:
+            if exc.errno not in SPOOL_ERRNOS:
+                log.error("task %s: spool write failed: %s", result.task_id, exc)
+            self.hold(SPOOL_HOLD, spool_error_reason(exc) + f": {self.spool.directory}")
+            return False
+        return True
+
+    # ------------------------------------------------------------ the Uploader's side
+    def adopt(self, result: Result) -> None:
+        """Queue a result found in the spool at start (not counted by backpressure)."""
+        self.results.put(Delivery(result, counted=False))
+
+    def take_result(self, timeout: float) -> Optional[Delivery]:
+        return self.results.get(timeout)
+
+    def retry_later(self, delivery: Delivery, wait: float) -> None:
+        """Delivery of this result failed for now: it is due again in ``wait`` seconds."""
+        if not delivery.durable:
+            # A retry is a good moment to make it durable, if the disk is back.
+            delivery.durable = self._save(delivery.result)
+        self.results.put(delivery, wait)
+
+    def delivered(self, delivery: Delivery) -> None:
+        """Delivery is done with this result: the server accepted it (or quarantine took it)."""
+        try:
+            self.spool.remove(delivery.result.key)
+        except OSError as exc:  # the server has it; a leftover record is only re-sent
+            log.warning("task %s: could not remove from spool: %s", delivery.result.task_id, exc)
+        if delivery.counted:
+            with self._cond:
+                self._results -= 1
+                self._cond.notify_all()
+
+    # ------------------------------------------------------------ holds
+    def hold(self, reason_key: str, message: str) -> None:
+        """Stop taking work for ``reason_key`` (idempotent; the message may change)."""
+        with self._cond:
+            previous = self._holds.get(reason_key)
+            self._holds[reason_key] = message
+        if previous != message:
+            if previous is None:
+                log.error("fetching paused: %s", message)
+            self.observers.emit("on_hold", reason_key, message)
+
+    def release(self, reason_key: str) -> None:
+        with self._cond:
+            had = self._holds.pop(reason_key, None)
+            self._cond.notify_all()
+        if had is not None:
+            log.warning("fetching resumed (%s cleared)", reason_key)
+            self.observers.emit("on_hold", reason_key, None)
+
+    def holds(self) -> Dict[str, str]:
+        with self._cond:
+            return dict(self._holds)
+
+    def _probe_spool_if_held(self) -> None:
+        """While the spool hold is set, try a small write now and then; release on success."""
+        now = time.monotonic()
+        with self._cond:
+            if SPOOL_HOLD not in self._holds or now < self._next_probe:
+                return
+            self._next_probe = now + self.SPOOL_PROBE_INTERVAL
+        if self.spool.probe_writable():
+            self.release(SPOOL_HOLD)
+
+    # ------------------------------------------------------------ stop and state
+    def close_intake(self) -> None:
+        """No task is queued for execution from now on; late ones are answered at once."""
+        with self._cond:
+            self._intake_closed = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Wake every waiter for good (the end of a stop)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self.results.close()
+
+    def resize(self, slots: int) -> None:
+        with self._cond:
+            self._slots = max(1, slots)
+            self._cond.notify_all()
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    @property
+    def executing(self) -> int:
+        """Tasks reserved or running (a result not yet made)."""
+        return self._executing
+
+    @property
+    def waiting_results(self) -> int:
+        """Results of this run not yet delivered."""
+        return self._results
+
+    def outstanding(self) -> int:
+        """Tasks fetched in this run and not yet done with."""
+        with self._cond:
+            return self._executing + self._results
+
+    def wait_drained(self, timeout: Optional[float]) -> bool:
+        """Wait until nothing fetched in this run is outstanding."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self._executing + self._results == 0, timeout=timeout
+            )

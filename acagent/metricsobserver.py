@@ -1,0 +1,61 @@
+"""The observers that turn agent events into metrics.
+
+``MetricsObserver`` updates ``AgentMetrics`` (Prometheus); ``MetricsFileObserver``
+writes today's JSON-lines metrics file (one line per AC exchange). The stages
+never call either: they emit events (see ``observers.py``).
+"""
+
+from __future__ import annotations
+
+from .client import API_PREFIX, endpoint_method
+from .logs import current_task_id
+from .metrics import AgentMetrics, MetricsFileWriter, request_tags
+from .models import Result, Task
+from .observers import Observer
+
+
+class MetricsObserver(Observer):
+    def __init__(self, metrics: AgentMetrics) -> None:
+        self.metrics = metrics
+
+    def on_task_fetched(self, task: Task) -> None:
+        self.metrics.tasks_fetched_total.inc()
+
+    def on_fetch_finished(self, seconds: float, got_task: bool) -> None:
+        self.metrics.get_task_seconds.observe(seconds)
+
+    def on_task_executed(self, result: Result, seconds: float) -> None:
+        self.metrics.tasks_processed_total.inc(outcome="error" if result.is_error else "ok")
+        self.metrics.target_request_seconds.observe(seconds)
+
+    def on_result_ready(self, result: Result) -> None:
+        if result.is_error:
+            self.metrics.tasks_failed_total.inc(reason=result.failure or "agent_error")
+
+    def on_result_delivered(self, result: Result, via: str, seconds: float) -> None:
+        self.metrics.tasks_uploaded_total.inc(via=via)
+        self.metrics.upload_seconds.observe(seconds)
+
+    def on_result_quarantined(self, result: Result, reason: str) -> None:
+        self.metrics.tasks_failed_total.inc(reason="refused")
+
+    def on_exchange(self, endpoint: str, status: str, seconds: float) -> None:
+        self.metrics.ac_requests_total.inc(endpoint=endpoint, status=status)
+
+
+class MetricsFileObserver(Observer):
+    """One ``http.request.duration_ms`` line per AC exchange, as today's agent writes."""
+
+    def __init__(self, writer: MetricsFileWriter, base_url: str) -> None:
+        self.writer = writer
+        self.base_url = base_url
+
+    def on_exchange(self, endpoint: str, status: str, seconds: float) -> None:
+        if endpoint == "s3" or status == "resend":
+            return
+        # request_tags drops the query string and any user:password of the URL
+        url = f"{self.base_url}{API_PREFIX}{endpoint}"
+        tags = request_tags(
+            current_task_id() or "", endpoint, url, endpoint_method(endpoint), status
+        )
+        self.writer.write_metric("http.request.duration_ms", round(seconds * 1000.0, 3), tags)

@@ -1,0 +1,54 @@
+"""Readiness: is the agent able to do its job right now, and if not, why.
+
+An observer: it hears every AC exchange (``ReadinessTracker`` turns them into
+"the AC server answers") and every hold of the Ledger (the API key refused,
+the spool full, the coordination server unreachable, ...). ``check`` gives
+``/readyz`` its answer with the reason an operator can act on.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Dict, Optional, Tuple
+
+from .fetcher import AUTH_HINT
+from .health import ReadinessTracker
+from .observers import Observer
+
+
+class Readiness(Observer):
+    def __init__(self, window: float) -> None:
+        self.tracker = ReadinessTracker(window)
+        self._lock = threading.Lock()
+        self._holds: Dict[str, str] = {}
+        self._key_refused = False
+
+    def on_exchange(self, endpoint: str, status: str, seconds: float) -> None:
+        if endpoint == "s3" or status == "resend":
+            return
+        code = int(status) if status.isdigit() else None
+        if code in (401, 403):
+            self._key_refused = True
+            self.tracker.record_failure()
+            return
+        if code is not None and code < 300:
+            self._key_refused = False
+            self.tracker.record_success()
+        elif status == "error" or (code is not None and code >= 500):
+            self.tracker.record_failure()
+
+    def on_hold(self, reason_key: str, message: Optional[str]) -> None:
+        with self._lock:
+            if message is None:
+                self._holds.pop(reason_key, None)
+            else:
+                self._holds[reason_key] = message
+
+    def check(self) -> Tuple[bool, str]:
+        with self._lock:
+            holds = list(self._holds.values())
+        if holds:
+            return False, "; ".join(holds)
+        if self._key_refused:
+            return False, AUTH_HINT
+        return self.tracker.check()

@@ -1,0 +1,144 @@
+"""The contract every stage is built on: ``StageContext`` and ``Stage``.
+
+A stage never sees the ``Pipeline``. It is constructed with one frozen
+``StageContext`` holding the few collaborators a stage may use, and it owns
+its threads (a stage *has* threads; it is not one, so no name of ours can
+clash with a ``threading.Thread`` internal such as ``_handle``).
+
+``Stage`` methods, sorted as in ``socketserver``:
+
+For callers (the Pipeline, or a test):
+    ``start()``, ``stop()`` (stop taking new work; finish what is in hand),
+    ``join(timeout) -> bool`` (True when every thread ended),
+    ``is_alive()``, ``dead_threads()`` (liveness: threads that ended early).
+
+May be overridden:
+    ``start_threads()`` (spawn the stage's threads), ``on_stop()`` (extra stop
+    work), plus each stage's own hooks (see ``Fetcher``, ``Executor``,
+    ``Uploader``).
+
+For subclasses:
+    ``ctx``, ``spawn(target, name)``, ``run_loop(step)`` (a loop that
+    survives any error in ``step``: logged, reported to observers, backed
+    off), ``wait(seconds)`` (interruptible), ``stopping`` (the Event that
+    ``stop()`` sets).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, List
+
+from .client import ACClient
+from .config import AgentConfig
+from .globalconfig import RuntimeSettings
+from .ledger import Ledger
+from .observers import Observers
+from .spool import ResultSpool
+
+log = logging.getLogger("acagent.stage")
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage may use. Frozen: a stage cannot rewire its neighbours."""
+
+    config: AgentConfig
+    client: ACClient
+    ledger: Ledger
+    spool: ResultSpool
+    #: private scratch folder of this run (compressed uploads, log zips)
+    work_dir: str
+    #: the one stop signal: set when the agent must stop at once (deadline or
+    #: second signal); every wait, retry sleep and running request ends
+    abort: threading.Event
+    observers: Observers
+    settings: RuntimeSettings
+
+
+class Stage:
+    """Base of the three stages; see the module docstring for the contract."""
+
+    #: prefix of this stage's thread names (``acagent-<name>``)
+    name = "stage"
+    #: first pause after an unexpected error in a loop step, doubled up to ``FAILURE_PAUSE_MAX``
+    FAILURE_PAUSE = 1.0
+    FAILURE_PAUSE_MAX = 30.0
+
+    def __init__(self, ctx: StageContext) -> None:
+        self.ctx = ctx
+        self.config = ctx.config
+        #: set by ``stop()``: every wait of this stage's loops ends
+        self.stopping = threading.Event()
+        self._threads: List[threading.Thread] = []
+        self._started = False
+
+    # ------------------------------------------------------------ for callers
+    def start(self) -> None:
+        if self._started:
+            raise RuntimeError(f"{type(self).__name__} can be started once")
+        self._started = True
+        self.start_threads()
+
+    def stop(self) -> None:
+        """Stop taking new work; what is in hand is finished (see each stage)."""
+        self.stopping.set()
+        self.on_stop()
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for every thread of this stage; True if all ended."""
+        deadline = time.monotonic() + timeout
+        for thread in list(self._threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not self.is_alive()
+
+    def is_alive(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    def dead_threads(self) -> List[str]:
+        """Names of threads that ended although the stage was not stopped."""
+        if self.stopping.is_set():
+            return []
+        return [t.name for t in self._threads if not t.is_alive()]
+
+    # ------------------------------------------------------------ may be overridden
+    def start_threads(self) -> None:
+        """Spawn this stage's threads (``spawn``). The default spawns none."""
+
+    def on_stop(self) -> None:
+        """Called by ``stop()`` after ``stopping`` is set."""
+
+    # ------------------------------------------------------------ for subclasses
+    def spawn(self, target: Callable[[], None], name: str) -> threading.Thread:
+        """Start a named daemon thread that belongs to this stage."""
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+        return thread
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True if cut short by ``stop()`` or the abort signal."""
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self.stopping.wait(min(left, 0.25)) or self.ctx.abort.is_set():
+                return True
+
+    def run_loop(self, step: Callable[[], None]) -> None:
+        """Call ``step`` until ``stop()``; an error in it is logged and backed off, never fatal."""
+        pause = self.FAILURE_PAUSE
+        while not self.stopping.is_set():
+            try:
+                step()
+            except Exception as exc:  # the loop must survive anything a step raises
+                log.exception("%s: unexpected error; going on in %.1fs", self.name, pause)
+                self.ctx.observers.emit("on_stage_failure", self.name, exc)
+                self.wait(pause)
+                pause = min(pause * 2, self.FAILURE_PAUSE_MAX)
+            else:
+                pause = self.FAILURE_PAUSE
