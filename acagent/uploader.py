@@ -8,8 +8,9 @@ upload-result (``uploadToAc`` true) or to S3 via a presigned URL (false).
 at least one: one permit stays free for get-task, so a slow upload never
 stops fetching) take results from the Ledger's ``DueQueue``. Each result
 carries its own retry state and due time: a failed attempt puts it back due
-after *its* backoff, and the thread moves on to the next due result. Fresh results and retried ones are
-served in order of their due times, so neither starves the other.
+after *its* backoff, and the thread moves on to the next due result. Fresh
+results and retried ones are served in order of their due times, so neither
+starves the other.
 
 **What a failure means** (PROTOCOL.md statuses; a real result is never
 replaced by an error result nor deleted for a status that may be transient
