@@ -119,6 +119,47 @@ def test_task_fifo_then_null_reply() -> None:
         assert ac.errors == []
 
 
+def test_add_task_keyword_form_builds_the_task_dict() -> None:
+    with FakeACServer() as ac:
+        first = ac.add_task(url="http://tool/a")
+        second = ac.add_task(
+            url="http://tool/b",
+            method="POST",
+            task_id="given",
+            headers={"X-A": "1"},
+            input="body",
+            expiry_ts_ms=1_700_000_000_000,
+            globalConfig={"poolSize": 4},
+            echoMe="x",
+        )
+        third = ac.add_task(url="http://tool/c")
+        assert ac.add_task({"taskId": "dict-form", "url": "http://tool/d"}) is None
+        assert second == "given"
+        assert first != third and first.startswith("fake-task-") and third.startswith("fake-task-")
+        s = requests.Session()
+        got = [s.get(ac.url + GT, timeout=WAIT).json()["data"] for _ in range(4)]
+        assert got[0] == {"taskId": first, "url": "http://tool/a", "method": "GET"}
+        assert got[1] == {
+            "taskId": "given",
+            "url": "http://tool/b",
+            "method": "POST",
+            "requestHeaders": {"X-A": "1"},
+            "input": "body",
+            "expiryTsMs": 1_700_000_000_000,
+            "globalConfig": {"poolSize": 4},
+            "echoMe": "x",
+        }
+        assert got[2]["taskId"] == third
+        assert got[3] == {"taskId": "dict-form", "url": "http://tool/d"}
+        with pytest.raises(TypeError):
+            ac.add_task({"taskId": "x"}, url="http://tool/e")  # type: ignore[call-overload]
+        with pytest.raises(TypeError):
+            ac.add_task()  # type: ignore[call-overload]
+        with pytest.raises(TypeError):
+            ac.add_task(url="http://tool/f", taskId="camel")
+        assert ac.pending_tasks() == 0
+
+
 def test_empty_reply_204() -> None:
     with FakeACServer(empty_reply="204") as ac:
         r = requests.get(ac.url + GT, timeout=WAIT)
