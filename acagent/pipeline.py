@@ -36,7 +36,8 @@ from .config import AgentConfig, parse_host_port
 from .executor import Executor
 from .fetcher import Fetcher
 from .health import HealthServer, ReadinessTracker
-from .metrics import AgentMetrics, MetricsFileWriter, default_metrics_path, request_tags
+from .metrics import AgentMetrics
+from .metricsfile import MetricsFileWriter, default_metrics_path, request_tags
 from .models import Result, Task, echo_fields
 from .ratelimit import RateLimits
 from .retry import RetryPolicy
@@ -120,7 +121,7 @@ class Pipeline:
         m.spool_size.set_function(lambda: float(self.spool.size()))
 
     def _on_exchange(self, endpoint: str, status: str, seconds: float) -> None:
-        self.metrics.ac_requests_total.inc(endpoint=endpoint, status=status)
+        self.metrics.ac_requests_total.labels(endpoint=endpoint, status=status).inc()
         if endpoint == "s3":
             return
         if status.isdigit() and int(status) < 300:
@@ -171,7 +172,7 @@ class Pipeline:
                 port,
                 liveness=self.liveness,
                 readiness=self.readiness.check,
-                metrics_text=self.metrics.registry.render_prometheus,
+                registry=self.metrics.registry,
             )
             self.health.start()
         log.info(
@@ -271,7 +272,7 @@ class Pipeline:
             result = Result.agent_error(task, "agent shutting down", failure="shutdown", key=key)
             self.spool.discard_body(key)
             self.spool.save(key, result.to_record())
-            self.metrics.tasks_failed_total.inc(reason="shutdown")
+            self.metrics.tasks_failed_total.labels(reason="shutdown").inc()
         log.warning("shutdown deadline reached: unfinished work is kept in the spool")
 
     @property
@@ -310,7 +311,7 @@ class Pipeline:
             log.debug("result ready: status=%s bytes=%d", result.status_code, result.body_size)
         self.spool.save(result.key, result.to_record())
         if result.is_error:
-            self.metrics.tasks_failed_total.inc(reason=result.failure or "agent_error")
+            self.metrics.tasks_failed_total.labels(reason=result.failure or "agent_error").inc()
         self.result_queue.put(result)
         self.backpressure.executed()
 
@@ -320,14 +321,14 @@ class Pipeline:
         with logs.task_context(result.task_id):
             log.debug("result delivered via %s", via or "nothing (refused)")
         if via is not None:
-            self.metrics.tasks_uploaded_total.inc(via=via)
+            self.metrics.tasks_uploaded_total.labels(via=via).inc()
         else:
-            self.metrics.tasks_failed_total.inc(reason="upload_failed")
+            self.metrics.tasks_failed_total.labels(reason="upload_failed").inc()
         if counted:
             self.backpressure.uploaded()
 
     def observe_task(self, outcome: str, seconds: float) -> None:
-        self.metrics.tasks_processed_total.inc(outcome=outcome)
+        self.metrics.tasks_processed_total.labels(outcome=outcome).inc()
         self.metrics.target_request_seconds.observe(seconds)
 
     def task_log_context(self, task_id: str) -> ContextManager[None]:
