@@ -83,7 +83,7 @@ def main(argv: Sequence[str] = ()) -> int:
             with Pipeline(config) as agent:
                 while not ac.wait_for_results(len(sizes), timeout=0.5):
                     done = len(ac.results)
-                    fetched = int(agent.metrics.tasks_fetched_total.total())
+                    fetched = int(agent.metrics.counter_totals()["fetched"])
                     out.write(
                         f"\r  {done}/{len(sizes)} results  fetched={fetched}"
                         f"  AC in flight max={ac.max_inflight}  {time.monotonic() - started:5.1f}s"

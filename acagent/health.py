@@ -18,10 +18,14 @@ from types import TracebackType
 from typing import Callable, Dict, Optional, Tuple, Type
 from urllib.parse import urlsplit
 
+from prometheus_client import CollectorRegistry, generate_latest
+
 __all__ = ["METRICS_CONTENT_TYPE", "HealthServer", "ReadinessTracker"]
 
 log = logging.getLogger(__name__)
 
+#: What ``generate_latest`` writes: the text format 0.0.4 (a literal, because
+#: prometheus_client's CONTENT_TYPE_LATEST names a newer version in recent releases).
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 Check = Callable[[], Tuple[bool, str]]
@@ -100,7 +104,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = reason or ("ok" if ok else "not ok")
         elif path == "/metrics":
             try:
-                body = owner.metrics_text()
+                body = generate_latest(owner.registry).decode("utf-8")
                 status = 200
                 content_type = METRICS_CONTENT_TYPE
             except Exception as exc:
@@ -166,7 +170,7 @@ class HealthServer:
     """``GET /healthz``, ``/readyz`` and ``/metrics`` on ``host:port`` (port 0: any free port).
 
     ``liveness`` and ``readiness`` return ``(ok, reason)``: 200 with the reason
-    (or "ok"), or 503 with the reason. ``metrics_text`` returns the Prometheus text.
+    (or "ok"), or 503 with the reason. ``/metrics`` renders ``registry``.
     """
 
     def __init__(
@@ -176,14 +180,14 @@ class HealthServer:
         *,
         liveness: Check,
         readiness: Check,
-        metrics_text: Callable[[], str],
+        registry: CollectorRegistry,
         poll_interval: float = 0.5,
     ) -> None:
         self.host = host
         self.port = port
         self.liveness = liveness
         self.readiness = readiness
-        self.metrics_text = metrics_text
+        self.registry = registry
         self._poll_interval = poll_interval
         self._server: Optional[_Server] = None
         self._bound_port: Optional[int] = None

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from .client import API_PREFIX, endpoint_method
 from .logs import current_task_id
-from .metrics import AgentMetrics, MetricsFileWriter, request_tags
+from .metrics import AgentMetrics
+from .metricsfile import MetricsFileWriter, request_tags
 from .models import Result, Task
 from .observers import Observer
 
@@ -25,22 +26,24 @@ class MetricsObserver(Observer):
         self.metrics.get_task_seconds.observe(seconds)
 
     def on_task_executed(self, result: Result, seconds: float) -> None:
-        self.metrics.tasks_processed_total.inc(outcome="error" if result.is_error else "ok")
+        self.metrics.tasks_processed_total.labels(
+            outcome="error" if result.is_error else "ok"
+        ).inc()
         self.metrics.target_request_seconds.observe(seconds)
 
     def on_result_ready(self, result: Result) -> None:
         if result.is_error:
-            self.metrics.tasks_failed_total.inc(reason=result.failure or "agent_error")
+            self.metrics.tasks_failed_total.labels(reason=result.failure or "agent_error").inc()
 
     def on_result_delivered(self, result: Result, via: str, seconds: float) -> None:
-        self.metrics.tasks_uploaded_total.inc(via=via)
+        self.metrics.tasks_uploaded_total.labels(via=via).inc()
         self.metrics.upload_seconds.observe(seconds)
 
     def on_result_quarantined(self, result: Result, reason: str) -> None:
-        self.metrics.tasks_failed_total.inc(reason="refused")
+        self.metrics.tasks_failed_total.labels(reason="refused").inc()
 
     def on_exchange(self, endpoint: str, status: str, seconds: float) -> None:
-        self.metrics.ac_requests_total.inc(endpoint=endpoint, status=status)
+        self.metrics.ac_requests_total.labels(endpoint=endpoint, status=status).inc()
 
 
 class MetricsFileObserver(Observer):

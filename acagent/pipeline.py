@@ -43,7 +43,8 @@ from .fetcher import Fetcher
 from .globalconfig import GlobalConfigObserver, RuntimeSettings
 from .health import HealthServer
 from .ledger import Ledger
-from .metrics import AgentMetrics, MetricsFileWriter, default_metrics_path
+from .metrics import AgentMetrics
+from .metricsfile import MetricsFileWriter, default_metrics_path
 from .metricsobserver import MetricsFileObserver, MetricsObserver
 from .models import Result
 from .observers import Observer, Observers
@@ -189,7 +190,7 @@ class Pipeline:
                     port,
                     liveness=self.liveness,
                     readiness=self.readiness.check,
-                    metrics_text=self.metrics.registry.render_prometheus,
+                    registry=self.metrics.registry,
                 )
                 self.health.start()
             if self.config.enable_metrics_file:

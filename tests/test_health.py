@@ -10,6 +10,7 @@ from typing import Iterator, List, Tuple
 
 import pytest
 import requests
+from prometheus_client import CollectorRegistry
 
 from acagent.health import METRICS_CONTENT_TYPE, HealthServer, ReadinessTracker
 from acagent.metrics import AgentMetrics
@@ -47,7 +48,7 @@ def server(flags: Flags, metrics: AgentMetrics) -> Iterator[HealthServer]:
         0,
         liveness=flags.liveness,
         readiness=flags.readiness,
-        metrics_text=metrics.registry.render_prometheus,
+        registry=metrics.registry,
     )
     srv.start()
     try:
@@ -103,7 +104,7 @@ def test_metrics_endpoint(server: HealthServer, metrics: AgentMetrics) -> None:
     assert r.status_code == 200
     assert r.headers["Content-Type"] == METRICS_CONTENT_TYPE
     assert r.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
-    assert "acagent_tasks_fetched_total 7\n" in r.text
+    assert "acagent_tasks_fetched_total 7.0\n" in r.text
     assert "# TYPE acagent_get_task_seconds histogram" in r.text
 
 
@@ -154,7 +155,11 @@ def test_many_parallel_probes(server: HealthServer) -> None:
 
 def test_stop_is_prompt_with_an_idle_keep_alive_connection(flags: Flags) -> None:
     srv = HealthServer(
-        "127.0.0.1", 0, liveness=flags.liveness, readiness=flags.readiness, metrics_text=str
+        "127.0.0.1",
+        0,
+        liveness=flags.liveness,
+        readiness=flags.readiness,
+        registry=CollectorRegistry(),
     )
     srv.start()
     s = requests.Session()
@@ -179,12 +184,20 @@ def test_stop_is_prompt_with_an_idle_keep_alive_connection(flags: Flags) -> None
 
 def test_context_manager_and_port_in_use(flags: Flags) -> None:
     with HealthServer(
-        "127.0.0.1", 0, liveness=flags.liveness, readiness=flags.readiness, metrics_text=str
+        "127.0.0.1",
+        0,
+        liveness=flags.liveness,
+        readiness=flags.readiness,
+        registry=CollectorRegistry(),
     ) as srv:
         port = srv.address[1]
         assert requests.get(srv.url + "/healthz", timeout=TIMEOUT).status_code == 200
         other = HealthServer(
-            "127.0.0.1", port, liveness=flags.liveness, readiness=flags.readiness, metrics_text=str
+            "127.0.0.1",
+            port,
+            liveness=flags.liveness,
+            readiness=flags.readiness,
+            registry=CollectorRegistry(),
         )
         with pytest.raises(OSError):
             other.start()
@@ -235,7 +248,11 @@ def test_readiness_tracker_behind_the_server(flags: Flags) -> None:
     clock = FakeClock()
     tracker = ReadinessTracker(30.0, clock=clock)
     with HealthServer(
-        "127.0.0.1", 0, liveness=flags.liveness, readiness=tracker.check, metrics_text=str
+        "127.0.0.1",
+        0,
+        liveness=flags.liveness,
+        readiness=tracker.check,
+        registry=CollectorRegistry(),
     ) as srv:
         assert requests.get(srv.url + "/readyz", timeout=TIMEOUT).status_code == 503
         tracker.record_success()
