@@ -263,8 +263,9 @@ class ACClient:
         self.verify: Union[bool, str] = config.tls_verify
         user_agent = f"acagent/{version}"
         self._tracker = ConnectionTracker()
-        #: the thread in get-task right now (for ``abandon_fetch``)
+        #: the thread in get-task right now, and whether a stop abandoned it
         self._fetching_thread: Optional[int] = None
+        self._fetch_abandoned = False
         #: AC calls re-sent at once after a reset on a reused connection
         self.resends = 0
         self.session = build_session(
@@ -297,8 +298,15 @@ class ACClient:
         self.verify = self.config.tls_verify_for(verify)
 
     def abandon_fetch(self) -> bool:
-        """Shut the connection of a get-task in flight (a stop during a long poll)."""
+        """Shut the connection of a get-task in flight (a stop during a long poll).
+
+        No get-task is re-sent after this: the Fetcher is stopping.
+        """
+        self._fetch_abandoned = True
         return self._tracker.shut(self._fetching_thread)
+
+    def _gave_up(self, endpoint: str) -> bool:
+        return self.abort.is_set() or (endpoint == "get-task" and self._fetch_abandoned)
 
     # -- the permit ----------------------------------------------------
     @contextlib.contextmanager
@@ -371,7 +379,7 @@ class ACClient:
                         break
                     except _NETWORK_ERRORS as exc:
                         self._report(endpoint, "error", started)
-                        if fresh_try or not _is_stale_reset(exc) or self.abort.is_set():
+                        if fresh_try or not _is_stale_reset(exc) or self._gave_up(endpoint):
                             raise ACConnectionError(
                                 f"{endpoint}: {type(exc).__name__}: {exc}"
                             ) from exc

@@ -162,11 +162,13 @@ class Uploader(Stage):
             self._note_retry_start()
         delivery.attempts += 1
         if isinstance(exc, ACRateLimitError):
-            wait = exc.retry_after
-            if wait is None:
+            if exc.retry_after is not None:  # the server said how long: the class waits
+                wait = exc.retry_after
+                self.breaker.pause(wait)
+            elif exc.concurrency:
                 wait = self._rng.uniform(0.0, self.CONCURRENCY_WAIT_MAX)
             else:
-                self.breaker.pause(wait)
+                wait = self._retry_wait(delivery.attempts)
             reason = "rate limited (429)"
         elif status in (401, 403):
             wait = self._auth_wait(delivery)

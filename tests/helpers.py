@@ -49,6 +49,7 @@ class FastUploader(Uploader):
     AUTH_RETRY_MIN = 0.05
     AUTH_RETRY_MAX = 0.3
     BREAKER_OPEN_MIN = 0.05
+    CONCURRENCY_WAIT_MAX = 0.05
     BREAKER_OPEN_MAX = 0.3
 
 

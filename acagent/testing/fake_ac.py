@@ -140,6 +140,7 @@ class FakeACServer(_FakeBase):
         self._results: Dict[str, List[ReceivedResult]] = {}
         self._order: List[ReceivedResult] = []
         self._objects: Dict[str, _StoredObject] = {}
+        self._refusals: Dict[str, Tuple[int, float]] = {}
         self._faults: Dict[str, Deque[_Fault]] = {}
         self._stalls: Dict[str, threading.Event] = {}
         self._count_429 = 0
@@ -456,6 +457,22 @@ class FakeACServer(_FakeBase):
                     return self._rate_fault(self._rate_rng.choice(self._rate_kinds))
             return None
 
+    def refuse_results(self, task_ids: Iterable[str], *, status: int, seconds: float) -> None:
+        """Answer ``status`` (not recording anything) to every result upload of
+        these tasks, on put-result and upload-result alike, for ``seconds`` from now.
+        """
+        until = time.monotonic() + seconds
+        with self._cond:
+            for task_id in task_ids:
+                self._refusals[task_id] = (status, until)
+
+    def _refusal(self, task_id: str) -> Optional[_Reply]:
+        with self._cond:
+            status, until = self._refusals.get(task_id, (0, 0.0))
+        if time.monotonic() >= until:
+            return None
+        return _Reply(status, b"refused for this task (test)", ctype="text/plain")
+
     def stall(self, endpoint: str) -> threading.Event:
         """Hold requests to ``endpoint`` (in flight) until the returned event is set.
 
@@ -653,6 +670,9 @@ class FakeACServer(_FakeBase):
         task_id = fields.get("taskId")
         if not isinstance(task_id, str) or not task_id:
             raise _BadRequest("taskId missing")
+        refusal = self._refusal(task_id)
+        if refusal is not None:
+            return refusal
         output = fields.get("output")
         body: Optional[_StoredObject] = None
         if isinstance(output, str) and output.startswith("Agent Side Error"):
@@ -732,6 +752,9 @@ class FakeACServer(_FakeBase):
         task_id = fields.get("taskId")
         if not isinstance(task_id, str) or not task_id:
             raise _BadRequest("taskId missing")
+        refusal = self._refusal(task_id)
+        if refusal is not None:
+            return refusal
         stored = file_sink.result()
         self._record_result(
             ReceivedResult(
