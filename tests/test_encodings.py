@@ -37,10 +37,26 @@ def encode(coding: str) -> bytes:
 
         return bytes(brotli.compress(BODY))
     if coding == "zstd" and ZSTD_DECODABLE:
-        import zstandard  # the [zstd] extra
-
-        return bytes(zstandard.ZstdCompressor().compress(BODY))
+        return zstd_compress(BODY)
     return b"\x1f\x9d still encoded, not the body"
+
+
+def zstd_compress(data: bytes) -> bytes:
+    """With whichever zstd module urllib3 decodes with (the [zstd] extra)."""
+    try:
+        from compression import zstd  # type: ignore[import-not-found]  # Python 3.14
+
+        return bytes(zstd.compress(data))
+    except ImportError:
+        pass
+    try:
+        from backports import zstd as backport  # type: ignore[import-not-found]
+
+        return bytes(backport.compress(data))
+    except ImportError:
+        import zstandard  # type: ignore[import-not-found]  # urllib3 before 2.6
+
+        return bytes(zstandard.ZstdCompressor().compress(data))
 
 
 class _Handler(BaseHTTPRequestHandler):
