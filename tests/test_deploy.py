@@ -82,7 +82,10 @@ def test_all_yaml_parses_and_has_kind() -> None:
 
 def test_deployment_shape() -> None:
     spec = _deployment()["spec"]
-    assert spec["replicas"] == 3
+    # one agent per API key without a shared budget (the multi-replica set-up is separate)
+    assert spec["replicas"] == 1
+    # the spool claim is ReadWriteOnce: the old pod must let go before the new one starts
+    assert spec["strategy"]["type"] == "Recreate"
     selector = spec["selector"]["matchLabels"]
     labels = spec["template"]["metadata"]["labels"]
     assert selector.items() <= labels.items()
@@ -184,7 +187,7 @@ def test_dockerfile_exec_form_entrypoint_and_non_root_user() -> None:
     cmd = json.loads([rest for kw, rest in instructions if kw == "CMD"][-1])
     assert _flag(cmd, "--healthAddr").endswith(":8080")
     froms = [rest for kw, rest in instructions if kw == "FROM"]
-    assert froms[-1].split()[0].startswith("python:3.11-slim")
+    assert _resolve_args(froms[-1].split()[0]).startswith("python:3.11.")
 
 
 # -- systemd ------------------------------------------------------------------
@@ -228,3 +231,154 @@ def test_systemd_unit_stops_gracefully_and_is_hardened() -> None:
     assert service["PrivateTmp"] == ["yes"]
     assert service["ReadWritePaths"]
     assert service.get("User", ["root"])[-1] != "root"
+
+
+# -- data survives, disk is bounded, builds are reproducible ------------------
+MIB = 1024 * 1024
+#: what fetch-logs zips at most (acagent.logs.zip_logs max_bytes)
+LOG_ZIP_MAX = 50 * MIB
+#: room the arithmetic leaves for the log files on the data volume
+LOG_ALLOWANCE = 256 * MIB
+
+
+def _docker_args() -> Dict[str, str]:
+    text = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+    return {
+        m.group(1): m.group(2)
+        for m in re.finditer(r"^ARG\s+(\w+)=(\S+)", text, re.M)
+    }
+
+
+def _resolve_args(value: str) -> str:
+    args = _docker_args()
+    return re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], value)
+
+
+def _docker_env() -> Dict[str, str]:
+    env: Dict[str, str] = {}
+    for kw, rest in _dockerfile_instructions():
+        if kw == "ENV":
+            for token in shlex.split(rest):
+                key, _, value = token.partition("=")
+                env[key] = value
+    return env
+
+
+def _quantity(text: str) -> int:
+    match = re.fullmatch(r"(\d+)(Mi|Gi)", str(text))
+    assert match, text
+    return int(match.group(1)) * (MIB if match.group(2) == "Mi" else 1024 * MIB)
+
+
+def _under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def test_kubernetes_keeps_the_spool_on_a_claim_and_its_size_fits_the_arithmetic() -> None:
+    container = _container()
+    env = {e["name"]: e for e in container["env"]}
+    spool = env["ACAGENT_SPOOL_DIR"]["value"]
+    pod = _deployment()["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mount = next(m for m in container["volumeMounts"] if _under(spool, m["mountPath"]))
+    claim_name = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
+    claims = {d["metadata"]["name"]: d for d in _of_kind("PersistentVolumeClaim")}
+    claim = claims[claim_name]
+    assert _under(env["ACAGENT_LOG_DIR"]["value"], mount["mountPath"])
+    # (executor threads + results waiting) bodies of at most the cap, plus the logs
+    args = _args()
+    cap = int(_flag(args, "--maxResponseBytes"))
+    assert cap > 0, "without a cap nothing bounds the disk"
+    threshold = int(_flag(args, "--responseQueueThreshold"))
+    config = _of_kind("ConfigMap")[0]["data"]
+    pool = int(config["EXECUTOR_POOL_SIZE"])
+    needed = (pool + threshold) * cap + LOG_ALLOWANCE
+    assert needed <= _quantity(claim["spec"]["resources"]["requests"]["storage"])
+    # scratch: one gzip copy of the body being uploaded and one log zip
+    tmp = next(m for m in container["volumeMounts"] if m["mountPath"] == "/tmp")
+    assert cap + LOG_ZIP_MAX <= _quantity(volumes[tmp["name"]]["emptyDir"]["sizeLimit"])
+    assert "pvc.yaml" in (K8S / "kustomization.yaml").read_text(encoding="utf-8")
+
+
+def test_docker_image_keeps_the_spool_on_a_volume_and_uses_the_same_cap() -> None:
+    instructions = list(_dockerfile_instructions())
+    env = _docker_env()
+    volumes = [p for kw, rest in instructions if kw == "VOLUME" for p in json.loads(rest)]
+    assert any(_under(env["ACAGENT_SPOOL_DIR"], v) for v in volumes)
+    assert any(_under(env["ACAGENT_LOG_DIR"], v) for v in volumes)
+    text = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+    run_example = re.search(r"#\s+docker run .*?acagent:\S+", text, re.S)
+    assert run_example, "the Dockerfile shows a docker run example"
+    example = run_example.group(0)
+    assert "--rm" not in example or "-v " in example
+    assert any(f":{v}" in example for v in volumes), "the example mounts the data volume"
+    cmd = json.loads([rest for kw, rest in instructions if kw == "CMD"][-1])
+    k8s = _args()
+    for flag in ("--maxResponseBytes", "--responseQueueThreshold"):
+        assert _flag(cmd, flag) == _flag(k8s, flag), flag
+
+
+def test_docker_base_image_is_pinned_by_version_and_digest() -> None:
+    image = _docker_args()["PYTHON_IMAGE"]
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-[a-z]+@sha256:[0-9a-f]{64}", image), image
+    froms = [rest for kw, rest in _dockerfile_instructions() if kw == "FROM"]
+    assert all(f.split()[0] == "${PYTHON_IMAGE}" for f in froms)
+
+
+def _pins() -> Dict[str, str]:
+    pins: Dict[str, str] = {}
+    for line in (DEPLOY / "constraints.txt").read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version, f"not an exact pin: {line}"
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def _requirement_name(req: str) -> str:
+    return re.sub(r"[-_.]+", "-", re.split(r"[<>=!~;\[ ]", req, 1)[0]).lower()
+
+
+def test_constraints_pin_every_runtime_and_build_dependency() -> None:
+    text = (DEPLOY.parent / "pyproject.toml").read_text(encoding="utf-8")
+    needed: List[str] = []
+    for key in ("dependencies", "requires"):  # [project] and [build-system]
+        block = re.search(rf"^{key} = \[(.*?)\]\s*$", text, re.S | re.M)
+        assert block, key
+        needed += re.findall(r'"([^"]+)"', block.group(1))
+    pins = _pins()
+    missing = [req for req in needed if _requirement_name(req) not in pins]
+    assert not missing, f"add exact pins to deploy/constraints.txt for {missing}"
+    env = _docker_env()
+    assert env.get("PIP_CONSTRAINT", "").endswith("deploy/constraints.txt")
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text(encoding="utf-8")
+    assert "!deploy/constraints.txt" in ignore.splitlines()
+
+
+def test_systemd_keeps_the_spool_in_the_state_folder_and_installs_with_install_d() -> None:
+    service = _unit()["Service"]
+    environment = dict(e.split("=", 1) for e in service["Environment"])
+    state = "/var/lib/" + service["StateDirectory"][-1]
+    assert _under(environment["ACAGENT_SPOOL_DIR"], state)
+    assert _under(environment["ACAGENT_LOG_DIR"], state)
+    assert any(_under(state, p) for p in service["ReadWritePaths"])
+    exec_start = shlex.split(service["ExecStart"][-1])
+    k8s = _args()
+    for flag in ("--maxResponseBytes", "--responseQueueThreshold"):
+        assert _flag(exec_start, flag) == _flag(k8s, flag), flag
+    text = (DEPLOY / "systemd" / "acagent.service").read_text(encoding="utf-8")
+    installs = [line for line in text.splitlines() if re.search(r"\bsudo install\s", line)]
+    assert installs and all(" -D " in line for line in installs), installs
+    assert "/etc/acagent/" in " ".join(installs)
+
+
+def test_example_env_file_uses_names_the_cli_knows() -> None:
+    from acagent.cli import _OPTIONS, env_name_for
+
+    known = {env_name_for(flag) for flag, *_ in _OPTIONS}
+    text = (DEPLOY / "systemd" / "acagent.env.example").read_text(encoding="utf-8")
+    for line in text.splitlines():
+        name = line.lstrip("# ").split("=", 1)[0]
+        if name.startswith("ACAGENT_"):
+            assert name in known, name
