@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shlex
+import shutil
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
@@ -382,3 +384,125 @@ def test_example_env_file_uses_names_the_cli_knows() -> None:
         name = line.lstrip("# ").split("=", 1)[0]
         if name.startswith("ACAGENT_"):
             assert name in known, name
+
+
+# -- the image's install steps, run without Docker ----------------------------
+def _stages() -> List[Dict[str, Any]]:
+    stages: List[Dict[str, Any]] = []
+    for kw, rest in _dockerfile_instructions():
+        if kw == "FROM":
+            stages.append({"from": rest, "steps": []})
+        elif stages:
+            stages[-1]["steps"].append((kw, rest))
+    return stages
+
+
+def test_the_image_install_steps_build_and_install_the_pinned_agent(tmp_path: Path) -> None:
+    """Replays the Dockerfile's COPY/ENV/WORKDIR/RUN pip steps in folders under tmp_path.
+
+    Each stage gets a fresh virtualenv standing in for the base image's
+    python. Steps that need root or change the host (creating the user,
+    chown) are not run; the test checks what they create is the VOLUME.
+    """
+    import subprocess
+    import sys
+
+    repo = DEPLOY.parent
+    root = tmp_path / "image"
+    mapped: Dict[str, Path] = {"/src": root / "src", "/wheels": root / "wheels"}
+
+    def host_path(path: str) -> str:
+        for image_path, real in mapped.items():
+            if _under(path, image_path):
+                return str(real) + path[len(image_path):]
+        return path
+
+    # the base image's Python minor version: the pins are for it
+    minor = re.search(r"python:(3\.\d+)", _docker_args()["PYTHON_IMAGE"])
+    assert minor
+    if f"{sys.version_info[0]}.{sys.version_info[1]}" == minor.group(1):
+        base_python = sys.executable
+    else:
+        found = shutil.which(f"python{minor.group(1)}")
+        assert found, f"python{minor.group(1)} (the image's Python) is needed on PATH"
+        base_python = found
+
+    def make_python(name: str) -> str:
+        target = tmp_path / name
+        subprocess.run([base_python, "-m", "venv", str(target)], check=True, timeout=300)
+        return str(target / "bin" / "python")
+
+    stages = _stages()
+    assert len(stages) == 2
+    runtime_python = ""
+    skipped: List[str] = []
+    for index, stage in enumerate(stages):
+        python = make_python(f"stage{index}")
+        if index == len(stages) - 1:
+            runtime_python = python
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "ACAGENT_"))}
+        workdir = root
+        for kw, rest in stage["steps"]:
+            if kw == "ENV":
+                for token in shlex.split(rest):
+                    key, _, value = token.partition("=")
+                    env[key] = host_path(value)
+            elif kw == "WORKDIR":
+                workdir = Path(host_path(rest))
+                workdir.mkdir(parents=True, exist_ok=True)
+            elif kw == "COPY":
+                parts = rest.split()
+                if parts[0].startswith("--from="):
+                    continue  # same mapped folder in both stages
+                *sources, dest = parts
+                for source in sources:
+                    src = repo / source
+                    if dest in ("./", "."):
+                        target = workdir / src.name
+                    else:
+                        target = Path(host_path(dest)) if dest.startswith("/") else workdir / dest
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    if src.is_dir():
+                        shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__"))
+                    else:
+                        shutil.copy2(src, target)
+            elif kw == "RUN":
+                if "pip" not in rest:
+                    skipped.append(rest)
+                    continue
+                command = rest.replace("python -m pip", f"{python} -m pip")
+                for image_path in mapped:
+                    command = command.replace(image_path, host_path(image_path))
+                proc = subprocess.run(
+                    ["bash", "-ec", command],
+                    cwd=workdir,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                )
+                assert proc.returncode == 0, f"{command}\n{proc.stdout}\n{proc.stderr}"
+    # what was not run: creating the user and the data folder, which is the VOLUME
+    assert len(skipped) == 1 and "useradd" in skipped[0]
+    volume = json.loads([r for k, r in _dockerfile_instructions() if k == "VOLUME"][-1])[0]
+    assert f"install -d -m 0700 -o 10001 -g 10001 {volume}" in skipped[0]
+    # the runtime python has the agent with exactly the pinned dependencies
+    freeze = subprocess.run(
+        [runtime_python, "-m", "pip", "freeze", "--all"],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout
+    installed = {
+        re.sub(r"[-_.]+", "-", line.split("==")[0]).lower(): line.split("==")[1]
+        for line in freeze.splitlines()
+        if "==" in line
+    }
+    pins = _pins()
+    for name in ("requests", "urllib3", "tenacity", "typing-extensions", "certifi", "idna"):
+        assert installed.get(name) == pins[name], name
+    assert "acagent" in installed
+    assert not (root / "wheels").exists(), "the wheel folder is removed after install"
+    proc = subprocess.run(
+        [runtime_python, "-m", "acagent", "--help"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode == 0 and "ACAGENT_SERVER_URL" in proc.stdout
