@@ -187,3 +187,33 @@ def test_check_through_the_cli_with_only_acagent_variables(tmp_path: Path) -> No
     assert "executor_pool_size=3" in proc.stdout
     assert f"spool={tmp_path / 'spool'}" in proc.stdout
     assert ac.count("get-task") == 1
+
+
+def test_run_logs_the_startup_line_before_the_pipeline_starts(tmp_path: Path) -> None:
+    import json
+    import signal
+
+    from helpers import AgentProcess, wait_until
+
+    spool = tmp_path / "spool"
+    with FakeACServer(api_key="run-key") as ac, AgentProcess(
+        ac.url,
+        spool,
+        tmp_path / "agent.log",
+        extra=["--logFormat", "json"],
+        env={"ACAGENT_EXECUTOR_POOL_SIZE": "4"},
+        api_key="run-key",
+    ) as agent:
+        assert wait_until(lambda: ac.count("get-task") >= 1, timeout=30)
+        agent.signal(signal.SIGTERM)
+        assert agent.wait(timeout=60) == 0
+        lines = [json.loads(line) for line in agent.output().splitlines() if line.startswith("{")]
+        url = ac.url
+    messages = [line["msg"] for line in lines]
+    first = next(i for i, m in enumerate(messages) if m.startswith("acagent "))
+    started = next(i for i, m in enumerate(messages) if " started: " in m)
+    assert first < started
+    line = messages[first]
+    assert f"server={url}" in line and f"spool={spool}" in line
+    assert "log_file=off" in line and "executor_pool_size=4" in line
+    assert "run-key" not in agent.output()
