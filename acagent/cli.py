@@ -310,9 +310,12 @@ def config_from_args(argv: Sequence[str], environ: Optional[Dict[str, str]] = No
     parser = build_parser()
     args = parser.parse_args(list(argv))
     values: Dict[str, Any] = dict(_CLI_DEFAULTS)
+    on_command_line = set()
     for flag, field, kind, envs, _ in _OPTIONS:
         value = getattr(args, field)
-        if value is None:
+        if value is not None:
+            on_command_line.add(field)
+        else:
             for name in env_names_for(flag, envs):
                 if env.get(name):
                     try:
@@ -323,7 +326,11 @@ def config_from_args(argv: Sequence[str], environ: Optional[Dict[str, str]] = No
         if value is not None:
             values[field] = value
     pool_size = values.pop("pool_size", None)
-    if pool_size is not None and "executor_pool_size" not in values:
+    # --executorPoolSize beats its old name --poolSize, and a flag beats a variable
+    if pool_size is not None and (
+        "executor_pool_size" not in values
+        or ("pool_size" in on_command_line and "executor_pool_size" not in on_command_line)
+    ):
         values["executor_pool_size"] = pool_size
     if "allowed_targets" in values:
         values["allowed_targets"] = tuple(values["allowed_targets"])

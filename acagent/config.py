@@ -248,17 +248,21 @@ class AgentConfig:
             value = getattr(self, f.name)
             if value == default:
                 continue
-            if f.name.endswith("_proxy_https") or f.name.endswith("_proxy_http"):
-                value = safe_url(str(value))
-            elif isinstance(value, tuple):
-                value = ",".join(str(v) for v in value)
-            changed.append(f"{f.name}={value}")
+            changed.append(f"{f.name}={_shown(value)}")
         parts.append("settings: " + (" ".join(changed) if changed else "all defaults"))
         return " ".join(parts)
 
 
 #: fields ``describe`` leaves out: secrets, and those it shows on their own
 _NOT_DESCRIBED = frozenset({"api_key", "server_url", "spool_dir", "extra"})
+
+
+def _shown(value: Any) -> str:
+    """A setting as the start-up line shows it: URLs (proxies, Redis...) lose credentials."""
+    if isinstance(value, (tuple, list, frozenset, set)):
+        return ",".join(_shown(v) for v in value)
+    text = str(value)
+    return safe_url(text) if "://" in text else text
 
 
 def safe_url(url: str) -> str:

@@ -217,3 +217,22 @@ def test_run_logs_the_startup_line_before_the_pipeline_starts(tmp_path: Path) ->
     assert f"server={url}" in line and f"spool={spool}" in line
     assert "log_file=off" in line and "executor_pool_size=4" in line
     assert "run-key" not in agent.output()
+
+
+def test_old_pool_size_flag_beats_the_new_names_variable(base_env: Dict[str, str]) -> None:
+    env = {**base_env, "ACAGENT_EXECUTOR_POOL_SIZE": "12"}
+    assert config_from_args(["--poolSize", "5"], env).executor_pool_size == 5
+    assert config_from_args(["--poolSize", "5", "--executorPoolSize", "6"], env).executor_pool_size == 6
+    assert config_from_args([], {**env, "ACAGENT_POOL_SIZE": "5"}).executor_pool_size == 12
+
+
+def test_describe_hides_credentials_in_any_url_setting() -> None:
+    cfg = AgentConfig(
+        server_url="https://ac.example",
+        api_key="k",
+        inward_proxy_http="http://u:inward-secret@in.example:3128",
+        env_name="redis://:redis-secret@r.example:6379/0",  # any str field holding a URL
+    )
+    line = cfg.describe()
+    assert "inward-secret" not in line and "redis-secret" not in line
+    assert "inward_proxy_http=http://in.example:3128" in line
