@@ -46,6 +46,9 @@ log = logging.getLogger("acagent.check")
 
 #: seconds the connect step waits for the server's first answer
 CONNECT_READ_TIMEOUT = 30.0
+_PROXY_DNS_HINT = (
+    "the proxy's host name does not resolve: check --outgoingProxyHttps / --outgoingProxyHttp"
+)
 #: extra seconds a task the check received gets for its upload
 DELIVERY_GRACE = 60.0
 
@@ -83,7 +86,10 @@ def _brief(exc: BaseException) -> str:
 def _resolve(config: AgentConfig, report: CheckReport) -> bool:
     server = urlsplit(config.server_url)
     proxies = config.outgoing_proxies or {}
-    proxy = proxies.get(server.scheme)
+    # a proxy from HTTPS_PROXY / HTTP_PROXY (minus NO_PROXY) counts too: requests uses it
+    proxy = proxies.get(server.scheme) or requests.utils.get_environ_proxies(config.server_url).get(
+        server.scheme
+    )
     target = urlsplit(proxy) if proxy else server
     host = target.hostname or ""
     port = target.port or (443 if target.scheme == "https" else 80)
@@ -91,10 +97,8 @@ def _resolve(config: AgentConfig, report: CheckReport) -> bool:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError, OSError) as exc:
-        report.fail("resolve", f"{what}: {_brief(exc)}", hint_for(exc) if proxy is None else (
-            "the proxy's host name does not resolve: check --outgoingProxyHttps / "
-            "--outgoingProxyHttp"
-        ))
+        hint = hint_for(exc) if proxy is None else _PROXY_DNS_HINT
+        report.fail("resolve", f"{what}: {_brief(exc)}", hint)
         return False
     addresses = sorted({str(info[4][0]) for info in infos})
     report.ok("resolve", f"{what} -> {', '.join(addresses[:4])}")
@@ -119,8 +123,10 @@ def _connect(config: AgentConfig, report: CheckReport) -> bool:
     finally:
         session.close()
     scheme = urlsplit(config.server_url).scheme
-    tls = "TLS verified" if scheme == "https" and config.verify else (
-        "TLS NOT verified (--verify false)" if scheme == "https" else "plain HTTP"
+    tls = (
+        "TLS verified"
+        if scheme == "https" and config.verify
+        else ("TLS NOT verified (--verify false)" if scheme == "https" else "plain HTTP")
     )
     via = " via proxy" if config.outgoing_proxies else ""
     report.ok("connect", f"{config.base_url}{via}: {tls}, HTTP answer {reply.status_code}")
@@ -166,9 +172,8 @@ def _one_shot_fetcher(outcome: _FirstFetch) -> Type[Fetcher]:
 def _delivered(pipeline: Pipeline) -> bool:
     metrics = pipeline.metrics
     return (
-        metrics.tasks_uploaded_total.total() + metrics.tasks_failed_total.value(
-            reason="upload_failed"
-        )
+        metrics.tasks_uploaded_total.total()
+        + metrics.tasks_failed_total.value(reason="upload_failed")
         >= 1
     )
 

@@ -129,3 +129,18 @@ def test_self_signed_tls_with_ca_bundle_passes(
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "TLS verified" in proc.stdout
     assert tls_ac.count("get-task") == 1
+
+
+def test_unreachable_proxy_fails_at_connect_with_the_proxy_hint(
+    ac: FakeACServer, tmp_path: Path
+) -> None:
+    with FakeACServer() as gone:
+        proxy = gone.url  # nothing listens there once closed
+    proc = run_check(
+        tmp_path, "--serverUrl", ac.url, "--apiKey", "right-key", "--outgoingProxyHttp", proxy
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "OK    resolve: proxy 127.0.0.1" in proc.stdout
+    assert "FAIL  connect" in proc.stdout
+    assert f"hint: {hints.HINT_PROXY}" in proc.stdout
+    assert ac.count("get-task") == 0

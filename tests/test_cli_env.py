@@ -207,10 +207,12 @@ def test_run_logs_the_startup_line_before_the_pipeline_starts(tmp_path: Path) ->
         assert wait_until(lambda: ac.count("get-task") >= 1, timeout=30)
         agent.signal(signal.SIGTERM)
         assert agent.wait(timeout=60) == 0
-        lines = [json.loads(line) for line in agent.output().splitlines() if line.startswith("{")]
+        output = agent.output()
+        lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
         url = ac.url
     messages = [line["msg"] for line in lines]
-    first = next(i for i, m in enumerate(messages) if m.startswith("acagent "))
+    first = next((i for i, m in enumerate(messages) if m.startswith("acagent ")), None)
+    assert first is not None, output
     started = next(i for i, m in enumerate(messages) if " started: " in m)
     assert first < started
     line = messages[first]
