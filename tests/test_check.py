@@ -144,3 +144,13 @@ def test_unreachable_proxy_fails_at_connect_with_the_proxy_hint(
     assert "FAIL  connect" in proc.stdout
     assert f"hint: {hints.HINT_PROXY}" in proc.stdout
     assert ac.count("get-task") == 0
+
+
+def test_a_malformed_task_handed_out_to_check_is_answered(ac: FakeACServer, tmp_path: Path) -> None:
+    ac.add_task({"taskId": "t-bad", "method": "GET"})  # no url: cannot run, can be answered
+    proc = run_check(tmp_path, "--serverUrl", ac.url, "--apiKey", "right-key")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "task t-bad" in proc.stdout
+    results = ac.results["t-bad"]
+    assert len(results) == 1 and results[0].via == "error"
+    assert ac.count("get-task") == 1
