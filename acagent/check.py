@@ -169,13 +169,14 @@ def _one_shot_fetcher(outcome: _FirstFetch) -> Type[Fetcher]:
     return OneShotFetcher
 
 
-def _delivered(pipeline: Pipeline) -> bool:
+def _delivery(pipeline: Pipeline) -> Optional[str]:
+    """ "accepted" or "refused" once the Uploader is done with the result, else None."""
     metrics = pipeline.metrics
-    return (
-        metrics.tasks_uploaded_total.total()
-        + metrics.tasks_failed_total.value(reason="upload_failed")
-        >= 1
-    )
+    if metrics.tasks_uploaded_total.total() >= 1:
+        return "accepted"
+    if metrics.tasks_failed_total.value(reason="upload_failed") >= 1:
+        return "refused"
+    return None
 
 
 def _authenticate(config: AgentConfig, report: CheckReport) -> bool:
@@ -192,7 +193,7 @@ def _authenticate(config: AgentConfig, report: CheckReport) -> bool:
     pipeline = Pipeline(one_shot, fetcher_class=_one_shot_fetcher(outcome))
     got_task = False
     task_id: Optional[str] = None
-    delivered = True
+    delivery: Optional[str] = None
     try:
         pipeline.start()
         waited = config.ac_connect_timeout + config.read_timeout_seconds + 30.0
@@ -207,9 +208,10 @@ def _authenticate(config: AgentConfig, report: CheckReport) -> bool:
             got_task, task_id = True, outcome.malformed.task_id
         if got_task:
             deadline = time.monotonic() + max(left, 0.0) + config.upload_timeout + DELIVERY_GRACE
-            while not _delivered(pipeline) and time.monotonic() < deadline:
+            # bounded poll: the Uploader reports through the metrics, not an event
+            while _delivery(pipeline) is None and time.monotonic() < deadline:
                 time.sleep(0.05)
-            delivered = _delivered(pipeline)
+            delivery = _delivery(pipeline)
     finally:
         drained = pipeline.stop()
     if outcome.error is not None:
@@ -218,17 +220,24 @@ def _authenticate(config: AgentConfig, report: CheckReport) -> bool:
         return False
     if not got_task:
         report.ok("authenticate", "get-task accepted the API key (no task waiting)")
-    elif delivered and drained:
+    elif delivery == "accepted" and drained:
         report.ok(
             "authenticate",
             f"get-task accepted the API key and handed out task {task_id}; "
             "it was run and its result delivered",
         )
+    elif delivery == "refused":
+        report.fail(
+            "authenticate",
+            f"the API key works, but the AC server refused the result of task {task_id}",
+        )
+        shutil.rmtree(spool, ignore_errors=True)
+        return False
     else:
         report.fail(
             "authenticate",
-            f"the API key works, but the result of task {task_id} could not be delivered; "
-            f"it is kept in {spool}",
+            f"the API key works, but the result of task {task_id} could not be delivered "
+            f"in time; it is kept in {spool}",
         )
         return False
     shutil.rmtree(spool, ignore_errors=True)
