@@ -105,7 +105,8 @@ class _Handler(BaseHTTPRequestHandler):
                 status = 200
                 content_type = METRICS_CONTENT_TYPE
             except Exception as exc:
-                log.warning("rendering /metrics failed", exc_info=True)
+                log.warning("rendering /metrics failed: %s: %s", type(exc).__name__, exc)
+                log.debug("rendering /metrics failed", exc_info=True)
                 status, body = 500, f"metrics failed: {type(exc).__name__}"
         else:
             status, body = 404, "not found"

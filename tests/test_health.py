@@ -303,3 +303,22 @@ def test_a_client_reset_before_the_request_line_prints_nothing(
     assert requests.get(server.url + "/healthz", timeout=TIMEOUT).status_code == 200
     out, err = capfd.readouterr()
     assert err == "" and out == ""
+
+
+def test_a_failing_metrics_render_is_one_warning_line_and_a_500(
+    flags: Flags, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    def broken() -> str:
+        raise RuntimeError("registry broke")
+
+    caplog.set_level(logging.INFO, logger="acagent.health")
+    with HealthServer(
+        "127.0.0.1", 0, liveness=flags.liveness, readiness=flags.readiness, metrics_text=broken
+    ) as srv:
+        reply = requests.get(srv.url + "/metrics", timeout=TIMEOUT)
+    assert reply.status_code == 500 and "RuntimeError" in reply.text
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].getMessage() == "rendering /metrics failed: RuntimeError: registry broke"
+    assert warnings[0].exc_info is None  # the traceback is DEBUG only
+    assert capfd.readouterr().err == ""
