@@ -48,7 +48,8 @@ def _of_kind(kind: str) -> List[Dict[str, Any]]:
 
 
 def _deployment() -> Dict[str, Any]:
-    deployments = _of_kind("Deployment")
+    """The single-agent Deployment of deployment.yaml (other files may add set-ups)."""
+    deployments = [d for d in _of_kind("Deployment") if d["__file__"] == "deployment.yaml"]
     assert len(deployments) == 1
     return deployments[0]
 
@@ -292,8 +293,9 @@ def test_kubernetes_keeps_the_spool_on_a_claim_and_its_size_fits_the_arithmetic(
     cap = int(_flag(args, "--maxResponseBytes"))
     assert cap > 0, "without a cap nothing bounds the disk"
     threshold = int(_flag(args, "--responseQueueThreshold"))
-    config = _of_kind("ConfigMap")[0]["data"]
-    pool = int(config["EXECUTOR_POOL_SIZE"])
+    pool_ref = env["EXECUTOR_POOL_SIZE"]["valueFrom"]["configMapKeyRef"]
+    config = next(d for d in _of_kind("ConfigMap") if d["metadata"]["name"] == pool_ref["name"])
+    pool = int(config["data"][pool_ref["key"]])
     needed = (pool + threshold) * cap + LOG_ALLOWANCE
     assert needed <= _quantity(claim["spec"]["resources"]["requests"]["storage"])
     # scratch: one gzip copy of the body being uploaded and one log zip
