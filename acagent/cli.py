@@ -1,8 +1,11 @@
-"""The command line: ``python -m acagent [run] --serverUrl URL --apiKey KEY`` and ``... demo``.
+"""The command line: ``python -m acagent [run|check] --serverUrl URL --apiKey KEY``, ``... demo``.
 
 Every flag and environment name of today's agent is accepted with the same
-meaning, so ``python -m acagent`` replaces ``python worker.py`` as is. A bad
-value exits 2 with one line naming the flag. This module is the only place
+meaning, so ``python -m acagent`` replaces ``python worker.py`` as is. Every
+flag can also be set as ``ACAGENT_<FLAG_IN_UPPER_SNAKE>`` in the environment
+(derived from the flag's name by ``env_name_for``); precedence is flag, then
+``ACAGENT_*``, then the old environment name, then the default. A bad value
+(or a path that cannot work) exits 2 with one line naming the flag. This module is the only place
 that installs signal handlers: SIGTERM/SIGINT once = graceful stop, twice =
 stop now; SIGUSR1 = log a status line.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 from typing import Any, Dict, List, NoReturn, Optional, Sequence
@@ -247,6 +251,20 @@ _OPTIONS: List[tuple[str, str, Any, tuple[str, ...], str]] = [
     ),
 ]
 
+ENV_PREFIX = "ACAGENT_"
+
+
+def env_name_for(flag: str) -> str:
+    """``--executorPoolSize`` -> ``ACAGENT_EXECUTOR_POOL_SIZE`` (every flag has one)."""
+    words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", flag.lstrip("-"))
+    return ENV_PREFIX + words.replace("-", "_").upper()
+
+
+def env_names_for(flag: str, legacy: Sequence[str]) -> List[str]:
+    """The environment names a flag falls back to, in precedence order."""
+    return [env_name_for(flag), *legacy]
+
+
 FLAG_OF_FIELD: Dict[str, str] = {field: flag for flag, field, *_ in _OPTIONS}
 FLAG_OF_FIELD["executor_pool_size"] = "--executorPoolSize"
 
@@ -258,13 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="acagent",
         description=(
-            "ArmorCode on-premises agent. Subcommands: run (default), demo. "
-            "Flags fall back to the environment names shown."
+            "ArmorCode on-premises agent. Subcommands: run (default), check "
+            "(test the settings and the connection to the AC server, then exit), demo. "
+            "Every flag can also be set in the environment under the names shown; "
+            "precedence: flag, then ACAGENT_* variable, then old name, then default."
         ),
     )
     parser.add_argument("--version", action="version", version=f"acagent {__version__}")
     for flag, field, kind, envs, text in _OPTIONS:
-        env_note = f" [env: {', '.join(envs)}]" if envs else ""
+        env_note = f" [env: {', '.join(env_names_for(flag, envs))}]"
         extra: Dict[str, Any] = {}
         if kind is str2bool:
             extra = {"nargs": "?", "const": True, "metavar": "BOOL"}
@@ -281,15 +301,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(argv: Sequence[str], environ: Optional[Dict[str, str]] = None) -> AgentConfig:
-    """Flags, then environment fallbacks, then defaults. Exits 2 on a bad value."""
+    """Flags, then ``ACAGENT_*``, then old environment names, then defaults.
+
+    Exits 2 with one line naming the flag on a bad value, also for a path
+    setting that cannot work (``AgentConfig.check_paths``).
+    """
     env = os.environ if environ is None else environ
     parser = build_parser()
     args = parser.parse_args(list(argv))
     values: Dict[str, Any] = dict(_CLI_DEFAULTS)
+    on_command_line = set()
     for flag, field, kind, envs, _ in _OPTIONS:
         value = getattr(args, field)
-        if value is None:
-            for name in envs:
+        if value is not None:
+            on_command_line.add(field)
+        else:
+            for name in env_names_for(flag, envs):
                 if env.get(name):
                     try:
                         value = kind(env[name])
@@ -299,18 +326,30 @@ def config_from_args(argv: Sequence[str], environ: Optional[Dict[str, str]] = No
         if value is not None:
             values[field] = value
     pool_size = values.pop("pool_size", None)
-    if pool_size is not None and "executor_pool_size" not in values:
+    # --executorPoolSize beats its old name --poolSize, and a flag beats a variable
+    if pool_size is not None and (
+        "executor_pool_size" not in values
+        or ("pool_size" in on_command_line and "executor_pool_size" not in on_command_line)
+    ):
         values["executor_pool_size"] = pool_size
     if "allowed_targets" in values:
         values["allowed_targets"] = tuple(values["allowed_targets"])
     for required in ("server_url", "api_key"):
         if not values.get(required):
             flag = FLAG_OF_FIELD[required]
-            parser.error(f"{flag} is required (or the environment variable {required})")
+            names = " or ".join(env_names_for(flag, (required,)))
+            parser.error(f"{flag} is required (or the environment variable {names})")
     try:
-        return AgentConfig(**values)
+        config = AgentConfig(**values)
+        config.check_paths()
     except ConfigError as exc:
         parser.error(f"argument {FLAG_OF_FIELD.get(exc.field, exc.field)}: {exc.message}")
+    return config
+
+
+def startup_line(config: AgentConfig) -> str:
+    """The line logged before the pipeline starts: version, server, spool, log file, changes."""
+    return config.describe(baseline=_CLI_DEFAULTS)
 
 
 def run(argv: Sequence[str]) -> int:
@@ -326,6 +365,7 @@ def run(argv: Sequence[str]) -> int:
         file_dir=config.resolved_log_dir() if config.enable_file_logging else None,
         index=config.index,
     )
+    log.info("%s", startup_line(config))
     pipeline = Pipeline(config)
     signals_seen = 0
 
@@ -363,6 +403,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .demo import main as demo_main
 
         code = demo_main(args[1:])
+    elif args and args[0] == "check":
+        from .check import main as check_main
+
+        code = check_main(args[1:])
     else:
         if args and args[0] == "run":
             args = args[1:]

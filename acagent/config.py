@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import ssl
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
@@ -157,8 +158,8 @@ class AgentConfig:
             "outgoing_proxy_http",
         ):
             value = getattr(self, name)
-            if value is not None and not urlsplit(value).scheme:
-                raise ConfigError(name, f"must be a proxy URL like http://host:port, got {value!r}")
+            if value is not None:
+                _check_proxy_url(name, value)
 
     # ------------------------------------------------------------------
     def replace(self, **changes: Any) -> AgentConfig:
@@ -196,6 +197,134 @@ class AgentConfig:
 
     def resolved_log_dir(self) -> str:
         return self.log_dir or os.path.join(default_base_dir(), "log")
+
+    def log_file(self) -> Optional[str]:
+        """The log file the agent writes, or None when file logging is off."""
+        if not self.enable_file_logging:
+            return None
+        return os.path.join(self.resolved_log_dir(), f"app_log{self.index}.log")
+
+    # ------------------------------------------------------------------
+    def check_paths(self) -> None:
+        """Raise ConfigError for the first path setting that cannot work.
+
+        Run before anything starts (the CLI does): the spool folder and, when
+        files are written there, the log folder must be creatable and
+        writable (they are created here, 0700, as the agent would); the CA
+        bundle must be a readable file or folder of PEM certificates.
+        """
+        _check_writable_dir("spool_dir", self.resolved_spool_dir())
+        if self.enable_file_logging or self.enable_metrics_file:
+            _check_writable_dir("log_dir", self.resolved_log_dir())
+        if self.ca_bundle is not None:
+            _check_ca_bundle(self.ca_bundle)
+
+    def describe(self, baseline: Optional[Mapping[str, Any]] = None) -> str:
+        """One start-up line: version, server URL, spool, log file, non-default settings.
+
+        ``baseline`` overrides the defaults a setting is compared with (the
+        CLI's own defaults). Secrets never appear: the API key is left out,
+        and the server and proxy URLs lose any user:password and query.
+        """
+        from . import __version__
+
+        base = dict(baseline or {})
+        parts = [
+            f"acagent {__version__}",
+            f"server={safe_url(self.server_url)}",
+            f"spool={self.resolved_spool_dir()}",
+            f"log_file={self.log_file() or 'off'}",
+        ]
+        changed = []
+        for f in dataclasses.fields(self):
+            if f.name in _NOT_DESCRIBED:
+                continue
+            if f.name in base:
+                default = base[f.name]
+            elif f.default is not dataclasses.MISSING:
+                default = f.default
+            else:
+                continue
+            value = getattr(self, f.name)
+            if value == default:
+                continue
+            changed.append(f"{f.name}={_shown(value)}")
+        parts.append("settings: " + (" ".join(changed) if changed else "all defaults"))
+        return " ".join(parts)
+
+
+#: fields ``describe`` leaves out: secrets, and those it shows on their own
+_NOT_DESCRIBED = frozenset({"api_key", "server_url", "spool_dir", "extra"})
+
+
+def _shown(value: Any) -> str:
+    """A setting as the start-up line shows it: URLs (proxies, Redis...) lose credentials."""
+    if isinstance(value, (tuple, list, frozenset, set)):
+        return ",".join(_shown(v) for v in value)
+    text = str(value)
+    return safe_url(text) if "://" in text else text
+
+
+def safe_url(url: str) -> str:
+    """``url`` without user:password, query or fragment (safe to log)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = host + (f":{port}" if port is not None else "")
+    return f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else netloc + parts.path
+
+
+_PROXY_SCHEMES = ("http", "https", "socks4", "socks4a", "socks5", "socks5h")
+
+
+def _check_proxy_url(name: str, value: str) -> None:
+    parts = urlsplit(value)
+    problem = ""
+    if parts.scheme not in _PROXY_SCHEMES:
+        problem = "has no http:// or https:// scheme"
+    elif not parts.hostname:
+        problem = "has no host"
+    else:
+        try:
+            parts.port  # noqa: B018 - parsing it is the check
+        except ValueError:
+            problem = "has an invalid port"
+    if problem:
+        shown = safe_url(value) if parts.scheme else "<not a URL>"
+        raise ConfigError(name, f"must be a proxy URL like http://host:port ({problem}): {shown}")
+
+
+def _check_writable_dir(name: str, path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(name, f"is not a folder: {path}")
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(name, f"cannot create folder {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(name, f"folder is not writable: {path}")
+
+
+def _check_ca_bundle(path: str) -> None:
+    if not os.path.exists(path):
+        raise ConfigError("ca_bundle", f"file or folder does not exist: {path}")
+    if not os.access(path, os.R_OK):
+        raise ConfigError("ca_bundle", f"is not readable: {path}")
+    if os.path.isdir(path):
+        return  # a c_rehash folder: certificates are looked up by hash when needed
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=path)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        raise ConfigError(
+            "ca_bundle", f"holds no usable PEM certificate ({reason}): {path}"
+        ) from None
 
 
 def _proxies(http: Optional[str], https: Optional[str]) -> Optional[Dict[str, str]]:

@@ -2,7 +2,8 @@
 
 Starts a ``FakeACServer`` and a ``FakeTarget`` in this process, queues a few
 hundred tasks of mixed sizes, runs them through the real Pipeline over HTTP
-on 127.0.0.1, shows a live progress line, then prints a summary and exits 0
+on 127.0.0.1, shows its progress (a line redrawn in place on a terminal,
+plain lines every few seconds otherwise), then prints a summary and exits 0
 only if every result arrived exactly once and matched the target's bytes.
 """
 
@@ -50,11 +51,28 @@ def _pick_sizes(count: int, rng: random.Random) -> List[int]:
     return rng.choices(sizes, weights=weights, k=count)
 
 
+#: seconds between progress lines when stdout is not a terminal
+PLAIN_PROGRESS_EVERY = 2.0
+
+
+def intro_line(tasks: int, threads: int) -> str:
+    """What the demo is about to do, in one line (printed first)."""
+    return (
+        f"acagent demo: running {tasks} tasks (bodies of 0 B to 5 MB) through the real agent "
+        f"({threads} executor threads) against a fake AC server and a fake tool on 127.0.0.1, "
+        "then checking every result byte for byte"
+    )
+
+
 def main(argv: Sequence[str] = ()) -> int:
     args = _parse(argv)
     rng = random.Random(args.seed)
     sizes = _pick_sizes(args.tasks, rng)
     out = sys.stdout
+    # A terminal gets one line redrawn in place; a pipe or a file gets plain lines.
+    live = out.isatty()
+    out.write(intro_line(len(sizes), args.executorPoolSize) + "\n")
+    out.flush()
     with FakeTarget() as target, FakeACServer(max_concurrent=2, latency=args.acLatency) as ac:
         expected: Dict[str, Tuple[int, Optional[str]]] = {}
         for i, size in enumerate(sizes):
@@ -80,20 +98,29 @@ def main(argv: Sequence[str] = ()) -> int:
                 upload_to_ac=args.uploadToAc == "true",
             )
             started = time.monotonic()
+            next_plain = started + PLAIN_PROGRESS_EVERY
             with Pipeline(config) as agent:
                 while not ac.wait_for_results(len(sizes), timeout=0.5):
+                    now = time.monotonic()
                     done = len(ac.results)
                     fetched = int(agent.metrics.counter_totals()["fetched"])
-                    out.write(
-                        f"\r  {done}/{len(sizes)} results  fetched={fetched}"
-                        f"  AC in flight max={ac.max_inflight}  {time.monotonic() - started:5.1f}s"
+                    progress = (
+                        f"  {done}/{len(sizes)} results  fetched={fetched}"
+                        f"  AC in flight max={ac.max_inflight}  {now - started:5.1f}s"
                     )
-                    out.flush()
-                    if time.monotonic() - started > 300:
+                    if live:
+                        out.write("\r" + progress)
+                        out.flush()
+                    elif now >= next_plain:
+                        out.write(progress + "\n")
+                        out.flush()
+                        next_plain = now + PLAIN_PROGRESS_EVERY
+                    if now - started > 300:
                         out.write("\n  timed out after 300 s\n")
                         break
             elapsed = time.monotonic() - started
-        out.write("\r" + " " * 78 + "\r")
+        if live:
+            out.write("\r" + " " * 78 + "\r")
         return _summary(ac, expected, elapsed, out)
 
 

@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import requests
 import urllib3.exceptions
+import urllib3.response
 
 from . import logs
 from .allowlist import TargetAllowList, host_of
@@ -301,6 +302,11 @@ class Executor(Stage):
     def _stream_body(
         self, reply: requests.Response, key: str, deadline: float, watch: _Watch
     ) -> int:
+        unknown = undecodable_encoding(reply.headers.get("Content-Encoding", ""))
+        if unknown:
+            # urllib3 passes an encoding it cannot decode through as raw bytes;
+            # they must not reach AC as if they were the body.
+            raise TargetFailure(_encoding_reason(unknown), "bad_encoding")
         cap = self.config.max_response_bytes
         size = 0
         out = None
@@ -456,6 +462,29 @@ def _read_failure(exc: Exception, watch: _Watch) -> Exception:
     if isinstance(exc, (urllib3.exceptions.HTTPError, OSError)):
         return TargetFailure(f"response body broken: {_brief(exc)}", "broken_body")
     return exc
+
+
+#: the optional extra that makes urllib3 decode an encoding (see pyproject.toml)
+_ENCODING_EXTRAS = {"br": "brotli", "zstd": "zstd"}
+
+
+def undecodable_encoding(header: str) -> Optional[str]:
+    """The first coding in a ``Content-Encoding`` value urllib3 cannot decode here, or None."""
+    decodable = {c.lower() for c in urllib3.response.HTTPResponse.CONTENT_DECODERS}
+    decodable.add("identity")
+    for coding in header.split(","):
+        name = coding.strip().lower()
+        if name and name not in decodable:
+            return name[:40]
+    return None
+
+
+def _encoding_reason(coding: str) -> str:
+    extra = _ENCODING_EXTRAS.get(coding)
+    reason = f"unsupported Content-Encoding: {coding}"
+    if extra:
+        reason += f" (install acagent[{extra}] to decode it)"
+    return reason
 
 
 def _brief(exc: BaseException) -> str:

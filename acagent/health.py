@@ -11,6 +11,7 @@ import contextlib
 import logging
 import selectors
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -108,7 +109,8 @@ class _Handler(BaseHTTPRequestHandler):
                 status = 200
                 content_type = METRICS_CONTENT_TYPE
             except Exception as exc:
-                log.warning("rendering /metrics failed", exc_info=True)
+                log.warning("rendering /metrics failed: %s: %s", type(exc).__name__, exc)
+                log.debug("rendering /metrics failed", exc_info=True)
                 status, body = 500, f"metrics failed: {type(exc).__name__}"
         else:
             status, body = 404, "not found"
@@ -120,6 +122,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if send_body:
             self.wfile.write(data)
+
+
+#: a client that closed or reset its connection, or went silent
+_CLIENT_GONE = (ConnectionError, TimeoutError, socket.timeout)
+
+
+def _peer(client_address: object) -> str:
+    if isinstance(client_address, tuple) and len(client_address) >= 2:
+        return f"{client_address[0]}:{client_address[1]}"
+    return str(client_address)
 
 
 class _Server(ThreadingHTTPServer):
@@ -152,6 +164,24 @@ class _Server(ThreadingHTTPServer):
         finally:
             with self._conn_lock:
                 self._connections.pop(threading.current_thread(), None)
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # socketserver's default prints a traceback to stderr, outside logging
+        # (and around --logFormat json). A client that hangs up or resets is
+        # routine for probes and scrapers: DEBUG. Anything else: one line, the
+        # traceback at DEBUG.
+        exc = sys.exc_info()[1]
+        peer = _peer(client_address)
+        if isinstance(exc, _CLIENT_GONE):
+            log.debug("health client %s went away: %s", peer, type(exc).__name__)
+            return
+        log.warning(
+            "health listener: a request from %s failed: %s: %s",
+            peer,
+            type(exc).__name__,
+            str(exc).replace("\n", " ")[:200],
+        )
+        log.debug("health listener error details", exc_info=True)
 
     def close_connections(self, deadline: float) -> None:
         """Wake every connection thread by shutting its socket, then join them."""

@@ -247,6 +247,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj, default=str, ensure_ascii=False)
 
 
+def error_fields(exc: BaseException, wait: Optional[float] = None) -> Dict[str, Any]:
+    """``extra=`` fields for a failure line: its class, HTTP status and wait, each its own key.
+
+    ``log.warning("get-task failed; waiting %.0fs", w, extra=error_fields(exc, w))``
+    gives ``"error_class": "ACHTTPError", "http_status": 503, "wait_s": 5.0`` in
+    JSON lines (``key=value`` in text), so they can be filtered on.
+    """
+    fields: Dict[str, Any] = {"error_class": type(exc).__name__}
+    status = getattr(exc, "status", None)
+    if isinstance(status, int) and not isinstance(status, bool):
+        fields["http_status"] = status
+    if wait is not None:
+        fields["wait_s"] = round(float(wait), 3)
+    return fields
+
+
 # ---------------------------------------------------------------------------
 # setup
 # ---------------------------------------------------------------------------

@@ -170,3 +170,52 @@ def test_help_documents_every_flag_and_the_process_exits_2_on_bad_input() -> Non
 
 def test_api_key_not_in_config_repr() -> None:
     assert "super-secret-key" not in repr(parse("--apiKey", "super-secret-key"))
+
+
+# -- the demo's output ----------------------------------------------------------
+def test_demo_says_what_it_runs_and_prints_plain_progress_lines_when_piped() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "acagent", "demo", "--tasks", "40", "--targetLatency", "0.2",
+         "--executorPoolSize", "2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("acagent demo: running 40 tasks") and "fake AC server" in lines[0]
+    assert "\r" not in proc.stdout
+    # 40 tasks x 0.2 s on 2 threads take >= 4 s: at least one plain progress line
+    progress = [line for line in lines if "/40 results" in line]
+    assert progress, proc.stdout
+    assert "result                 OK" in proc.stdout
+
+
+def test_demo_redraws_one_line_on_a_terminal() -> None:
+    import os
+    import pty
+    import select
+
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "acagent", "demo", "--tasks", "20", "--targetLatency", "0.2",
+             "--executorPoolSize", "2"],
+            stdout=follower, stderr=subprocess.DEVNULL,
+        )
+        os.close(follower)
+        chunks = []
+        while True:
+            ready, _, _ = select.select([leader], [], [], 120)
+            assert ready, "the demo printed nothing for 120 s"
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        assert proc.wait(timeout=300) == 0
+    finally:
+        os.close(leader)
+    out = b"".join(chunks).decode("utf-8", "replace")
+    assert out.startswith("acagent demo: running 20 tasks")
+    assert "\r  " in out and "/20 results" in out

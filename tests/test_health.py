@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import logging
 import socket
 import threading
 import time
@@ -257,3 +258,84 @@ def test_readiness_tracker_behind_the_server(flags: Flags) -> None:
         assert requests.get(srv.url + "/readyz", timeout=TIMEOUT).status_code == 503
         tracker.record_success()
         assert requests.get(srv.url + "/readyz", timeout=TIMEOUT).status_code == 200
+
+
+# ---------------------------------------------------------------------------
+# errors go through logging, never raw to stderr
+def _reset(sock: socket.socket) -> None:
+    """Close with SO_LINGER 0: the peer gets a TCP RST instead of a FIN."""
+    import struct
+
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def _wait_for_record(caplog: pytest.LogCaptureFixture, text: str) -> logging.LogRecord:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        for record in caplog.records:
+            if record.name == "acagent.health" and text in record.getMessage():
+                return record
+        time.sleep(0.01)
+    raise AssertionError(f"no acagent.health record with {text!r}: {caplog.records}")
+
+
+def test_a_client_reset_during_metrics_is_debug_and_prints_nothing(
+    flags: Flags, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    reset_done = threading.Event()
+    entered = threading.Event()
+
+    def slow_metrics() -> str:
+        entered.set()
+        assert reset_done.wait(TIMEOUT)
+        return "x" * 200_000 + "\n"  # more than a socket buffer: the write must hit the RST
+
+    caplog.set_level(logging.DEBUG, logger="acagent.health")
+    with HealthServer(
+        "127.0.0.1", 0, liveness=flags.liveness, readiness=flags.readiness, metrics_text=slow_metrics
+    ) as srv:
+        sock = socket.create_connection(srv.address, timeout=TIMEOUT)
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert entered.wait(TIMEOUT)
+        _reset(sock)
+        reset_done.set()
+        record = _wait_for_record(caplog, "went away")
+        assert record.levelno == logging.DEBUG
+        # the listener still answers
+        assert requests.get(srv.url + "/healthz", timeout=TIMEOUT).status_code == 200
+    out, err = capfd.readouterr()
+    assert err == "" and out == ""
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_client_reset_before_the_request_line_prints_nothing(
+    server: HealthServer, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="acagent.health")
+    sock = socket.create_connection(server.address, timeout=TIMEOUT)
+    sock.sendall(b"GET /metr")
+    _reset(sock)
+    _wait_for_record(caplog, "went away")
+    assert requests.get(server.url + "/healthz", timeout=TIMEOUT).status_code == 200
+    out, err = capfd.readouterr()
+    assert err == "" and out == ""
+
+
+def test_a_failing_metrics_render_is_one_warning_line_and_a_500(
+    flags: Flags, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    def broken() -> str:
+        raise RuntimeError("registry broke")
+
+    caplog.set_level(logging.INFO, logger="acagent.health")
+    with HealthServer(
+        "127.0.0.1", 0, liveness=flags.liveness, readiness=flags.readiness, metrics_text=broken
+    ) as srv:
+        reply = requests.get(srv.url + "/metrics", timeout=TIMEOUT)
+    assert reply.status_code == 500 and "RuntimeError" in reply.text
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].getMessage() == "rendering /metrics failed: RuntimeError: registry broke"
+    assert warnings[0].exc_info is None  # the traceback is DEBUG only
+    assert capfd.readouterr().err == ""

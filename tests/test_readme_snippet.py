@@ -1,0 +1,68 @@
+"""The library snippet of README.md, run verbatim against the fake servers, delivers its task."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from acagent.testing import FakeACServer, FakeTarget
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+MARKER = "<!-- snippet: library -->"
+TIMEOUT = 60
+
+
+def library_snippet() -> str:
+    text = README.read_text(encoding="utf-8")
+    assert text.count(MARKER) == 1, "README.md must mark exactly one library snippet"
+    after = text.split(MARKER, 1)[1]
+    match = re.match(r"\s*```python\n(.*?)\n```", after, re.S)
+    assert match, "the marker must be followed by a python code block"
+    return match.group(1)
+
+
+def test_snippet_is_complete_code() -> None:
+    code = library_snippet()
+    compile(code, "README.md", "exec")
+    assert "spool_dir=" in code and "run_forever()" in code
+
+
+def test_snippet_runs_verbatim_and_delivers_its_task(tmp_path: Path) -> None:
+    code = library_snippet()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACAGENT_")}
+    with FakeTarget() as target, FakeACServer(api_key="readme-key") as ac:
+        ac.add_task(
+            {"taskId": "readme-1", "method": "GET", "url": f"{target.url}/bytes/4096?seed=5"}
+        )
+        env.update(
+            ACAGENT_SERVER_URL=ac.url,
+            ACAGENT_API_KEY="readme-key",
+            HOME=str(tmp_path),  # the snippet's spool folder lands under the test's folder
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            delivered = ac.wait_for_results(1, timeout=TIMEOUT)
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=TIMEOUT)
+        assert delivered, "the snippet's agent did not deliver the task"
+        results = ac.results["readme-1"]
+    assert proc.returncode == 0, err
+    assert "all results delivered" in out
+    assert len(results) == 1
+    assert results[0].fields["statusCode"] == 200 and results[0].body_len == 4096
+    assert results[0].via == "inline"
+    assert (tmp_path / "my-service" / "acagent-spool").is_dir()
