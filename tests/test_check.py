@@ -159,10 +159,11 @@ def test_a_malformed_task_handed_out_to_check_is_answered(ac: FakeACServer, tmp_
 def test_a_result_the_server_refuses_fails_the_check(ac: FakeACServer, tmp_path: Path) -> None:
     with FakeTarget() as target:
         ac.add_task({"taskId": "t-refused", "method": "GET", "url": f"{target.url}/bytes/10?seed=1"})
-        # the result and the error result sent in its place are both refused for good
-        ac.inject("put-result", status=400, body=b'{"error": "bad result"}', times=2)
+        # the result is refused for good (three times): it is quarantined and an
+        # error result quoting the server goes in its place; the check must fail
+        ac.inject("put-result", status=400, body=b'{"error": "bad result"}', times=3)
         proc = run_check(tmp_path, "--serverUrl", ac.url, "--apiKey", "right-key")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "FAIL  authenticate" in proc.stdout
     assert "refused the result of task t-refused" in proc.stdout
-    assert ac.count("put-result", 400) == 2
+    assert ac.count("put-result", 400) == 3

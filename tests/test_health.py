@@ -12,6 +12,7 @@ from typing import Iterator, List, Tuple
 import pytest
 import requests
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from acagent.health import METRICS_CONTENT_TYPE, HealthServer, ReadinessTracker
 from acagent.metrics import AgentMetrics
@@ -286,14 +287,22 @@ def test_a_client_reset_during_metrics_is_debug_and_prints_nothing(
     reset_done = threading.Event()
     entered = threading.Event()
 
-    def slow_metrics() -> str:
-        entered.set()
-        assert reset_done.wait(TIMEOUT)
-        return "x" * 200_000 + "\n"  # more than a socket buffer: the write must hit the RST
+    class SlowCollector:
+        """A collector that waits for the reset, then yields more than a socket buffer."""
+
+        def collect(self) -> Iterator[Metric]:
+            entered.set()
+            assert reset_done.wait(TIMEOUT)
+            family = GaugeMetricFamily("big", "padding", labels=["pad"])
+            family.add_metric(["x" * 200_000], 1.0)  # the write must hit the RST
+            yield family
+
+    slow_metrics = CollectorRegistry()
+    slow_metrics.register(SlowCollector())  # type: ignore[arg-type]
 
     caplog.set_level(logging.DEBUG, logger="acagent.health")
     with HealthServer(
-        "127.0.0.1", 0, liveness=flags.liveness, readiness=flags.readiness, metrics_text=slow_metrics
+        "127.0.0.1", 0, liveness=flags.liveness, readiness=flags.readiness, registry=slow_metrics
     ) as srv:
         sock = socket.create_connection(srv.address, timeout=TIMEOUT)
         sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -325,12 +334,16 @@ def test_a_client_reset_before_the_request_line_prints_nothing(
 def test_a_failing_metrics_render_is_one_warning_line_and_a_500(
     flags: Flags, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    def broken() -> str:
-        raise RuntimeError("registry broke")
+    class BrokenCollector:
+        def collect(self) -> Iterator[Metric]:
+            raise RuntimeError("registry broke")
+
+    broken = CollectorRegistry()
+    broken.register(BrokenCollector())  # type: ignore[arg-type]
 
     caplog.set_level(logging.INFO, logger="acagent.health")
     with HealthServer(
-        "127.0.0.1", 0, liveness=flags.liveness, readiness=flags.readiness, metrics_text=broken
+        "127.0.0.1", 0, liveness=flags.liveness, readiness=flags.readiness, registry=broken
     ) as srv:
         reply = requests.get(srv.url + "/metrics", timeout=TIMEOUT)
     assert reply.status_code == 500 and "RuntimeError" in reply.text
