@@ -34,6 +34,8 @@ import time
 from typing import Optional
 
 from .errors import ACConnectionError, ACHTTPError, ACRateLimitError, BadReplyError, TaskError
+from .hints import hint_for
+from .logs import error_fields
 from .logthrottle import LogThrottle
 from .models import Result, Task, echo_fields
 from .stage import Stage, StageContext
@@ -143,19 +145,39 @@ class Fetcher(Stage):
                     if exc.concurrency
                     else self.DOWN_MIN
                 )
-            log.warning("get-task: rate limited by the AC server; waiting %.1fs", wait)
+            log.warning(
+                "get-task: rate limited by the AC server; waiting %.1fs",
+                wait,
+                extra=error_fields(exc, wait),
+            )
             return wait
         if isinstance(exc, ACHTTPError) and exc.status in (401, 403):
             self._auth_failures += 1
             wait = min(self.AUTH_MIN * 2.0 ** (self._auth_failures - 1), self.AUTH_MAX)
             if self._auth_log.ready():
-                log.error("get-task: HTTP %d: %s; retrying in %.0fs", exc.status, AUTH_HINT, wait)
+                log.error(
+                    "get-task: HTTP %d: %s; retrying in %.0fs",
+                    exc.status,
+                    AUTH_HINT,
+                    wait,
+                    extra=error_fields(exc, wait),
+                )
             return wait
         if isinstance(exc, (ACHTTPError, ACConnectionError, BadReplyError)):
             self._failures += 1
             wait = self._failure_wait(self._failures)
+            # One line per event (the message already names get-task), with
+            # what to do about it when there is something to do.
             level = logging.WARNING if self._failures <= self.BREAKER_THRESHOLD else logging.DEBUG
-            log.log(level, "get-task failed (%s); waiting %.1fs", exc, wait)
+            hint = hint_for(exc)
+            log.log(
+                level,
+                "%s; waiting %.1fs%s",
+                exc,
+                wait,
+                f" ({hint})" if hint else "",
+                extra=error_fields(exc, wait),
+            )
             return wait
         raise exc  # not an AC failure: a bug; run_loop logs it with its traceback
 

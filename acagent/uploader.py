@@ -50,7 +50,9 @@ from .breaker import ClassBreaker
 from .config import INLINE_BODY_LIMIT
 from .errors import ACError, ACHTTPError, ACRateLimitError, AgentStopping
 from .fetcher import AUTH_HINT
+from .hints import hint_for
 from .ledger import Delivery
+from .logs import error_fields
 from .logthrottle import LogThrottle
 from .models import (
     Result,
@@ -205,13 +207,16 @@ class Uploader(Stage):
             wait = self._retry_wait(delivery.attempts)
             reason = f"{type(exc).__name__}"
         level = logging.WARNING if delivery.attempts <= 3 else logging.DEBUG
+        hint = hint_for(exc)
         log.log(
             level,
-            "task %s: upload failed (%s); retry %d in %.1fs",
+            "task %s: upload failed (%s); retry %d in %.1fs%s",
             result.task_id,
             reason,
             delivery.attempts,
             wait,
+            f" ({hint})" if hint else "",
+            extra=error_fields(exc, wait),
         )
         self.ctx.observers.emit("on_result_retry", result, reason, wait)
         self._again(delivery, wait)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -148,12 +150,29 @@ def test_a_second_agent_on_the_same_spool_exits_2_naming_folder_and_holder(
     with FakeACServer() as ac:
         with AgentProcess(ac.url, spool, tmp_path / "first.log") as first:
             assert ac.wait_for(lambda: ac.count("get-task") >= 1, WAIT), first.output()
-            with AgentProcess(ac.url, spool, tmp_path / "second.log") as second:
-                code = second.wait(20)
-                out = second.output()
-            assert code == 2, out
-            lines = [line for line in out.splitlines() if line.strip()]
-            assert len(lines) == 1, out
+            second = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "acagent",
+                    "--serverUrl",
+                    ac.url,
+                    "--apiKey",
+                    "k",
+                    "--spoolDir",
+                    str(spool),
+                    "--enableFileLogging",
+                    "false",
+                    "--metricsFile",
+                    "false",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert second.returncode == 2, second.stdout + second.stderr
+            lines = second.stderr.strip().splitlines()
+            assert len(lines) == 1, second.stderr
             assert str(spool) in lines[0] and f"pid {first.proc.pid}" in lines[0]
             first.signal(15)
             assert first.wait(20) == 0
