@@ -17,7 +17,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import queue
-import re
 import threading
 import time
 from typing import TYPE_CHECKING, Dict, Union
@@ -27,7 +26,7 @@ import urllib3.exceptions
 
 from .allowlist import TargetDenied, TargetPolicy, host_of, normalise_host
 from .errors import AgentError
-from .logs import safe_url
+from .logs import scrub_text
 from .models import Result, Task, echo_fields, new_result_key
 from .targetsession import TargetSession, build_target_session
 
@@ -341,14 +340,6 @@ def _host_part(value: str) -> str:
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
-_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
-
-
 def _brief(exc: BaseException) -> str:
-    """An exception as one short line: URLs lose query string and userinfo,
-    urllib3's object reprs (``<...Connection object at 0x..>``) go."""
-    text = f"{type(exc).__name__}: {exc}"
-    text = _URL_IN_TEXT.sub(lambda m: safe_url(m.group(0)), text)
-    text = re.sub(r"<[\w.]+ object at 0x[0-9a-f]+>", "connection", text)
-    text = " ".join(text.split())
-    return text[:300]
+    """An exception as one short line: URLs lose query string and userinfo."""
+    return scrub_text(f"{type(exc).__name__}: {exc}")[:300]

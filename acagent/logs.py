@@ -34,6 +34,7 @@ __all__ = [
     "register_secret",
     "reset_logging",
     "safe_url",
+    "scrub_text",
     "set_debug",
     "setup_logging",
     "task_context",
@@ -165,6 +166,21 @@ def safe_url(url: str) -> str:
         return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
     except ValueError:
         return url.split("?", 1)[0].split("#", 1)[0].rpartition("@")[2]
+
+
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+# urllib3's "Max retries exceeded with url: /path?query" names a path, not a URL
+_PATH_WITH_QUERY = re.compile(r"(url: )(/[^\s'\"<>?#]*)[?#][^\s'\"<>]*")
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def scrub_text(text: str) -> str:
+    """An error message fit for a log line or an error result: URLs without
+    userinfo and query, no object reprs, one line."""
+    text = _URL_IN_TEXT.sub(lambda m: safe_url(m.group(0)), text)
+    text = _PATH_WITH_QUERY.sub(lambda m: m.group(1) + m.group(2), text)
+    text = _OBJECT_REPR.sub("connection", text)
+    return " ".join(text.split())
 
 
 # C0 and C1 control characters (tab kept) and the Unicode line separators
