@@ -149,6 +149,9 @@ def redact(text: str) -> str:
     pattern = _secrets_re
     if pattern is not None and any(secret in text for secret in _secrets):
         text = pattern.sub(MASK, text)
+    if "://" in text and ("?" in text or "@" in text or "#" in text):
+        # URLs lose userinfo, query string and fragment
+        text = _URL_IN_TEXT.sub(lambda m: safe_url(m.group(0)), text)
     if _TRIGGER_RE.search(text) is None:
         return text
     text = _QUOTED_RE.sub(lambda m: m.group("head") + MASK + m.group("q2"), text)
@@ -306,7 +309,9 @@ class JsonFormatter(logging.Formatter):
             obj["stack"] = record.stack_info
         for key, value in _extras(record).items():
             obj.setdefault(key, value)
-        return json.dumps(obj, default=str, ensure_ascii=False)
+        text = json.dumps(obj, default=str, ensure_ascii=False)
+        # JSON allows these two raw; many line readers split on them
+        return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
 # ---------------------------------------------------------------------------
