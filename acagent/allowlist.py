@@ -494,8 +494,10 @@ class GuardedAdapter(HTTPAdapter):
         try:
             infos = socket.getaddrinfo(host, port or 80, 0, socket.SOCK_STREAM)
         except OSError:
-            if by_name:
-                return  # allowed by name; the proxy may know names we do not
+            if by_name or not self.policy.enabled:
+                # Allowed by name, or no allow-list to match an address
+                # against: the proxy may know names this host cannot resolve.
+                return
             raise TargetDenied(
                 f"target host not in the allow-list: {host} (not resolvable here)"
             ) from None

@@ -206,3 +206,24 @@ def test_https_required_unless_the_ac_server_uses_http(tmp_path: Path) -> None:
             client.put_s3("http://s3.amazonaws.com/b/k", str(body))
     finally:
         client.close()
+
+
+def test_put_url_through_an_outgoing_proxy(
+    tmp_path: Path, ac: FakeACServer, internal: StorageServer
+) -> None:
+    """Through a proxy the URL's host is checked; a public name the agent
+    cannot resolve itself is left to the proxy."""
+    body = tmp_path / "body"
+    body.write_bytes(b"y" * 2048)
+    proxy = StorageServer("127.0.0.3")  # answers every PUT 200, like a forwarding proxy
+    client = make_client(ac, outgoing_proxy_http=f"http://127.0.0.3:{proxy.port}")
+    try:
+        with pytest.raises(BadReplyError, match="internal address"):
+            client.put_s3(f"http://127.0.0.2:{internal.port}/b/k", str(body))
+        assert proxy.accepted == 0
+        client.put_s3("http://bucket.s3.unresolvable.example/b/k?X-Amz-Signature=1", str(body))
+        assert proxy.body_bytes == 2048
+    finally:
+        client.close()
+        proxy.close()
+    assert internal.accepted == 0
