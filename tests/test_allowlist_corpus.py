@@ -536,3 +536,43 @@ def test_host_header_must_name_the_url_host(
         )
     assert len(allowed.requests_to("/echo")) == 2
     assert denied.accepted == 0
+
+
+def test_connections_refuse_on_their_own(
+    servers: Tuple[RecordingServer, CountingListener], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection classes hold without the URL check in front of them:
+    a pool aimed straight at the denied address never connects, and a name
+    whose DNS answer changes (rebinding) is checked on each new connection."""
+    from urllib3.util import Timeout
+
+    from acagent.allowlist import GuardedAdapter, TargetDenied, TargetPolicy
+
+    allowed, denied = servers
+    port = allowed.port
+    adapter = GuardedAdapter(TargetPolicy(("allowed.example", "127.0.0.2/32")))
+    manager = adapter.poolmanager
+    timeout = Timeout(connect=5, read=5)
+    for host in ("127.0.0.1", "2130706433", "localhost", "::ffff:127.0.0.1"):
+        pool = manager.connection_from_host(host, port, scheme="http")
+        with pytest.raises(TargetDenied):
+            pool.urlopen("GET", "/", retries=False, timeout=timeout)
+    real = socket.getaddrinfo
+    answers = iter(["127.0.0.2", "127.0.0.1"])
+
+    def rebinding(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "rebind.test":
+            return real(next(answers), *args, **kwargs)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    pool = manager.connection_from_host("rebind.test", port, scheme="http")
+    first = pool.urlopen("GET", "/ok", retries=False, timeout=timeout)
+    assert first.status == 200 and first.data == ALLOWED_BODY
+    manager.clear()  # drop the pools: the next request needs a new connection, a new answer
+    pool = manager.connection_from_host("rebind.test", port, scheme="http")
+    with pytest.raises(TargetDenied, match=r"rebind\.test resolves to 127\.0\.0\.1"):
+        pool.urlopen("GET", "/ok", retries=False, timeout=timeout)
+    adapter.close()
+    assert denied.accepted == 0
+    assert len(allowed.requests_to("/ok")) == 1
