@@ -12,11 +12,16 @@ Two lists of entries, each a host name (``jira.corp``), a wildcard
 A host named in the allow-list (by name or wildcard) is allowed by name; its
 addresses are only checked against the deny-list. Any other host (an IP
 literal, or a name when the allow-list has CIDRs) is allowed only if the
-address the agent *connects to* lies in an allowed network. The checks run
-where the connection is made (``targetsession.py``): on the host and port
-urllib3 connects to, after name resolution, for every request and redirect
-hop, so a URL that two parsers read differently or a name that resolves
-somewhere else at connect time cannot get around them.
+address the agent *connects to* lies in an allowed network.
+
+The checks run where the connection is made. ``GuardedAdapter`` (a requests
+adapter) refuses, for every request and redirect hop, a URL that
+``urllib.parse`` and urllib3 read differently and a host refused by name (for
+a proxied request: the target host). Its pools' connection classes resolve
+the host urllib3 is about to connect to, connect only to an address the
+policy allows and re-check the socket's peer, so neither a numeric or
+IPv6 form nor a DNS answer that changes (rebinding) gets around them.
+``UploadPolicy`` uses the same machinery for S3 upload URLs.
 """
 
 from __future__ import annotations
