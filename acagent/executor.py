@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Dict, Union
 import requests
 import urllib3.exceptions
 
-from .allowlist import TargetDenied, TargetPolicy, host_of, normalise_host
+from .allowlist import TargetDenied, TargetPolicy, normalise_host
 from .errors import AgentError
 from .logs import scrub_text
 from .models import Result, Task, echo_fields, new_result_key
@@ -46,10 +46,6 @@ class TargetFailure(AgentError):
         super().__init__(reason)
         self.reason = reason
         self.slug = slug
-
-
-def _host(url: str) -> str:
-    return host_of(url) or "?"
 
 
 class Executor:
