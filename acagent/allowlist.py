@@ -449,14 +449,16 @@ class GuardedHTTPSConnection(_GuardedMixin, HTTPSConnection):
 
 
 def _pool_classes(policy: TargetPolicy) -> Dict[str, Type[HTTPConnectionPool]]:
-    """Pool classes whose connections carry ``policy`` (a pool key cannot carry it)."""
-    http_conn = type("PolicyHTTPConnection", (GuardedHTTPConnection,), {"policy": policy})
-    https_conn = type("PolicyHTTPSConnection", (GuardedHTTPSConnection,), {"policy": policy})
+    """Pool classes whose connections carry ``policy`` (a pool key cannot carry it).
+
+    They keep urllib3's class names, so error messages read as before."""
+    http_conn = type("HTTPConnection", (GuardedHTTPConnection,), {"policy": policy})
+    https_conn = type("HTTPSConnection", (GuardedHTTPSConnection,), {"policy": policy})
     http_pool = type(
-        "PolicyHTTPConnectionPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}
+        "HTTPConnectionPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}
     )
     https_pool = type(
-        "PolicyHTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn}
+        "HTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn}
     )
     return {"http": http_pool, "https": https_pool}
 
