@@ -30,6 +30,7 @@ from .errors import (
     SpoolLockedError,
     TargetFailure,
     TaskError,
+    UploadURLRefused,
 )
 from .executor import Executor
 from .fetcher import Fetcher
@@ -74,6 +75,7 @@ __all__ = [
     "TargetFailure",
     "Task",
     "TaskError",
+    "UploadURLRefused",
     "Uploader",
     "__version__",
 ]

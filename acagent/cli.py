@@ -21,7 +21,7 @@ import sys
 from typing import Any, Dict, List, NoReturn, Optional, Sequence
 
 from . import __version__
-from .allowlist import TargetAllowList
+from .allowlist import TargetAllowList, parse_entries
 from .config import AgentConfig
 from .errors import ConfigError, SpoolLockedError
 
@@ -76,6 +76,25 @@ def _allow_list(value: str) -> List[str]:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return list(allow.describe())
+
+
+def _host_entries(value: str) -> List[str]:
+    try:
+        return parse_entries(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _header_names(value: str) -> List[str]:
+    names = [part.strip() for part in value.split(",") if part.strip()]
+    bad = [n for n in names if not all(c.isalnum() or c in "-_." for c in n)]
+    if bad:
+        raise argparse.ArgumentTypeError(f"not a header name: {bad[0]!r}")
+    return names
+
+
+#: flag types whose values are comma-separated lists (kept as tuples)
+_LIST_TYPES = (_allow_list, _host_entries, _header_names)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -222,6 +241,29 @@ _OPTIONS: List[tuple[str, str, Any, tuple[str, ...], str]] = [
         "comma-separated hosts, *.wildcards and CIDRs tasks may reach (default: all)",
     ),
     (
+        "--deniedTargets",
+        "denied_targets",
+        _host_entries,
+        (),
+        "hosts, *.wildcards and CIDRs tasks may never reach, added to the cloud metadata "
+        "addresses (169.254.169.254, fd00:ec2::254, 169.254.0.0/16); the entry no-defaults "
+        "drops those",
+    ),
+    (
+        "--allowedUploadHosts",
+        "allowed_upload_hosts",
+        _host_entries,
+        (),
+        "loopback/link-local/private hosts or CIDRs an S3 upload URL may point to (default: none)",
+    ),
+    (
+        "--sensitiveHeaders",
+        "sensitive_headers",
+        _header_names,
+        (),
+        "extra header names stripped when a target redirects to another origin",
+    ),
+    (
         "--maxResponseBytes",
         "max_response_bytes",
         _int(0),
@@ -290,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
             extra = {"nargs": "?", "const": True, "metavar": "BOOL"}
         elif kind in (_seconds, _seconds_or_zero):
             extra = {"metavar": "SECONDS"}
-        elif kind is not str and kind is not _allow_list:
+        elif kind is not str and kind not in _LIST_TYPES:
             extra = {"metavar": "N"}
         else:
             extra = {"metavar": field.split("_")[-1].upper()}
@@ -332,8 +374,9 @@ def config_from_args(argv: Sequence[str], environ: Optional[Dict[str, str]] = No
         or ("pool_size" in on_command_line and "executor_pool_size" not in on_command_line)
     ):
         values["executor_pool_size"] = pool_size
-    if "allowed_targets" in values:
-        values["allowed_targets"] = tuple(values["allowed_targets"])
+    for name in ("allowed_targets", "denied_targets", "allowed_upload_hosts", "sensitive_headers"):
+        if name in values:
+            values[name] = tuple(values[name])
     for required in ("server_url", "api_key"):
         if not values.get(required):
             flag = FLAG_OF_FIELD[required]

@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from urllib.parse import urlsplit
 
 import requests
 import urllib3.util.connection
@@ -31,6 +32,7 @@ from requests.adapters import HTTPAdapter
 
 from ._version import __version__
 from .abandon import ConnectionTracker, TrackingAdapter
+from .allowlist import GuardedAdapter, TargetDenied, UploadPolicy, unambiguous_host
 from .config import AgentConfig
 from .errors import (
     ACConnectionError,
@@ -39,7 +41,9 @@ from .errors import (
     AgentStopping,
     BadReplyError,
     TaskError,
+    UploadURLRefused,
 )
+from .logs import scrub_text
 from .models import Task
 from .ratelimit import FETCH, UPLOAD, RateLimits
 from .retry import RetryPolicy, run_with_retries, server_wait
@@ -272,7 +276,16 @@ class ACClient:
             config.ac_max_concurrent, user_agent=user_agent, tracker=self._tracker
         )
         self.session.headers["Authorization"] = f"Bearer {config.api_key}"
+        #: where presigned upload URLs may point (checked on the connection made)
+        self.upload_policy = UploadPolicy(
+            config.allowed_upload_hosts, server_host=urlsplit(config.server_url).hostname or ""
+        )
         self.s3_session = build_session(2, user_agent=user_agent)
+        s3_adapter = GuardedAdapter(
+            self.upload_policy, pool_connections=4, pool_maxsize=2, max_retries=0
+        )
+        self.s3_session.mount("http://", s3_adapter)
+        self.s3_session.mount("https://", s3_adapter)
         self._closed = False
 
     # -- lifecycle -----------------------------------------------------
@@ -531,6 +544,23 @@ class ACClient:
             raise BadReplyError("upload-url: reply lacks putUrl/getUrl")
         return put_url, get_url
 
+    def check_upload_url(self, put_url: str) -> None:
+        """Refuse a presigned URL that is not https (or the AC server's scheme),
+        that parsers read differently, or that names an internal host.
+
+        Raises ``BadReplyError`` (the result then gets an error result). The
+        addresses are checked again on the connection actually made.
+        """
+        try:
+            host = unambiguous_host(put_url)
+            scheme = urlsplit(put_url).scheme.lower()
+            allowed = {"https", urlsplit(self.config.server_url).scheme.lower()}
+            if scheme not in allowed:
+                raise TargetDenied(f"upload url scheme must be https, got {scheme!r}")
+            self.upload_policy.check_host(host)
+        except TargetDenied as exc:
+            raise UploadURLRefused(f"s3: upload url refused: {exc.reason}") from None
+
     def put_s3(
         self,
         put_url: str,
@@ -539,7 +569,13 @@ class ACClient:
         content_type: Optional[str] = None,
         policy: Optional[RetryPolicy] = None,
     ) -> None:
-        """PUT the body to a presigned URL: own session, no permit, no auth header."""
+        """PUT the body to a presigned URL: own session, no permit, no auth header.
+
+        The URL is checked first (``check_upload_url``); redirects are not
+        followed; the reply body is never quoted in an error (it comes from a
+        host the server chose), only its status.
+        """
+        self.check_upload_url(put_url)
         headers = {"Content-Type": content_type} if content_type else {}
 
         def attempt() -> None:
@@ -553,12 +589,19 @@ class ACClient:
                         timeout=self._upload_timeout(),
                         verify=self.verify,
                         proxies=self.config.outgoing_proxies,
+                        allow_redirects=False,
                     )
+            except TargetDenied as exc:
+                self._report("s3", "error", started)
+                raise UploadURLRefused(f"s3: upload url refused: {exc.reason}") from None
             except _NETWORK_ERRORS as exc:
                 self._report("s3", "error", started)
-                raise ACConnectionError(f"s3: {type(exc).__name__}: {exc}") from exc
-            self._report("s3", str(reply.status_code), started)
-            _check_status("s3", reply)
+                raise ACConnectionError(
+                    f"s3: {type(exc).__name__}: {scrub_text(str(exc))}"
+                ) from None
+            with reply:
+                self._report("s3", str(reply.status_code), started)
+                _check_s3_status(reply)
 
         run_with_retries(attempt, policy or self.retry_policy, stop=self.abort)
 
@@ -628,6 +671,18 @@ def _check_status(endpoint: str, reply: requests.Response) -> requests.Response:
             concurrency="too many concurrent" in text.lower(),
         )
     raise ACHTTPError(endpoint, status, text)
+
+
+def _check_s3_status(reply: requests.Response) -> None:
+    """Raise for a non-2xx S3 reply, naming the status only (never the body)."""
+    status = reply.status_code
+    if 200 <= status < 300:
+        return
+    if status == 429:
+        raise ACRateLimitError("s3", retry_after=server_wait(reply.headers))
+    if 300 <= status < 400:
+        raise ACHTTPError("s3", status, "redirect not followed")
+    raise ACHTTPError("s3", status, "upload refused by the storage service")
 
 
 def _json_data(reply: requests.Response, endpoint: str) -> Any:

@@ -88,6 +88,15 @@ class AgentConfig:
     max_response_bytes: int = 0
     #: target hosts allowed (names, ``*.wildcards``, CIDRs); empty = all
     allowed_targets: Tuple[str, ...] = ()
+    #: target hosts denied on top of the cloud metadata addresses
+    #: (``allowlist.DEFAULT_DENIED``); the entry ``no-defaults`` drops those
+    denied_targets: Tuple[str, ...] = ()
+    #: hosts (names, ``*.wildcards``, CIDRs) an S3 upload URL may point to even
+    #: though they are loopback, link-local or private
+    allowed_upload_hosts: Tuple[str, ...] = ()
+    #: header names stripped on a redirect to another origin, on top of
+    #: ``targetsession.SENSITIVE_HEADERS``
+    sensitive_headers: Tuple[str, ...] = ()
     #: retries of one AC upload call before the result waits in the spool
     upload_retry_budget: int = 5
 
@@ -145,12 +154,20 @@ class AgentConfig:
             raise ConfigError("log_format", f"must be 'text' or 'json', got {self.log_format!r}")
         if self.health_addr is not None:
             parse_host_port(self.health_addr, field_name="health_addr")
-        try:
-            from .allowlist import TargetAllowList
+        from .allowlist import HostList, TargetPolicy
 
-            TargetAllowList(self.allowed_targets)
+        try:
+            TargetPolicy(self.allowed_targets)
         except ValueError as exc:
             raise ConfigError("allowed_targets", f"has an invalid entry: {exc}") from None
+        try:
+            TargetPolicy((), self.denied_targets)
+        except ValueError as exc:
+            raise ConfigError("denied_targets", f"has an invalid entry: {exc}") from None
+        try:
+            HostList(self.allowed_upload_hosts)
+        except ValueError as exc:
+            raise ConfigError("allowed_upload_hosts", f"has an invalid entry: {exc}") from None
         for name in (
             "inward_proxy_https",
             "inward_proxy_http",
@@ -357,4 +374,6 @@ def parse_host_port(text: str, *, field_name: str = "address") -> Tuple[str, int
     host, sep, port_text = text.rpartition(":")
     if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError(field_name, f"must be host:port, got {text!r}")
-    return (host.strip("[]") or "0.0.0.0"), int(port_text)  # noqa: S104 - listener default
+    # A host-less ":PORT" means this machine only; exposing the listener
+    # takes an explicit address (0.0.0.0, a NIC's address).
+    return (host.strip("[]") or "127.0.0.1"), int(port_text)

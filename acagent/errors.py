@@ -75,6 +75,10 @@ class BadReplyError(ACError):
     """The AC server answered 2xx with a body the protocol does not allow."""
 
 
+class UploadURLRefused(BadReplyError):
+    """A presigned upload URL the upload policy refuses (scheme, internal address)."""
+
+
 class AgentStopping(AgentError):
     """The agent is stopping; a wait or retry loop was cut short."""
 

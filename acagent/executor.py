@@ -27,37 +27,18 @@ import urllib3.exceptions
 import urllib3.response
 
 from . import logs
-from .allowlist import TargetAllowList, host_of
-from .client import EnvCachedSession, build_session
+from .allowlist import TargetDenied, TargetPolicy, normalise_host
 from .errors import TargetFailure
+from .logs import scrub_text
 from .models import Result, Task, echo_fields, new_result_key
 from .spool import SPOOL_ERRNOS, spool_error_reason
 from .stage import Stage, StageContext
+from .targetsession import TargetSession, build_target_session
 
 log = logging.getLogger("acagent.executor")
 
 CHECKMARX_TOKEN_PATH = "/cxrestapi/auth/identity/connect/token"  # noqa: S105 - a path
 CHUNK = 256 * 1024
-
-
-class TargetSession(EnvCachedSession):
-    """A session that re-checks the allow-list on every redirect hop."""
-
-    def __init__(self, allow: TargetAllowList) -> None:
-        super().__init__()
-        self.allow = allow
-
-    def rebuild_auth(self, prepared_request: Any, response: Any) -> None:
-        url = prepared_request.url or ""
-        if not self.allow.allows_url(url):
-            raise TargetFailure(
-                f"redirect to a host outside the allow-list: {_host(url)}", "denied"
-            )
-        super().rebuild_auth(prepared_request, response)  # type: ignore[no-untyped-call]
-
-
-def _host(url: str) -> str:
-    return host_of(url) or "?"
 
 
 class Executor(Stage):
@@ -75,7 +56,7 @@ class Executor(Stage):
 
     def __init__(self, ctx: StageContext) -> None:
         super().__init__(ctx)
-        self.allow = TargetAllowList(self.config.allowed_targets)
+        self.allow = TargetPolicy(self.config.allowed_targets, self.config.denied_targets)
         self.session = self._make_session(self.config.executor_pool_size)
         self.deadline_watch = DeadlineWatch(ctx.abort)
         self._size = ctx.settings.pool_size
@@ -88,10 +69,10 @@ class Executor(Stage):
         self._old_pools: List[concurrent.futures.ThreadPoolExecutor] = []
 
     # -- lifecycle -------------------------------------------------------
-    def _make_session(self, pool_size: int) -> requests.Session:
-        session = build_session(pool_size, session=TargetSession(self.allow))
-        session.headers.pop("User-Agent", None)  # targets see urllib3's default, as before
-        return session
+    def _make_session(self, pool_size: int) -> TargetSession:
+        return build_target_session(
+            self.allow, pool_size, sensitive_headers=self.config.sensitive_headers
+        )
 
     def _new_pool(self, size: int) -> concurrent.futures.ThreadPoolExecutor:
         return concurrent.futures.ThreadPoolExecutor(
@@ -250,8 +231,12 @@ class Executor(Stage):
         left = task.seconds_left()
         if left <= 0:
             raise TargetFailure("task expired before it could run", "expired")
-        if not self.allow.allows_url(task.url):
-            raise TargetFailure(f"target host not in the allow-list: {_host(task.url)}", "denied")
+        try:
+            host = self.allow.check_url(task.url)
+        except TargetDenied as exc:
+            raise TargetFailure(exc.reason, "denied") from None
+        headers = self.prepare_headers(task)
+        self._check_host_header(headers, host)
         try:
             body = task.input.encode("utf-8") if task.input is not None else None
         except UnicodeEncodeError:  # JSON can carry a lone surrogate ("\ud800")
@@ -261,7 +246,7 @@ class Executor(Stage):
             reply = self.session.request(
                 task.method,
                 task.url,
-                headers=self.prepare_headers(task),
+                headers=headers,
                 data=body,
                 stream=True,
                 timeout=(min(self.config.connect_timeout, left), min(self.config.timeout, left)),
@@ -270,6 +255,8 @@ class Executor(Stage):
             )
         except TargetFailure:
             raise
+        except TargetDenied as exc:
+            raise TargetFailure(exc.reason, "denied") from None
         except requests.Timeout as exc:
             raise TargetFailure(f"target timed out: {_brief(exc)}", "timeout") from None
         except requests.exceptions.InvalidURL as exc:
@@ -298,6 +285,18 @@ class Executor(Stage):
             body_size=size,
             key=key,
         )
+
+    def _check_host_header(self, headers: Dict[str, str], host: str) -> None:
+        """A ``Host`` header must name the URL's host or an allow-listed one."""
+        for name, value in headers.items():
+            if name.strip().lower() != "host":
+                continue
+            named = normalise_host(_host_part(value))
+            if named == host:
+                continue
+            if self.allow.enabled and named and self.allow.allow.matches_name(named):
+                continue
+            raise TargetFailure("Host header names another host than the url", "denied")
 
     def _stream_body(
         self, reply: requests.Response, key: str, deadline: float, watch: _Watch
@@ -487,7 +486,14 @@ def _encoding_reason(coding: str) -> str:
     return reason
 
 
+def _host_part(value: str) -> str:
+    """The host of a ``Host`` header value (``name``, ``name:port``, ``[v6]:port``)."""
+    value = value.strip()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
 def _brief(exc: BaseException) -> str:
-    """An exception as one short line, without URLs' query strings."""
-    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    return text[:300]
+    """An exception as one short line: URLs lose query string and userinfo."""
+    return scrub_text(f"{type(exc).__name__}: {exc}")[:300]

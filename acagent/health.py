@@ -213,7 +213,7 @@ class HealthServer:
         registry: CollectorRegistry,
         poll_interval: float = 0.5,
     ) -> None:
-        self.host = host
+        self.host = host or "127.0.0.1"  # host-less: this machine only, never every NIC
         self.port = port
         self.liveness = liveness
         self.readiness = readiness

@@ -20,8 +20,8 @@ import re
 import sys
 import threading
 import zipfile
-from typing import IO, Any, Dict, FrozenSet, Iterator, List, Optional, Tuple
-from urllib.parse import quote
+from typing import IO, Any, Dict, FrozenSet, Iterator, List, Optional, Pattern, Tuple
+from urllib.parse import quote, urlsplit, urlunsplit
 
 __all__ = [
     "JsonFormatter",
@@ -29,9 +29,12 @@ __all__ = [
     "TaskContextFilter",
     "TextFormatter",
     "current_task_id",
+    "escape_controls",
     "redact",
     "register_secret",
     "reset_logging",
+    "safe_url",
+    "scrub_text",
     "set_debug",
     "setup_logging",
     "task_context",
@@ -77,6 +80,9 @@ class TaskContextFilter(logging.Filter):
 # ---------------------------------------------------------------------------
 _secrets_lock = threading.Lock()
 _secrets: Tuple[str, ...] = ()
+#: the registered secrets as whole tokens: never part of a longer word, so a
+#: short key ("k") masks "k" but leaves "Traceback" alone
+_secrets_re: Optional[Pattern[str]] = None
 
 _SENSITIVE_NAMES = (
     r"(?:proxy-)?authorization"
@@ -115,12 +121,15 @@ def register_secret(value: str) -> None:
     """Mask ``value`` (and its URL-encoded form) in every log line from now on."""
     if not value:
         return
-    global _secrets
+    global _secrets, _secrets_re
     variants = {value, quote(value, safe="")}
     with _secrets_lock:
         merged = set(_secrets) | {v for v in variants if v}
         # longest first, so a secret containing another is masked whole
         _secrets = tuple(sorted(merged, key=len, reverse=True))
+        _secrets_re = re.compile(
+            r"(?<![A-Za-z0-9])(?:" + "|".join(re.escape(s) for s in _secrets) + r")(?![A-Za-z0-9])"
+        )
 
 
 def registered_secrets() -> FrozenSet[str]:
@@ -129,16 +138,20 @@ def registered_secrets() -> FrozenSet[str]:
 
 def clear_secrets() -> None:
     """Forget every registered secret (tests)."""
-    global _secrets
+    global _secrets, _secrets_re
     with _secrets_lock:
         _secrets = ()
+        _secrets_re = None
 
 
 def redact(text: str) -> str:
     """``text`` with registered secrets and credential-looking values masked."""
-    for secret in _secrets:
-        if secret in text:
-            text = text.replace(secret, MASK)
+    pattern = _secrets_re
+    if pattern is not None and any(secret in text for secret in _secrets):
+        text = pattern.sub(MASK, text)
+    if "://" in text and ("?" in text or "@" in text or "#" in text):
+        # URLs lose userinfo, query string and fragment
+        text = _URL_IN_TEXT.sub(lambda m: safe_url(m.group(0)), text)
     if _TRIGGER_RE.search(text) is None:
         return text
     text = _QUOTED_RE.sub(lambda m: m.group("head") + MASK + m.group("q2"), text)
@@ -146,6 +159,43 @@ def redact(text: str) -> str:
     text = _EQUALS_RE.sub(lambda m: m.group("head") + MASK, text)
     text = _SCHEME_RE.sub(lambda m: m.group("head") + MASK, text)
     return text
+
+
+def safe_url(url: str) -> str:
+    """``url`` for a log line or an error result: no userinfo, query or fragment."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc.rpartition("@")[2]
+        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    except ValueError:
+        return url.split("?", 1)[0].split("#", 1)[0].rpartition("@")[2]
+
+
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+# urllib3's "Max retries exceeded with url: /path?query" names a path, not a URL
+_PATH_WITH_QUERY = re.compile(r"(url: )(/[^\s'\"<>?#]*)[?#][^\s'\"<>]*")
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def scrub_text(text: str) -> str:
+    """An error message fit for a log line or an error result: URLs without
+    userinfo and query, no object reprs, one line."""
+    text = _URL_IN_TEXT.sub(lambda m: safe_url(m.group(0)), text)
+    text = _PATH_WITH_QUERY.sub(lambda m: m.group(1) + m.group(2), text)
+    text = _OBJECT_REPR.sub("connection", text)
+    return " ".join(text.split())
+
+
+# C0 and C1 control characters (tab kept) and the Unicode line separators
+_CONTROL_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with control characters as escapes (``\\n``, ``\\x1b``): a value
+    with a newline cannot start a forged line in a text log."""
+    if _CONTROL_RE.search(text) is None:
+        return text
+    return _CONTROL_RE.sub(lambda m: repr(m.group(0))[1:-1], text)
 
 
 # LogRecord attributes that are not ``extra=`` fields
@@ -203,23 +253,38 @@ class TextFormatter(logging.Formatter):
     """``<ts> <LEVEL> [<thread>] <logger>: <msg> [task=<id>] key=value ...``"""
 
     def format(self, record: logging.LogRecord) -> str:
+        # Every field is escaped: one record is one line (plus an indented
+        # traceback), whatever a task id or a server's message contains.
+        thread = escape_controls(record.threadName or "")
         line = (
-            f"{_iso_utc(record.created)} {record.levelname} [{record.threadName}] "
-            f"{record.name}: {record.getMessage()}"
+            f"{_iso_utc(record.created)} {record.levelname} [{thread}] "
+            f"{record.name}: {escape_controls(record.getMessage())}"
         )
         task_id = getattr(record, "task_id", None)
         if task_id:
-            line += f" [task={task_id}]"
+            line += f" [task={escape_controls(str(task_id))}]"
         extras = _extras(record)
         if extras:
-            line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+            line += " " + " ".join(
+                f"{escape_controls(str(k))}={escape_controls(str(v))}" for k, v in extras.items()
+            )
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
-            line += "\n" + record.exc_text
+            line += "\n" + _indented(record.exc_text)
         if record.stack_info:
-            line += "\n" + self.formatStack(record.stack_info)
+            line += "\n" + _indented(self.formatStack(record.stack_info))
         return line
+
+
+def _indented(block: str) -> str:
+    """A traceback under its record: lines escaped, and every line after the
+    first "Traceback" line indented, so none can pass for a record of its own."""
+    lines = [escape_controls(line) for line in block.splitlines()]
+    return "\n".join(
+        line if i == 0 or line.startswith((" ", "\t")) else "  " + line
+        for i, line in enumerate(lines)
+    )
 
 
 class JsonFormatter(logging.Formatter):
@@ -244,7 +309,9 @@ class JsonFormatter(logging.Formatter):
             obj["stack"] = record.stack_info
         for key, value in _extras(record).items():
             obj.setdefault(key, value)
-        return json.dumps(obj, default=str, ensure_ascii=False)
+        text = json.dumps(obj, default=str, ensure_ascii=False)
+        # JSON allows these two raw; many line readers split on them
+        return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
 def error_fields(exc: BaseException, wait: Optional[float] = None) -> Dict[str, Any]:

@@ -42,6 +42,11 @@ _RESULT_FIELDS = (
 )
 
 
+#: task fields a spool record does not keep: credentials and request bodies
+#: must not sit on disk for as long as a result waits for the AC server
+SPOOL_OMITTED_FIELDS = frozenset({"requestHeaders", "input"})
+
+
 def new_result_key() -> str:
     """A fresh result key: 32 hex digits, safe as a file name in the spool."""
     return uuid.uuid4().hex
@@ -239,8 +244,11 @@ class Result:
 
     # -- spool records ---------------------------------------------------
     def to_record(self) -> Dict[str, Any]:
+        """What the spool keeps on disk: only what delivery needs. The task's
+        ``requestHeaders`` (tool credentials) and ``input`` (request body) are
+        left out, so a result re-sent after a restart echoes the task without them."""
         return {
-            "fields": self.fields,
+            "fields": {k: v for k, v in self.fields.items() if k not in SPOOL_OMITTED_FIELDS},
             "statusCode": self.status_code,
             "responseHeaders": self.response_headers,
             "bodyPath": self.body_path,

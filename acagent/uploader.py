@@ -24,6 +24,10 @@ or fixed by an operator):
   at most once a minute, and the result is retried; the first accepted
   delivery releases the hold.
 * 413 on put-result: the same result goes through upload-result instead.
+* S3 (``uploadToAc`` false): a presigned URL the upload policy refuses (an
+  internal address, not https), or ``S3_ATTEMPTS`` failed S3 attempts: the
+  same result goes through upload-result to the AC server instead (each S3
+  attempt asks for a fresh URL first).
 * 400/422 (the server refuses the content): ``REFUSALS_BEFORE_QUARANTINE``
   attempts, then the original record and body move to the spool's
   ``quarantine/`` folder and the task is answered with an error result that
@@ -43,12 +47,12 @@ import shutil
 import threading
 import time
 import uuid
-from typing import Optional, Set
+from typing import Dict, Optional, Set
 
 from . import logs
 from .breaker import ClassBreaker
 from .config import INLINE_BODY_LIMIT
-from .errors import ACError, ACHTTPError, ACRateLimitError, AgentStopping
+from .errors import ACError, ACHTTPError, ACRateLimitError, AgentStopping, UploadURLRefused
 from .fetcher import AUTH_HINT
 from .hints import hint_for
 from .ledger import Delivery
@@ -91,6 +95,8 @@ class Uploader(Stage):
     BREAKER_THRESHOLD = 5
     BREAKER_OPEN_MIN = 5.0
     BREAKER_OPEN_MAX = 300.0
+    #: failed S3 attempts of one result before it goes through upload-result instead
+    S3_ATTEMPTS = 3
     #: 400/422 refusals of one result before it is quarantined
     REFUSALS_BEFORE_QUARANTINE = 3
     #: gzip level for upload-result: fast, since senders compress inline
@@ -109,7 +115,10 @@ class Uploader(Stage):
         )
         self._rng = random.Random()
         self._auth_log = LogThrottle(60.0)
-        self._inline_refused: Set[str] = set()
+        # Results that go through upload-result whatever their size or
+        # uploadToAc says (put-result said 413, or S3 would not take them).
+        self._via_upload_result: Set[str] = set()
+        self._s3_failures: Dict[str, int] = {}
         self._lock = threading.Lock()
         self._retrying = 0
 
@@ -149,7 +158,8 @@ class Uploader(Stage):
             self._note_retry_done()
         self.ctx.ledger.release(AUTH_HOLD)
         with self._lock:
-            self._inline_refused.discard(result.key)
+            self._via_upload_result.discard(result.key)
+            self._s3_failures.pop(result.key, None)
         self.ctx.ledger.delivered(delivery)
         log.debug("result delivered via %s", via)
         self.ctx.observers.emit(
@@ -178,9 +188,13 @@ class Uploader(Stage):
             if self._auth_log.ready():
                 log.error("upload: HTTP %d: %s; results are kept and retried", status, AUTH_HINT)
             reason = f"HTTP {status}"
-        elif status == 413 and result.key not in self._inline_refused and self._is_inline(result):
+        elif (
+            status == 413
+            and result.key not in self._via_upload_result
+            and self._is_inline(result)
+        ):
             with self._lock:
-                self._inline_refused.add(result.key)
+                self._via_upload_result.add(result.key)
             log.warning(
                 "task %s: put-result too large for the server (413); using upload-result",
                 result.task_id,
@@ -297,12 +311,16 @@ class Uploader(Stage):
             )
             client.put_result(error_payload(lost, version), policy=ONE_ATTEMPT)
             return "error"
-        if self._is_inline(result) and result.key not in self._inline_refused:
+        if self._is_inline(result) and result.key not in self._via_upload_result:
             with open(result.body_path, "rb") as fh:
                 body = fh.read(INLINE_BODY_LIMIT + 1)
             client.put_result(inline_payload(result, version, body), policy=ONE_ATTEMPT)
             return "inline"
-        if self.ctx.settings.upload_to_ac or self._is_inline(result):
+        if (
+            self.ctx.settings.upload_to_ac
+            or self._is_inline(result)
+            or result.key in self._via_upload_result
+        ):
             self._upload_to_ac(result)
             return "upload"
         self._upload_to_s3(result)
@@ -340,6 +358,24 @@ class Uploader(Stage):
                 shutil.copyfileobj(src, gz, self.COPY_CHUNK)
 
     def _upload_to_s3(self, result: Result) -> None:
+        try:
+            self._put_to_s3(result)
+        except Exception as exc:
+            with self._lock:
+                failures = self._s3_failures.get(result.key, 0) + 1
+                self._s3_failures[result.key] = failures
+                give_up = isinstance(exc, UploadURLRefused) or failures >= self.S3_ATTEMPTS
+                if give_up:
+                    self._via_upload_result.add(result.key)
+            if give_up:
+                log.warning(
+                    "task %s: S3 upload failed (%s); sending the result through upload-result",
+                    result.task_id,
+                    exc,
+                )
+            raise
+
+    def _put_to_s3(self, result: Result) -> None:
         assert result.body_path is not None
         client = self.ctx.client
         put_url, get_url = client.get_upload_url(
