@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from prometheus_client import CollectorRegistry
 from helpers import WAIT, make_config, make_pipeline, running, wait_until
 
 from acagent.allowlist import DEFAULT_DENIED, TargetDenied, TargetPolicy
@@ -146,7 +147,7 @@ def test_host_less_health_addr_binds_loopback_only() -> None:
         0,
         liveness=lambda: (True, "ok"),
         readiness=lambda: (True, "ok"),
-        metrics_text=lambda: "",
+        registry=CollectorRegistry(),
     )
     with server:
         host, port = server.address
