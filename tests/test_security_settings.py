@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from prometheus_client import CollectorRegistry
 from helpers import WAIT, make_config, make_pipeline, running, wait_until
+from prometheus_client import CollectorRegistry
 
 from acagent.allowlist import DEFAULT_DENIED, TargetDenied, TargetPolicy
 from acagent.cli import config_from_args
