@@ -352,7 +352,6 @@ class ACClient:
     def _exchange(
         self,
         endpoint: str,
-        method: str,
         op_class: str,
         *,
         timeout: Tuple[float, float],
@@ -379,7 +378,7 @@ class ACClient:
                     started = time.monotonic()
                     try:
                         reply = self.session.request(
-                            method,
+                            ENDPOINT_METHODS[endpoint],
                             self._url(endpoint),
                             params=params,
                             data=data,
@@ -420,7 +419,6 @@ class ACClient:
     def _call(
         self,
         endpoint: str,
-        method: str,
         op_class: str,
         *,
         policy: Optional[RetryPolicy] = None,
@@ -436,7 +434,7 @@ class ACClient:
             log.warning("%s failed (%s); retrying in %.1fs", endpoint, exc, wait)
 
         return run_with_retries(
-            lambda: self._exchange(endpoint, method, op_class, **kw),
+            lambda: self._exchange(endpoint, op_class, **kw),
             policy or self.retry_policy,
             stop=self.abort,
             on_retry=on_retry,
@@ -463,7 +461,7 @@ class ACClient:
         self._fetching_thread = threading.get_ident()
         try:
             reply = self._exchange(
-                "get-task", "GET", FETCH, timeout=self._json_timeout(), params=params
+                "get-task", FETCH, timeout=self._json_timeout(), params=params
             )
         finally:
             self._fetching_thread = None
@@ -488,7 +486,6 @@ class ACClient:
         """POST put-result with the result JSON."""
         self._call(
             "put-result",
-            "POST",
             UPLOAD,
             policy=policy,
             timeout=self._json_timeout(),
@@ -517,7 +514,6 @@ class ACClient:
 
         self._call(
             "upload-result",
-            "POST",
             UPLOAD,
             policy=policy,
             timeout=self._upload_timeout(),
@@ -530,7 +526,6 @@ class ACClient:
         """GET upload-url: the presigned ``(putUrl, getUrl)`` for ``file_name``."""
         reply = self._call(
             "upload-url",
-            "GET",
             UPLOAD,
             policy=policy,
             timeout=self._json_timeout(),
@@ -626,7 +621,6 @@ class ACClient:
 
         self._call(
             "upload-logs",
-            "POST",
             UPLOAD,
             policy=policy,
             timeout=self._upload_timeout(),

@@ -13,7 +13,7 @@ import dataclasses
 import os
 import ssl
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
@@ -98,7 +98,6 @@ class AgentConfig:
     #: ``targetsession.SENSITIVE_HEADERS``
     sensitive_headers: Tuple[str, ...] = ()
     #: retries of one AC upload call before the result waits in the spool
-    upload_retry_budget: int = 5
 
     # -- observability --------------------------------------------------------
     debug_mode: bool = False
@@ -115,8 +114,6 @@ class AgentConfig:
     ready_window: float = 300.0
     status_interval: float = 60.0
     log_dir: Optional[str] = None
-
-    extra: Dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -136,7 +133,6 @@ class AgentConfig:
         _positive_int(self, "rate_limit_per_min", low=0, high=10_000_000)
         _positive_int(self, "max_response_bytes", low=0, high=2**62)
         _positive_int(self, "metrics_retention_days", low=0, high=3650)
-        _positive_int(self, "upload_retry_budget", low=0, high=100)
         for name in (
             "connect_timeout",
             "timeout",
@@ -271,7 +267,7 @@ class AgentConfig:
 
 
 #: fields ``describe`` leaves out: secrets, and those it shows on their own
-_NOT_DESCRIBED = frozenset({"api_key", "server_url", "spool_dir", "extra"})
+_NOT_DESCRIBED = frozenset({"api_key", "server_url", "spool_dir"})
 
 
 def _shown(value: Any) -> str:

@@ -1,0 +1,185 @@
+"""Each stage runs on a hand-made ``StageContext``, with no Pipeline at all (issue: architecture).
+
+The contract a subclass author relies on: a stage needs only the context's
+collaborators (config, AC client, Ledger, spool, work folder, abort signal,
+observers, runtime settings), owns its threads, and stops the same way as
+every other stage (``stop()``, then ``join(timeout) -> bool``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from pathlib import Path
+from typing import Iterator, List
+
+import pytest
+from helpers import WAIT, FastExecutor, FastFetcher, FastUploader, fast_policy, wait_until
+
+from acagent.client import ACClient
+from acagent.config import AgentConfig
+from acagent.globalconfig import RuntimeSettings
+from acagent.ledger import Ledger
+from acagent.models import Result, Task
+from acagent.observers import Observer, Observers
+from acagent.spool import ResultSpool
+from acagent.stage import StageContext
+from acagent.testing import FakeACServer, FakeTarget, expected_sha256
+
+
+class Events(Observer):
+    def __init__(self) -> None:
+        self.seen: List[str] = []
+        self._lock = threading.Lock()
+
+    def _add(self, what: str) -> None:
+        with self._lock:
+            self.seen.append(what)
+
+    def on_task_fetched(self, task: Task) -> None:
+        self._add(f"fetched {task.task_id}")
+
+    def on_task_executed(self, result: Result, seconds: float) -> None:
+        self._add(f"executed {result.task_id}")
+
+    def on_result_delivered(self, result: Result, via: str, seconds: float) -> None:
+        self._add(f"delivered {result.task_id} via {via}")
+
+
+@pytest.fixture
+def context(tmp_path: Path, ac: FakeACServer) -> Iterator[StageContext]:
+    config = AgentConfig(
+        server_url=ac.url,
+        api_key="stage-contract-key",
+        spool_dir=str(tmp_path / "spool"),
+        poll_interval=0.02,
+        rate_limit_per_min=0,
+        executor_pool_size=2,
+    )
+    abort = threading.Event()
+    client = ACClient(config, retry_policy=fast_policy(), abort=abort)
+    observers = Observers((Events(),))
+    spool = ResultSpool(config.resolved_spool_dir())
+    ledger = Ledger(slots=2, threshold=10, spool=spool, observers=observers)
+    with tempfile.TemporaryDirectory() as work:
+        yield StageContext(
+            config=config,
+            client=client,
+            ledger=ledger,
+            spool=spool,
+            work_dir=work,
+            abort=abort,
+            observers=observers,
+            settings=RuntimeSettings(
+                verify=config.tls_verify,
+                upload_to_ac=True,
+                pool_size=2,
+                verify_for=config.tls_verify_for,
+            ),
+        )
+    client.close()
+
+
+def _events(ctx: StageContext) -> Events:
+    (events,) = list(ctx.observers)
+    assert isinstance(events, Events)
+    return events
+
+
+def test_fetcher_alone_fills_the_ledger_up_to_its_slots(
+    context: StageContext, ac: FakeACServer, target: FakeTarget
+) -> None:
+    ac.add_tasks(
+        {"taskId": f"f{i}", "method": "GET", "url": f"{target.url}/bytes/10"} for i in range(5)
+    )
+    fetcher = FastFetcher(context)
+    fetcher.start()
+    try:
+        # two slots: two tasks fetched and queued, then the fetcher waits for room
+        assert wait_until(lambda: context.ledger.tasks.qsize() == 2, WAIT)
+        assert context.ledger.executing == 2
+        assert not ac.wait_for(lambda: ac.tasks_handed_out > 2, 0.5)
+    finally:
+        fetcher.stop()
+        assert fetcher.join(WAIT)
+    assert not fetcher.is_alive()
+    assert _events(context).seen == ["fetched f0", "fetched f1"]
+
+
+def test_executor_alone_runs_queued_tasks_into_the_ledger(
+    context: StageContext, target: FakeTarget
+) -> None:
+    executor = FastExecutor(context)
+    executor.start()
+    try:
+        for i in range(2):
+            assert context.ledger.reserve(timeout=1.0)
+            task = Task.parse(
+                {"taskId": f"e{i}", "method": "GET", "url": f"{target.url}/bytes/1000?seed={i}"}
+            )
+            context.ledger.fetched(task)
+        assert wait_until(lambda: len(context.ledger.results) == 2, WAIT)
+    finally:
+        executor.stop()
+        assert executor.join(WAIT)
+    assert sorted(_events(context).seen) == [
+        "executed e0",
+        "executed e1",
+        "fetched e0",
+        "fetched e1",
+    ]
+    assert context.spool.size() == 2  # spooled before queued
+    for _ in range(2):
+        delivery = context.ledger.take_result(timeout=1.0)
+        assert delivery is not None and delivery.result.status_code == 200
+        assert delivery.result.body_size == 1000
+
+
+def test_uploader_alone_delivers_what_the_ledger_holds(
+    context: StageContext, ac: FakeACServer, tmp_path: Path
+) -> None:
+    body = tmp_path / "body"
+    body.write_bytes(b"hello")
+    assert context.ledger.reserve(timeout=1.0)
+    context.ledger.finished(
+        Result(
+            fields={"taskId": "u1", "method": "GET", "url": "http://x/"},
+            status_code=200,
+            body_path=str(body),
+            body_size=5,
+        )
+    )
+    uploader = FastUploader(context)
+    uploader.start()
+    try:
+        assert ac.wait_for_results(1, WAIT)
+        assert wait_until(lambda: context.ledger.outstanding() == 0, WAIT)
+    finally:
+        uploader.stop()
+        assert uploader.join(WAIT)
+    (got,) = ac.results["u1"]
+    assert got.via == "inline" and got.body == b"hello"
+    assert _events(context).seen == ["delivered u1 via inline"]
+
+
+def test_the_three_stages_on_one_context_make_a_pipeline(
+    context: StageContext, ac: FakeACServer, target: FakeTarget
+) -> None:
+    ac.add_tasks(
+        {"taskId": f"p{i}", "method": "GET", "url": f"{target.url}/bytes/{100 + i}?seed={i}"}
+        for i in range(6)
+    )
+    stages = [FastUploader(context), FastExecutor(context), FastFetcher(context)]
+    for stage in stages:
+        stage.start()
+    try:
+        assert ac.wait_for_results(6, WAIT)
+    finally:
+        for stage in reversed(stages):
+            stage.stop()
+        for stage in stages:
+            assert stage.join(WAIT)
+    for i in range(6):
+        (got,) = ac.results[f"p{i}"]
+        assert got.body_sha256 == expected_sha256(100 + i, i)
+    assert ac.max_inflight <= 2
