@@ -25,9 +25,10 @@ import threading
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
+import urllib3
 from helpers import WAIT, AgentProcess
 
 from acagent.testing import FakeACServer
@@ -92,6 +93,19 @@ class BombServer(ThreadingHTTPServer):
         self._thread = threading.Thread(
             target=self.serve_forever, kwargs={"poll_interval": 0.1}, name="gzip-bomb-target"
         )
+        self._connections: List[threading.Thread] = []
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # One named thread per connection, joined on exit.
+        conn = threading.Thread(
+            target=self.process_request_thread,
+            args=(request, client_address),
+            name="gzip-bomb-conn",
+            daemon=True,
+        )
+        with self.lock:
+            self._connections.append(conn)
+        conn.start()
 
     @property
     def url(self) -> str:
@@ -106,6 +120,11 @@ class BombServer(ThreadingHTTPServer):
         self.server_close()
         self._thread.join(10)
         assert not self._thread.is_alive()
+        with self.lock:
+            connections = list(self._connections)
+        for conn in connections:
+            conn.join(_BombHandler.timeout + 5)  # an idle keep-alive ends at the handler timeout
+            assert not conn.is_alive()
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +180,6 @@ def test_gzip_bomb_stays_within_10_mb_of_baseline_and_answers_too_large(
     base_rss, base_output, base_via = run_agent_once(target, "/baseline", tmp_path / "baseline")
     bomb_rss, bomb_output, bomb_via = run_agent_once(target, "/bomb", tmp_path / "bomb")
     assert target.served == ["/baseline", "/bomb"]
-
-    import urllib3
 
     with capsys.disabled():
         print(
