@@ -47,7 +47,7 @@ def main() -> int:
         ).stdout
         location, version = where.split()
         print(f"fast_tests: acagent {version} from {location}", flush=True)
-        if ROOT in Path(location).resolve().parents:
+        if Path(location).resolve().parent == ROOT / "acagent":
             print(
                 "fast_tests: acagent resolves to the source tree, not an install", file=sys.stderr
             )
