@@ -126,4 +126,21 @@ def build_target_session(
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.headers.pop("User-Agent", None)  # targets see urllib3's default, as before
+    session.hooks["response"].append(_drop_redirect_body)
     return session
+
+
+def _drop_redirect_body(response: Any, *args: Any, **kwargs: Any) -> Any:
+    """Close a redirect reply unread, so requests never decodes its body.
+
+    Before following ``Location``, requests reads the redirect reply's whole
+    body (``resp.content``) to free the connection, decoding it in memory: a
+    small gzip body that expands to gigabytes would pass the response cap.
+    This hook runs before the redirect is followed: it closes the connection
+    (it is not reused) and marks the body as read and empty.
+    """
+    if response.is_redirect:
+        response.raw.close()
+        response._content = b""
+        response._content_consumed = True
+    return response
