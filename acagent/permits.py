@@ -321,6 +321,7 @@ class RedisPermits(Permits):
         self._renew_script = client.register_script(_RENEW_LUA)
         self._release_script = client.register_script(_RELEASE_LUA)
         self._lock = threading.Lock()
+        self._renew_lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._wake_generation = 0
         self._held: Set[str] = set()
@@ -441,11 +442,14 @@ class RedisPermits(Permits):
 
     def _release(self, lease: object) -> None:
         token = str(lease)
-        with self._lock:
-            self._held.discard(token)
-        if not self._send_release([token], quiet=False):
+        # Under the renew lock: a renewal that read the token as held must not
+        # re-add its lease after this release removed it.
+        with self._renew_lock:
             with self._lock:
-                self._to_release.add(token)  # the renewer retries; it expires anyway
+                self._held.discard(token)
+            if not self._send_release([token], quiet=False):
+                with self._lock:
+                    self._to_release.add(token)  # the renewer retries; it expires anyway
         self._bump()
 
     def _send_release(self, tokens: List[str], *, quiet: bool) -> bool:
@@ -468,34 +472,38 @@ class RedisPermits(Permits):
         lease_ms = int(self.lease_seconds * 1000)
         while not self._closing.wait(interval if self._down_since is None else 0.25):
             try:
-                with self._lock:
-                    held = sorted(self._held)
-                    pending = sorted(self._to_release)
-                if pending and self._send_release(pending, quiet=True):
-                    with self._lock:
-                        self._to_release.difference_update(pending)
-                if held:
-                    missing = int(
-                        self._renew_script(
-                            keys=[self._keys[0], self._keys[4]], args=[lease_ms, lease_ms, *held]
-                        )
-                    )
-                    self.renewals_total += len(held)
-                    if missing:
-                        self.leases_lost_total += missing
-                        log.warning(
-                            "%d permit lease(s) were missing in %s (expired or store reset); "
-                            "re-registered",
-                            missing,
-                            self.url,
-                        )
-                elif self._down_since is not None:
-                    self.store.ping()
+                with self._renew_lock:
+                    self._renew_once(lease_ms)
                 self._store_ok()
             except self._errors as exc:
                 self._store_failed(exc)
             except Exception:  # keep renewing whatever happens
                 log.exception("permit renewer failed; retrying")
+
+    def _renew_once(self, lease_ms: int) -> None:
+        """One renewal: retry failed releases, extend (or re-add) held leases."""
+        with self._lock:
+            held = sorted(self._held)
+            pending = sorted(self._to_release)
+        if pending and self._send_release(pending, quiet=True):
+            with self._lock:
+                self._to_release.difference_update(pending)
+        if held:
+            missing = int(
+                self._renew_script(
+                    keys=[self._keys[0], self._keys[4]], args=[lease_ms, lease_ms, *held]
+                )
+            )
+            self.renewals_total += len(held)
+            if missing:
+                self.leases_lost_total += missing
+                log.warning(
+                    "%d permit lease(s) were missing in %s (expired or store reset); re-registered",
+                    missing,
+                    self.url,
+                )
+        elif self._down_since is not None:
+            self.store.ping()
 
     def _listen_loop(self) -> None:
         backoff = self.BACKOFF_MIN
