@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, TextIO
 
 from .testing import FakeACServer, FakeTarget
@@ -164,76 +165,131 @@ def main(argv: Sequence[str] = ()) -> int:
     return run_demo(argv, sys.stdout)
 
 
-def run_demo(argv: Sequence[str], out: TextIO) -> int:
-    """The demo, printing to ``out``; 0 when every result arrived once within the limit."""
-    args = _parse(argv)
-    redis: Optional[LocalRedis] = None
-    if shutil.which("redis-server"):
-        redis = LocalRedis().start()
-    else:
-        out.write("redis-server not on PATH: the agents run UNCOORDINATED (expect 429s)\n")
+@dataclass
+class MultiAgentRun:
+    """Figures of one run of several agents against the fake AC server."""
+
+    agents: int
+    tasks: int
+    coordinated: bool
+    ac_latency: float
+    delivered_once: int
+    max_inflight: int
+    count_429: int
+    elapsed: float
+    #: seconds from the first result to the last (start-up excluded)
+    steady: float
+
+    @property
+    def bound_per_min(self) -> float:
+        """The AC bound: permits / calls per task / AC latency."""
+        return 2 / (CALLS_PER_TASK * self.ac_latency) * 60
+
+    @property
+    def steady_per_min(self) -> float:
+        return (self.tasks - 1) / self.steady * 60 if self.steady > 0 else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.delivered_once == self.tasks and self.max_inflight <= 2 and self.count_429 == 0
+
+
+def run_agents(
+    agents: int,
+    tasks: int,
+    *,
+    ac_latency: float,
+    target_latency: float = 0.02,
+    coordinated: bool = True,
+    out: Optional[TextIO] = None,
+    timeout: float = 600.0,
+) -> MultiAgentRun:
+    """Run ``agents`` agent processes on one key until ``tasks`` results arrived."""
+    redis: Optional[LocalRedis] = LocalRedis().start() if coordinated else None
     workdir = tempfile.mkdtemp(prefix="acagent-demo-multi-")
-    agents: List[subprocess.Popen[bytes]] = []
+    procs: List[subprocess.Popen[bytes]] = []
     try:
-        with FakeTarget() as target, FakeACServer(max_concurrent=2, latency=args.acLatency) as ac:
-            for i in range(args.tasks):
+        with FakeTarget() as target, FakeACServer(max_concurrent=2, latency=ac_latency) as ac:
+            for i in range(tasks):
                 ac.add_task(
                     {
                         "taskId": f"multi-{i:05d}",
                         "method": "GET",
-                        "url": f"{target.url}/bytes/1024?seed={i}&latency={args.targetLatency}",
+                        "url": f"{target.url}/bytes/1024?seed={i}&latency={target_latency}",
                     }
                 )
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             started = time.monotonic()
-            for n in range(args.agents):
+            for n in range(agents):
                 cmd = agent_command(
                     ac.url,
                     os.path.join(workdir, f"spool-{n}"),
                     coordination_url=redis.url if redis else None,
                 )
                 log_file = open(os.path.join(workdir, f"agent-{n}.log"), "wb")
-                agents.append(
+                procs.append(
                     subprocess.Popen(cmd, stdout=log_file, stderr=log_file, env=env)  # noqa: S603
                 )
                 log_file.close()
-            first: Optional[float] = None
-            while not ac.wait_for_results(args.tasks, timeout=0.5):
-                if first is None and ac.results:
-                    first = time.monotonic()
-                out.write(
-                    f"\r  {len(ac.results)}/{args.tasks} results  "
-                    f"AC in flight max={ac.max_inflight}  429s={ac.count_429}  "
-                    f"{time.monotonic() - started:5.1f}s"
-                )
-                out.flush()
-                if time.monotonic() - started > 600:
-                    out.write("\n  timed out after 600 s\n")
+            while not ac.wait_for_results(tasks, timeout=0.5):
+                if out is not None:
+                    out.write(
+                        f"\r  {len(ac.results)}/{tasks} results  "
+                        f"AC in flight max={ac.max_inflight}  429s={ac.count_429}  "
+                        f"{time.monotonic() - started:5.1f}s"
+                    )
+                    out.flush()
+                if time.monotonic() - started > timeout:
                     break
             elapsed = time.monotonic() - started
-            stop_agents(agents)
-            out.write("\r" + " " * 78 + "\r")
-            done = sum(1 for v in ac.results.values() if len(v) == 1)
-            bound = 2 / (CALLS_PER_TASK * args.acLatency)  # tasks per second
-            rate = done / elapsed
-            ok = done == args.tasks and ac.max_inflight <= 2 and ac.count_429 == 0
-            lines = [
-                f"acagent demo: {args.agents} agents on one API key",
-                f"  coordination           {redis.url if redis else 'none'}",
-                f"  results exactly once   {done}/{args.tasks}",
-                f"  AC in flight, highest  {ac.max_inflight} (server limit 2, counted server-side)",
-                f"  AC 429 replies         {ac.count_429}",
-                f"  throughput             {rate * 60:.0f} tasks/min ({elapsed:.1f}s, start-up "
-                "included)",
-                f"  AC bound               {bound * 60:.0f} tasks/min (2 permits / "
-                f"{CALLS_PER_TASK} calls per task / {args.acLatency * 1000:.0f} ms AC latency)",
-                f"  share of the bound     {rate / bound:.0%}",
-                "  result                 " + ("OK" if ok else "FAILED"),
-            ]
-            print("\n".join(lines), file=out)
-            return 0 if ok else 1
+            stop_agents(procs)
+            if out is not None:
+                out.write("\r" + " " * 78 + "\r")
+            received = sorted(r.received for r in ac.all_results())
+            return MultiAgentRun(
+                agents=agents,
+                tasks=tasks,
+                coordinated=redis is not None,
+                ac_latency=ac_latency,
+                delivered_once=sum(1 for v in ac.results.values() if len(v) == 1),
+                max_inflight=ac.max_inflight,
+                count_429=ac.count_429,
+                elapsed=elapsed,
+                steady=received[-1] - received[0] if len(received) > 1 else 0.0,
+            )
     finally:
-        stop_agents(agents)
+        stop_agents(procs)
         if redis is not None:
             redis.close()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_demo(argv: Sequence[str], out: TextIO) -> int:
+    """The demo, printing to ``out``; 0 when every result arrived once within the limit."""
+    args = _parse(argv)
+    coordinated = shutil.which("redis-server") is not None
+    if not coordinated:
+        out.write("redis-server not on PATH: the agents run UNCOORDINATED (expect 429s)\n")
+    run = run_agents(
+        args.agents,
+        args.tasks,
+        ac_latency=args.acLatency,
+        target_latency=args.targetLatency,
+        coordinated=coordinated,
+        out=out,
+    )
+    lines = [
+        f"acagent demo: {run.agents} agents on one API key",
+        f"  coordination           {'a private redis-server' if coordinated else 'none'}",
+        f"  results exactly once   {run.delivered_once}/{run.tasks}",
+        f"  AC in flight, highest  {run.max_inflight} (server limit 2, counted server-side)",
+        f"  AC 429 replies         {run.count_429}",
+        f"  throughput             {run.steady_per_min:.0f} tasks/min from first to last result "
+        f"({run.elapsed:.1f}s in all, start-up included)",
+        f"  AC bound               {run.bound_per_min:.0f} tasks/min (2 permits / "
+        f"{CALLS_PER_TASK} calls per task / {run.ac_latency * 1000:.0f} ms AC latency)",
+        f"  share of the bound     {run.steady_per_min / run.bound_per_min:.0%}",
+        "  result                 " + ("OK" if run.ok else "FAILED"),
+    ]
+    print("\n".join(lines), file=out)
+    return 0 if run.ok else 1
