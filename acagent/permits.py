@@ -331,7 +331,7 @@ class RedisPermits(Permits):
     POLL_MAX = 0.25
     #: backoff while Redis cannot be reached
     BACKOFF_MIN = 0.1
-    BACKOFF_MAX = 2.0
+    BACKOFF_MAX = 1.0
     #: log "unreachable" at most this often
     LOG_EVERY = 60.0
     #: a permit that another agent released is used only this long after the
