@@ -12,12 +12,12 @@ from typing import Iterator, List, Optional
 
 import pytest
 import redis
+from redis_fixture import redis_server  # noqa: F401 - the fixture
 
 from acagent.config import AgentConfig
 from acagent.demo_multi import LocalRedis
 from acagent.permits import LocalPermits, Permits, RedisPermits, key_prefix, redact_url
 from acagent.ratelimit import RateLimits
-from tests.redis_fixture import redis_server  # noqa: F401 - the fixture
 
 API_KEY = "secret-api-key-123"
 LEASE = 1.0

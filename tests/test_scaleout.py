@@ -15,11 +15,11 @@ from typing import Callable, Iterator, List, Set
 
 import pytest
 import redis
+from redis_fixture import redis_server  # noqa: F401 - the fixture
 
 from acagent.demo_multi import LocalRedis, agent_command, stop_agents
 from acagent.permits import key_prefix
 from acagent.testing import FakeACServer, FakeTarget
-from tests.redis_fixture import redis_server  # noqa: F401 - the fixture
 
 
 class Agents:
