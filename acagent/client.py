@@ -246,7 +246,13 @@ class ACClient:
         if isinstance(self.permits, RedisPermits):
             # The server's rate limit is per key too: one bucket for all agents.
             shared = self.permits
-            self.rate_limits.share(shared.store, shared.prefix, shared.store_errors)
+            self.rate_limits.share(
+                shared.store,
+                shared.prefix,
+                shared.store_errors,
+                on_store_error=shared.report_store_error,
+                on_store_ok=shared.report_store_ok,
+            )
         self._count_lock = threading.Lock()
         self._inflight = 0
         self.verify: Union[bool, str] = config.tls_verify

@@ -431,7 +431,8 @@ class RedisPermits(Permits):
         except self.store_errors:
             return None
 
-    def _store_ok(self) -> None:
+    def report_store_ok(self) -> None:
+        """A Redis call (here or in the shared rate limiter) succeeded."""
         with self._lock:
             was_down = self._down_since
             self._down_since = None
@@ -442,7 +443,8 @@ class RedisPermits(Permits):
                 time.monotonic() - was_down,
             )
 
-    def _store_failed(self, exc: BaseException) -> None:
+    def report_store_error(self, exc: BaseException) -> None:
+        """A Redis call failed: ``healthy()`` turns false; logged once a minute."""
         now = time.monotonic()
         with self._lock:
             self.store_errors_total += 1
@@ -488,7 +490,7 @@ class RedisPermits(Permits):
             try:
                 granted, ms = self._acquire_script(keys=self._keys, args=args)
                 joined = True
-                self._store_ok()
+                self.report_store_ok()
                 backoff = self.BACKOFF_MIN
                 if int(granted) == 1:
                     return self._granted(token, int(ms) / 1000.0)
@@ -503,7 +505,7 @@ class RedisPermits(Permits):
                         mine = got[1].decode(errors="replace") == self.owner
                         return self._granted(token, 0.0 if mine else self.handoff_seconds)
             except self.store_errors as exc:
-                self._store_failed(exc)
+                self.report_store_error(exc)
                 wait = backoff
                 backoff = min(self.BACKOFF_MAX, backoff * 2)
                 if deadline is not None:
@@ -548,7 +550,7 @@ class RedisPermits(Permits):
             self._release_script(keys=self._keys, args=args)
         except self.store_errors as exc:
             if not quiet:
-                self._store_failed(exc)
+                self.report_store_error(exc)
             return False
         return True
 
@@ -560,9 +562,9 @@ class RedisPermits(Permits):
             try:
                 with self._renew_lock:
                     self._renew_once(lease_ms)
-                self._store_ok()
+                self.report_store_ok()
             except self.store_errors as exc:
-                self._store_failed(exc)
+                self.report_store_error(exc)
             except Exception:  # keep renewing whatever happens
                 log.exception("permit renewer failed; retrying")
 

@@ -131,15 +131,25 @@ class SharedRateLimiter(RateLimiter):
     reachable": then ``acquire`` waits and retries (no token without Redis).
     """
 
-    BACKOFF_MAX = 2.0
+    BACKOFF_MAX = 1.0
 
     def __init__(
-        self, per_minute: int, *, store: Any, key: str, errors: Tuple[Type[BaseException], ...]
+        self,
+        per_minute: int,
+        *,
+        store: Any,
+        key: str,
+        errors: Tuple[Type[BaseException], ...],
+        on_store_error: Optional[Callable[[BaseException], None]] = None,
+        on_store_ok: Optional[Callable[[], None]] = None,
     ) -> None:
+        """``on_store_error``/``on_store_ok``: told of each failed/good Redis call (health)."""
         super().__init__(per_minute)
         self._store = store
         self._key = key
         self._errors = errors
+        self._on_error = on_store_error
+        self._on_ok = on_store_ok
         self._take = store.register_script(_TAKE_LUA)
 
     def acquire(
@@ -155,8 +165,12 @@ class SharedRateLimiter(RateLimiter):
             try:
                 wait = int(self._take(keys=[self._key], args=[repr(rate), repr(burst)])) / 1000.0
                 backoff = 0.1
+                if self._on_ok is not None:
+                    self._on_ok()
             except self._errors as exc:
                 log.debug("shared rate limit: store unreachable (%s)", exc)
+                if self._on_error is not None:
+                    self._on_error(exc)
                 wait, backoff = backoff, min(self.BACKOFF_MAX, backoff * 2)
             if wait <= 0:
                 return True
@@ -185,11 +199,26 @@ class RateLimits:
     def __getitem__(self, op_class: str) -> RateLimiter:
         return self._limiters[op_class]
 
-    def share(self, store: Any, prefix: str, errors: Tuple[Type[BaseException], ...]) -> None:
+    def share(
+        self,
+        store: Any,
+        prefix: str,
+        errors: Tuple[Type[BaseException], ...],
+        *,
+        on_store_error: Optional[Callable[[BaseException], None]] = None,
+        on_store_ok: Optional[Callable[[], None]] = None,
+    ) -> None:
         """Switch every class to a bucket in Redis shared by all agents on the key."""
         rate = self.per_minute
         self._limiters = {
-            name: SharedRateLimiter(rate, store=store, key=f"{prefix}rate:{name}", errors=errors)
+            name: SharedRateLimiter(
+                rate,
+                store=store,
+                key=f"{prefix}rate:{name}",
+                errors=errors,
+                on_store_error=on_store_error,
+                on_store_ok=on_store_ok,
+            )
             for name in self.CLASSES
         }
 

@@ -335,3 +335,26 @@ def test_cli_rejects_a_bad_coordination_url_and_reads_the_password_env() -> None
     )
     assert cfg.coordination_password == "pw" and cfg.coordination_lease == 4.0
     assert "pw" not in repr(cfg)
+
+
+def test_shared_rate_limit_grants_nothing_without_redis_and_reports_it(
+    make_permits,
+    redis_server,  # noqa: F811
+) -> None:
+    p = make_permits()
+    limits = RateLimits(6000)
+    limits.share(
+        p.store,
+        p.prefix,
+        p.store_errors,
+        on_store_error=p.report_store_error,
+        on_store_ok=p.report_store_ok,
+    )
+    assert limits["fetch"].acquire(timeout=1)
+    redis_server.stop()
+    assert not limits["fetch"].acquire(timeout=0.5)
+    ok, reason = p.healthy()
+    assert not ok and "unreachable" in reason
+    redis_server.start()
+    assert limits["fetch"].acquire(timeout=5)
+    assert p.healthy()[0]
