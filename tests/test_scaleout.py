@@ -129,9 +129,9 @@ def test_kill_9_of_a_holder_frees_its_permits_and_its_spool_comes_back(
     stable: List[List[int]] = []
 
     def both_permits_held_and_stable() -> bool:
-        holders = _agent_pids_holding(store, prefix)
+        holders = sorted(_agent_pids_holding(store, prefix))  # zset order follows renewals
         stable.append(holders)
-        return len(holders) == 2 and ac.inflight == 2 and stable[-25:] == [holders] * 25
+        return len(holders) == 2 and ac.inflight == 2 and stable[-10:] == [holders] * 10
 
     _wait(both_permits_held_and_stable, 30, "two stalled holders", agents)
     victim_pid = _agent_pids_holding(store, prefix)[0]
