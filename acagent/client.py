@@ -235,14 +235,16 @@ class ACClient:
         self.on_exchange = on_exchange
         self.max_concurrent = config.ac_max_concurrent
         self._owns_permits = permits is None
-        self.permits: Permits = permits or permits_for(
-            config.coordination_url,
-            config.api_key,
-            config.ac_max_concurrent,
-            lease_seconds=config.coordination_lease,
-            password=config.coordination_password,
-            ca_bundle=config.ca_bundle,
-        )
+        if permits is None:
+            permits = permits_for(
+                config.coordination_url,
+                config.api_key,
+                config.ac_max_concurrent,
+                lease_seconds=config.coordination_lease,
+                password=config.coordination_password,
+                ca_bundle=config.ca_bundle,
+            )
+        self.permits: Permits = permits
         if isinstance(self.permits, RedisPermits):
             # The server's rate limit is per key too: one bucket for all agents.
             shared = self.permits

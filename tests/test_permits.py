@@ -358,3 +358,27 @@ def test_shared_rate_limit_grants_nothing_without_redis_and_reports_it(
     redis_server.start()
     assert limits["fetch"].acquire(timeout=5)
     assert p.healthy()[0]
+
+
+def test_client_takes_its_permits_from_the_object_passed_in(ac) -> None:
+    from helpers import result_payload
+
+    from acagent.client import ACClient
+
+    permits = LocalPermits(1)
+    config = AgentConfig(server_url=ac.url, api_key="k", rate_limit_per_min=0)
+    ac.latency = 0.02
+    client = ACClient(config, permits=permits)
+    threads = [
+        threading.Thread(target=client.put_result, args=(result_payload(f"t{i}"),), name=f"up-{i}")
+        for i in range(6)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    client.close()
+    assert len(ac.results) == 6
+    assert ac.max_inflight == 1  # one permit, counted at the server
+    assert permits.acquired_total == 6 and permits.holders == 0
+    assert permits.acquire(threading.Event(), timeout=1) is not None  # not closed by the client
