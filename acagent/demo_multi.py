@@ -12,6 +12,7 @@ Without ``redis-server`` the agents run uncoordinated, to show why it is needed.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import signal
@@ -270,6 +271,10 @@ def run_demo(argv: Sequence[str], out: TextIO) -> int:
     coordinated = shutil.which("redis-server") is not None
     if not coordinated:
         out.write("redis-server not on PATH: the agents run UNCOORDINATED (expect 429s)\n")
+    elif importlib.util.find_spec("redis") is None:
+        coordinated = False
+        out.write("the redis package is missing (pip install 'acagent[redis]'): the agents run ")
+        out.write("UNCOORDINATED (expect 429s)\n")
     run = run_agents(
         args.agents,
         args.tasks,
