@@ -230,3 +230,17 @@ def test_scale_out_manifests_run_several_replicas_only_with_redis() -> None:
         environ={PASSWORD_ENV: "pw"},
     )
     assert cfg.coordination_url == url and cfg.coordination_password == "pw"
+
+
+def test_demo_with_agents_runs_processes_with_a_private_redis() -> None:
+    import shutil
+    import sys
+
+    assert shutil.which("redis-server"), "redis-server is needed (.ci/install-redis)"
+    cmd = [sys.executable, "-m", "acagent", "demo", "--agents", "2", "--tasks", "40"]
+    out = subprocess.run([*cmd, "--acLatency", "0.02"], capture_output=True, timeout=120)
+    text = out.stdout.decode()
+    assert out.returncode == 0, text + out.stderr.decode()
+    assert "a private redis-server" in text
+    assert "results exactly once   40/40" in text
+    assert "AC 429 replies         0" in text
