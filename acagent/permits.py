@@ -22,7 +22,8 @@ permit for the whole of every AC call. Two kinds:
   * times are Redis's own clock (``TIME``), so clock skew between hosts does
     not matter;
   * key names start with ``acagent:{<sha256 of the API key, 16 hex>}:``,
-    never the key itself (the braces keep all keys in one Redis Cluster slot);
+    never the key itself (one standalone Redis; the braces would keep the keys
+    in one hash slot);
   * **fail safe**: while Redis cannot be reached no permit is granted, so no
     AC call starts (results wait in the spool); ``acquire`` backs off and
     returns by itself once Redis is back. ``healthy()`` says why for
