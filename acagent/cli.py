@@ -139,6 +139,21 @@ _OPTIONS: List[tuple[str, str, Any, tuple[str, ...], str]] = [
         (),
         "AC requests per minute per operation class (fetch, upload); 0 = off (default 250)",
     ),
+    (
+        "--coordinationUrl",
+        "coordination_url",
+        str,
+        (),
+        "redis:// or rediss:// URL: share the AC budget with every agent on the key "
+        "(password in the URL or ACAGENT_COORDINATION_PASSWORD; needs acagent[redis])",
+    ),
+    (
+        "--coordinationLease",
+        "coordination_lease",
+        _seconds,
+        (),
+        "seconds a shared AC permit outlives a dead agent (default 10)",
+    ),
     ("--timeout", "timeout", _seconds, ("timeout",), "target read timeout in s (default 30)"),
     (
         "--connectTimeout",
@@ -377,6 +392,14 @@ def config_from_args(argv: Sequence[str], environ: Optional[Dict[str, str]] = No
     for name in ("allowed_targets", "denied_targets", "allowed_upload_hosts", "sensitive_headers"):
         if name in values:
             values[name] = tuple(values[name])
+    if values.get("coordination_url"):
+        from .permits import PASSWORD_ENV, CoordinationUnavailable, require_redis
+
+        try:
+            require_redis()
+        except CoordinationUnavailable as exc:
+            parser.error(str(exc))
+        values["coordination_password"] = env.get(PASSWORD_ENV) or None
     for required in ("server_url", "api_key"):
         if not values.get(required):
             flag = FLAG_OF_FIELD[required]
@@ -401,6 +424,9 @@ def run(argv: Sequence[str]) -> int:
 
     config = config_from_args(argv)
     logs.register_secret(config.api_key)
+    for secret in (config.coordination_password, _url_password(config.coordination_url)):
+        if secret:
+            logs.register_secret(secret)
     logs.setup_logging(
         log_format=config.log_format,
         debug=config.debug_mode,
@@ -440,10 +466,19 @@ def run(argv: Sequence[str]) -> int:
     return 0
 
 
+def _url_password(url: Optional[str]) -> Optional[str]:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).password if url else None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "demo":
-        from .demo import main as demo_main
+        if any(a == "--agents" or a.startswith("--agents=") for a in args[1:]):
+            from .demo_multi import main as demo_main
+        else:
+            from .demo import main as demo_main
 
         code = demo_main(args[1:])
     elif args and args[0] == "check":

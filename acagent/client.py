@@ -1,7 +1,10 @@
 """ACClient: the one way to talk to the AC server.
 
 One keep-alive ``requests.Session`` (pool sized to the permit count) and a
-``threading.BoundedSemaphore(ac_max_concurrent)``. A permit is held for the
+``Permits`` object (``permits.py``): by default a
+``threading.BoundedSemaphore(ac_max_concurrent)`` in this process, with
+``--coordinationUrl`` leases in Redis shared by every agent on the API key
+(then the rate limit is one shared bucket too). A permit is held for the
 whole of every AC call, from sending the request until the reply is read, so
 the number of requests open to the server never exceeds the permit count,
 whatever the number of threads using the client. Between retry attempts the
@@ -46,6 +49,7 @@ from .errors import (
 )
 from .logs import scrub_text
 from .models import Task
+from .permits import Permits, RedisPermits, permits_for
 from .ratelimit import FETCH, UPLOAD, RateLimits
 from .retry import RetryPolicy, run_with_retries, server_wait
 
@@ -252,7 +256,10 @@ class ACClient:
         rate_limits: Optional[RateLimits] = None,
         abort: Optional[threading.Event] = None,
         on_exchange: Optional[ExchangeHook] = None,
+        permits: Optional[Permits] = None,
     ) -> None:
+        """``permits``: default from the config (Redis leases with a coordination URL,
+        else in-process); one passed in is the caller's to close."""
         self.config = config
         self.agent_id = agent_id or make_agent_id()
         self.version = version
@@ -262,7 +269,27 @@ class ACClient:
         self.abort = abort or threading.Event()
         self.on_exchange = on_exchange
         self.max_concurrent = config.ac_max_concurrent
-        self.permits = threading.BoundedSemaphore(config.ac_max_concurrent)
+        self._owns_permits = permits is None
+        if permits is None:
+            permits = permits_for(
+                config.coordination_url,
+                config.api_key,
+                config.ac_max_concurrent,
+                lease_seconds=config.coordination_lease,
+                password=config.coordination_password,
+                ca_bundle=config.ca_bundle,
+            )
+        self.permits: Permits = permits
+        if isinstance(self.permits, RedisPermits):
+            # The server's rate limit is per key too: one bucket for all agents.
+            shared = self.permits
+            self.rate_limits.share(
+                shared.store,
+                shared.prefix,
+                shared.store_errors,
+                on_store_error=shared.report_store_error,
+                on_store_ok=shared.report_store_ok,
+            )
         self._count_lock = threading.Lock()
         self._inflight = 0
         self.verify: Union[bool, str] = config.tls_verify
@@ -296,6 +323,8 @@ class ACClient:
             self._closed = True
             self.session.close()
             self.s3_session.close()
+            if self._owns_permits:
+                self.permits.close()
 
     def __enter__(self) -> ACClient:
         return self
@@ -326,11 +355,10 @@ class ACClient:
     # -- the permit ----------------------------------------------------
     @contextlib.contextmanager
     def _permit(self) -> Iterator[None]:
-        # Timed acquire in slices so an abort is noticed even while all
-        # permits are taken by slow calls.
-        while not self.permits.acquire(timeout=0.5):
-            if self.abort.is_set():
-                raise AgentStopping("stopped while waiting for an AC permit")
+        # The wait ends on abort even while all permits are taken by slow calls.
+        lease = self.permits.acquire(self.abort)
+        if lease is None:
+            raise AgentStopping("stopped while waiting for an AC permit")
         with self._count_lock:
             self._inflight += 1
         try:
@@ -338,7 +366,7 @@ class ACClient:
         finally:
             with self._count_lock:
                 self._inflight -= 1
-            self.permits.release()
+            self.permits.release(lease)
 
     # -- one exchange ----------------------------------------------------
     def _url(self, endpoint: str) -> str:

@@ -48,6 +48,13 @@ class AgentConfig:
     ac_max_concurrent: int = 2
     #: client-side budget per operation class (fetch, upload); 0 = off
     rate_limit_per_min: int = 250
+    #: ``redis://`` or ``rediss://`` URL: share the AC budget (permits and rate
+    #: limit) with every agent on the API key; None = in-process permits
+    coordination_url: Optional[str] = dataclasses.field(default=None, repr=False)
+    #: Redis password when the URL carries none (``ACAGENT_COORDINATION_PASSWORD``)
+    coordination_password: Optional[str] = dataclasses.field(default=None, repr=False)
+    #: seconds a shared permit outlives a dead holder (renewed while held)
+    coordination_lease: float = 10.0
     #: idle wait after an empty get-task, randomised by +-``poll_jitter``
     poll_interval: float = 1.0
     poll_jitter: float = 0.2
@@ -142,8 +149,17 @@ class AgentConfig:
             "default_task_ttl",
             "status_interval",
             "ready_window",
+            "coordination_lease",
         ):
             _positive_float(self, name, allow_zero=False)
+        if self.coordination_lease < 0.5:
+            raise ConfigError("coordination_lease", "must be >= 0.5 seconds")
+        if self.coordination_url is not None:
+            coord = urlsplit(self.coordination_url)
+            if coord.scheme not in ("redis", "rediss") or not coord.hostname:
+                raise ConfigError(
+                    "coordination_url", "must be a redis:// or rediss:// URL with a host"
+                )
         for name in ("poll_interval", "poll_jitter", "shutdown_timeout"):
             _positive_float(self, name, allow_zero=True)
         if self.log_format not in ("text", "json"):

@@ -5,13 +5,21 @@ fetching and uploading, so a burst of uploads starves the fetch loop. Here
 each operation class (``fetch``, ``upload``) has its own bucket of
 ``per_minute`` tokens per minute. ``per_minute == 0`` turns a bucket off.
 Waits are interruptible: ``acquire`` returns False when its stop event is set.
+
+With ``--coordinationUrl`` the AC server's per-key budget is shared by every
+agent on the key: ``RateLimits.share`` switches each class to a
+``SharedRateLimiter``, one token bucket in Redis (an atomic Lua script on
+Redis's clock). While Redis cannot be reached it grants nothing (fail safe).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple, Type
+
+log = logging.getLogger("acagent.ratelimit")
 
 FETCH = "fetch"
 UPLOAD = "upload"
@@ -97,6 +105,87 @@ class RateLimiter:
                 self._changed.wait(min(wait, 0.25))
 
 
+# KEYS: the bucket (hash: tokens, stamp ms). ARGV: tokens per second, burst.
+# Returns 0 when a token was taken, else the ms until one is there.
+_TAKE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local tokens, stamp = tonumber(state[1]), tonumber(state[2])
+if not tokens or not stamp then tokens, stamp = burst, now end
+tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate / 1000)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = math.ceil((1 - tokens) * 1000 / rate) end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'stamp', now)
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 60000)
+return wait
+"""
+
+
+class SharedRateLimiter(RateLimiter):
+    """A token bucket kept in Redis, shared by every agent on the API key.
+
+    Same rate and burst rules as ``RateLimiter``; ``store`` is a
+    ``redis.Redis`` client, ``errors`` the exceptions meaning "Redis is not
+    reachable": then ``acquire`` waits and retries (no token without Redis).
+    """
+
+    BACKOFF_MAX = 1.0
+
+    def __init__(
+        self,
+        per_minute: int,
+        *,
+        store: Any,
+        key: str,
+        errors: Tuple[Type[BaseException], ...],
+        on_store_error: Optional[Callable[[BaseException], None]] = None,
+        on_store_ok: Optional[Callable[[], None]] = None,
+    ) -> None:
+        """``on_store_error``/``on_store_ok``: told of each failed/good Redis call (health)."""
+        super().__init__(per_minute)
+        self._store = store
+        self._key = key
+        self._errors = errors
+        self._on_error = on_store_error
+        self._on_ok = on_store_ok
+        self._take = store.register_script(_TAKE_LUA)
+
+    def acquire(
+        self, *, stop: Optional[threading.Event] = None, timeout: Optional[float] = None
+    ) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        backoff = 0.1
+        while True:
+            with self._lock:
+                rate, burst = self._rate, self._burst
+            if rate == 0:
+                return True  # limiter off
+            try:
+                wait = int(self._take(keys=[self._key], args=[repr(rate), repr(burst)])) / 1000.0
+                backoff = 0.1
+                if self._on_ok is not None:
+                    self._on_ok()
+            except self._errors as exc:
+                log.debug("shared rate limit: store unreachable (%s)", exc)
+                if self._on_error is not None:
+                    self._on_error(exc)
+                wait, backoff = backoff, min(self.BACKOFF_MAX, backoff * 2)
+            if wait <= 0:
+                return True
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                wait = min(wait, left)
+            if stop is not None:
+                if stop.wait(min(wait, 0.25)):
+                    return False
+            else:
+                time.sleep(min(wait, 0.25))
+
+
 class RateLimits:
     """One ``RateLimiter`` per operation class, all with the same rate."""
 
@@ -109,6 +198,33 @@ class RateLimits:
 
     def __getitem__(self, op_class: str) -> RateLimiter:
         return self._limiters[op_class]
+
+    def share(
+        self,
+        store: Any,
+        prefix: str,
+        errors: Tuple[Type[BaseException], ...],
+        *,
+        on_store_error: Optional[Callable[[BaseException], None]] = None,
+        on_store_ok: Optional[Callable[[], None]] = None,
+    ) -> None:
+        """Switch every class to a bucket in Redis shared by all agents on the key."""
+        rate = self.per_minute
+        self._limiters = {
+            name: SharedRateLimiter(
+                rate,
+                store=store,
+                key=f"{prefix}rate:{name}",
+                errors=errors,
+                on_store_error=on_store_error,
+                on_store_ok=on_store_ok,
+            )
+            for name in self.CLASSES
+        }
+
+    @property
+    def shared(self) -> bool:
+        return isinstance(self._limiters[FETCH], SharedRateLimiter)
 
     def set_rate(self, per_minute: int) -> None:
         for limiter in self._limiters.values():

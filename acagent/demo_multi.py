@@ -1,0 +1,300 @@
+"""``python -m acagent demo --agents 3``: several agents share one AC budget.
+
+Starts a ``FakeACServer`` that allows 2 concurrent requests (and answers 429
+above that), a ``FakeTarget`` and, when ``redis-server`` is on PATH, a private
+Redis on 127.0.0.1. Then runs N real agent processes (``python -m acagent
+run``) on one API key with ``--coordinationUrl`` pointing at that Redis,
+and prints the server-side highest in-flight count, the 429s and the
+throughput against the AC bound (permits / calls per task / AC latency).
+Without ``redis-server`` the agents run uncoordinated, to show why it is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, TextIO
+
+from .testing import FakeACServer, FakeTarget
+
+#: AC calls per task: one get-task, one put-result
+CALLS_PER_TASK = 2
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalRedis:
+    """A private ``redis-server`` on 127.0.0.1 (no persistence), for demos and tests.
+
+    ``stop()`` and ``start()`` again reuse the same port, so clients see the
+    server go away and come back (empty: it keeps no data).
+    """
+
+    def __init__(self, port: Optional[int] = None, workdir: Optional[str] = None) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise FileNotFoundError("redis-server is not on PATH (apt-get install redis-server)")
+        self.binary = binary
+        self.port = port or free_port()
+        self._own_dir = workdir is None
+        self.workdir = workdir or tempfile.mkdtemp(prefix="acagent-redis-")
+        self.process: Optional[subprocess.Popen[bytes]] = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> LocalRedis:
+        args = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self.workdir,
+            "--protected-mode", "no",
+        ]  # fmt: skip
+        self.process = subprocess.Popen(  # noqa: S603 - our own fixed command line
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.workdir
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}")
+            if self.ping():
+                return self
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server did not answer on port {self.port} in {timeout}s")
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
+        self.process = None
+
+    def close(self) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> LocalRedis:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def agent_command(
+    server_url: str,
+    spool_dir: str,
+    *,
+    coordination_url: Optional[str],
+    executor_pool_size: int = 10,
+    lease: float = 3.0,
+    extra: Sequence[str] = (),
+) -> List[str]:
+    """The command line of one demo agent process."""
+    cmd = [
+        sys.executable, "-m", "acagent", "run",
+        "--serverUrl", server_url,
+        "--apiKey", "demo-key",
+        "--spoolDir", spool_dir,
+        "--executorPoolSize", str(executor_pool_size),
+        "--rateLimitPerMin", "0",
+        "--pollInterval", "0.05",
+        "--enableFileLogging", "false",
+        "--metricsFile", "false",
+        "--shutdownTimeout", "10",
+    ]  # fmt: skip
+    if coordination_url:
+        cmd += ["--coordinationUrl", coordination_url, "--coordinationLease", str(lease)]
+    return cmd + list(extra)
+
+
+def stop_agents(agents: Sequence[subprocess.Popen[bytes]], timeout: float = 20.0) -> None:
+    for proc in agents:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in agents:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="acagent demo --agents N", description=__doc__)
+    parser.add_argument("--agents", type=int, default=3, help="agent processes (default 3)")
+    parser.add_argument("--tasks", type=int, default=600, help="how many tasks (default 600)")
+    parser.add_argument("--acLatency", type=float, default=0.05, help="seconds per AC call")
+    parser.add_argument("--targetLatency", type=float, default=0.02, help="seconds per target")
+    args = parser.parse_args(list(argv))
+    if args.agents < 1 or args.tasks < 1 or args.acLatency <= 0:
+        parser.error("--agents and --tasks must be >= 1, --acLatency > 0")
+    return args
+
+
+def main(argv: Sequence[str] = ()) -> int:
+    return run_demo(argv, sys.stdout)
+
+
+@dataclass
+class MultiAgentRun:
+    """Figures of one run of several agents against the fake AC server."""
+
+    agents: int
+    tasks: int
+    coordinated: bool
+    ac_latency: float
+    delivered_once: int
+    max_inflight: int
+    count_429: int
+    elapsed: float
+    #: seconds from the first result to the last (start-up excluded)
+    steady: float
+
+    @property
+    def bound_per_min(self) -> float:
+        """The AC bound: permits / calls per task / AC latency."""
+        return 2 / (CALLS_PER_TASK * self.ac_latency) * 60
+
+    @property
+    def steady_per_min(self) -> float:
+        return (self.tasks - 1) / self.steady * 60 if self.steady > 0 else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.delivered_once == self.tasks and self.max_inflight <= 2 and self.count_429 == 0
+
+
+def run_agents(
+    agents: int,
+    tasks: int,
+    *,
+    ac_latency: float,
+    target_latency: float = 0.02,
+    coordinated: bool = True,
+    out: Optional[TextIO] = None,
+    timeout: float = 600.0,
+) -> MultiAgentRun:
+    """Run ``agents`` agent processes on one key until ``tasks`` results arrived."""
+    redis: Optional[LocalRedis] = LocalRedis().start() if coordinated else None
+    workdir = tempfile.mkdtemp(prefix="acagent-demo-multi-")
+    procs: List[subprocess.Popen[bytes]] = []
+    try:
+        with FakeTarget() as target, FakeACServer(max_concurrent=2, latency=ac_latency) as ac:
+            for i in range(tasks):
+                ac.add_task(
+                    {
+                        "taskId": f"multi-{i:05d}",
+                        "method": "GET",
+                        "url": f"{target.url}/bytes/1024?seed={i}&latency={target_latency}",
+                    }
+                )
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            started = time.monotonic()
+            for n in range(agents):
+                cmd = agent_command(
+                    ac.url,
+                    os.path.join(workdir, f"spool-{n}"),
+                    coordination_url=redis.url if redis else None,
+                )
+                log_file = open(os.path.join(workdir, f"agent-{n}.log"), "wb")
+                procs.append(
+                    subprocess.Popen(cmd, stdout=log_file, stderr=log_file, env=env)  # noqa: S603
+                )
+                log_file.close()
+            while not ac.wait_for_results(tasks, timeout=0.5):
+                if out is not None:
+                    out.write(
+                        f"\r  {len(ac.results)}/{tasks} results  "
+                        f"AC in flight max={ac.max_inflight}  429s={ac.count_429}  "
+                        f"{time.monotonic() - started:5.1f}s"
+                    )
+                    out.flush()
+                if time.monotonic() - started > timeout:
+                    break
+            elapsed = time.monotonic() - started
+            stop_agents(procs)
+            if out is not None:
+                out.write("\r" + " " * 78 + "\r")
+            received = sorted(r.received for r in ac.all_results())
+            return MultiAgentRun(
+                agents=agents,
+                tasks=tasks,
+                coordinated=redis is not None,
+                ac_latency=ac_latency,
+                delivered_once=sum(1 for v in ac.results.values() if len(v) == 1),
+                max_inflight=ac.max_inflight,
+                count_429=ac.count_429,
+                elapsed=elapsed,
+                steady=received[-1] - received[0] if len(received) > 1 else 0.0,
+            )
+    finally:
+        stop_agents(procs)
+        if redis is not None:
+            redis.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_demo(argv: Sequence[str], out: TextIO) -> int:
+    """The demo, printing to ``out``; 0 when every result arrived once within the limit."""
+    args = _parse(argv)
+    coordinated = shutil.which("redis-server") is not None
+    if not coordinated:
+        out.write("redis-server not on PATH: the agents run UNCOORDINATED (expect 429s)\n")
+    elif importlib.util.find_spec("redis") is None:
+        coordinated = False
+        out.write("the redis package is missing (pip install 'acagent[redis]'): the agents run ")
+        out.write("UNCOORDINATED (expect 429s)\n")
+    run = run_agents(
+        args.agents,
+        args.tasks,
+        ac_latency=args.acLatency,
+        target_latency=args.targetLatency,
+        coordinated=coordinated,
+        out=out,
+    )
+    lines = [
+        f"acagent demo: {run.agents} agents on one API key",
+        f"  coordination           {'a private redis-server' if coordinated else 'none'}",
+        f"  results exactly once   {run.delivered_once}/{run.tasks}",
+        f"  AC in flight, highest  {run.max_inflight} (server limit 2, counted server-side)",
+        f"  AC 429 replies         {run.count_429}",
+        f"  throughput             {run.steady_per_min:.0f} tasks/min from first to last result "
+        f"({run.elapsed:.1f}s in all, start-up included)",
+        f"  AC bound               {run.bound_per_min:.0f} tasks/min (2 permits / "
+        f"{CALLS_PER_TASK} calls per task / {run.ac_latency * 1000:.0f} ms AC latency)",
+        f"  share of the bound     {run.steady_per_min / run.bound_per_min:.0%}",
+        "  result                 " + ("OK" if run.ok else "FAILED"),
+    ]
+    print("\n".join(lines), file=out)
+    return 0 if run.ok else 1
