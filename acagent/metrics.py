@@ -237,6 +237,25 @@ class AgentMetrics:
             registry=r,
             buckets=DEFAULT_BUCKETS,
         )
+        self.ac_permit_wait_seconds = Histogram(
+            "ac_permit_wait_seconds",
+            "How long AC calls waited for a permit (local, or shared through Redis).",
+            namespace=ns,
+            registry=r,
+            buckets=DEFAULT_BUCKETS,
+        )
+        self.ac_permit_holders = Gauge(
+            "ac_permit_holders",
+            "AC permits held by this agent now.",
+            namespace=ns,
+            registry=r,
+        )
+        self.ac_permit_holders_all = Gauge(
+            "ac_permit_holders_all",
+            "AC permits held by every agent on this API key (shared permits; -1 if unknown).",
+            namespace=ns,
+            registry=r,
+        )
         self.rate_window = RateWindow(60.0, clock=clock)
 
     def counter_totals(self) -> Dict[str, float]:

@@ -164,6 +164,15 @@ class Pipeline:
         m.result_queue_size.set_function(lambda: float(len(self.ledger.results)))
         m.executor_busy_threads.set_function(lambda: float(_busy(self.executor)))
         m.spool_size.set_function(lambda: float(self.spool.size()))
+        permits = self.client.permits
+        permits.on_wait = m.ac_permit_wait_seconds.observe
+        m.ac_permit_holders.set_function(lambda: float(permits.holders))
+        everyone = getattr(permits, "remote_holders", None)
+        if everyone is None:
+            m.ac_permit_holders_all.set_function(lambda: float(permits.holders))
+        else:
+            m.ac_permit_holders_all.set_function(lambda: float(_or_minus_one(everyone())))
+        self.readiness.add_check(permits.healthy)
 
     def _on_exchange(self, endpoint: str, status: str, seconds: float) -> None:
         self.observers.emit("on_exchange", endpoint, status, seconds)
@@ -408,6 +417,10 @@ class Pipeline:
                 self.log_status()
             except Exception:  # a status line is never worth a dead thread
                 log.debug("status line failed", exc_info=True)
+
+
+def _or_minus_one(value: Optional[int]) -> int:
+    return -1 if value is None else value
 
 
 def _busy(stage: Any) -> int:

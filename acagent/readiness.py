@@ -9,7 +9,7 @@ the spool full, the coordination server unreachable, ...). ``check`` gives
 from __future__ import annotations
 
 import threading
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .fetcher import AUTH_HINT
 from .health import ReadinessTracker
@@ -22,6 +22,11 @@ class Readiness(Observer):
         self._lock = threading.Lock()
         self._holds: Dict[str, str] = {}
         self._key_refused = False
+        self._checks: List[Callable[[], Tuple[bool, str]]] = []
+
+    def add_check(self, check: Callable[[], Tuple[bool, str]]) -> None:
+        """Another condition for readiness (e.g. the shared permits' coordination server)."""
+        self._checks.append(check)
 
     def on_exchange(self, endpoint: str, status: str, seconds: float) -> None:
         if endpoint == "s3" or status == "resend":
@@ -49,6 +54,10 @@ class Readiness(Observer):
             holds = list(self._holds.values())
         if holds:
             return False, "; ".join(holds)
+        for check in self._checks:
+            ok, reason = check()
+            if not ok:
+                return False, reason
         if self._key_refused:
             return False, AUTH_HINT
         return self.tracker.check()
