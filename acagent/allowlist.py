@@ -454,12 +454,8 @@ def _pool_classes(policy: TargetPolicy) -> Dict[str, Type[HTTPConnectionPool]]:
     They keep urllib3's class names, so error messages read as before."""
     http_conn = type("HTTPConnection", (GuardedHTTPConnection,), {"policy": policy})
     https_conn = type("HTTPSConnection", (GuardedHTTPSConnection,), {"policy": policy})
-    http_pool = type(
-        "HTTPConnectionPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}
-    )
-    https_pool = type(
-        "HTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn}
-    )
+    http_pool = type("HTTPConnectionPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn})
+    https_pool = type("HTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn})
     return {"http": http_pool, "https": https_pool}
 
 

@@ -530,9 +530,7 @@ class ACClient:
             params["envName"] = self.config.env_name
         self._fetching_thread = threading.get_ident()
         try:
-            reply = self._exchange(
-                "get-task", FETCH, timeout=self._json_timeout(), params=params
-            )
+            reply = self._exchange("get-task", FETCH, timeout=self._json_timeout(), params=params)
         finally:
             self._fetching_thread = None
         if reply.status_code == 204 or not reply.content.strip():

@@ -28,6 +28,8 @@ import urllib3.response
 
 from . import logs
 from .allowlist import TargetDenied, TargetPolicy, normalise_host
+from .compress import gzip_file
+from .config import INLINE_BODY_LIMIT
 from .errors import TargetFailure
 from .logs import scrub_text
 from .models import Result, Task, echo_fields, new_result_key
@@ -277,6 +279,8 @@ class Executor(Stage):
             ) from None
         with reply, self.deadline_watch.watching(reply.raw, deadline) as watch:
             size = self._stream_body(reply, key, deadline, watch)
+        if size > INLINE_BODY_LIMIT and self.ctx.settings.upload_to_ac:
+            self._precompress(key)
         return Result(
             fields=echo_fields(task.raw),
             status_code=reply.status_code,
@@ -285,6 +289,19 @@ class Executor(Stage):
             body_size=size,
             key=key,
         )
+
+    def _precompress(self, key: str) -> None:
+        """gzip a large body for upload-result here, on one of many executor threads.
+
+        The Uploader then only sends it: compressing a 20 MB body on the
+        delivery path would stall every other upload behind it. A failure
+        (a full disk) only means the Uploader compresses it itself.
+        """
+        spool = self.ctx.spool
+        try:
+            gzip_file(str(spool.body_path(key)), str(spool.compressed_path(key)))
+        except OSError as exc:
+            log.debug("could not compress the body ahead of upload: %s", exc)
 
     def _check_host_header(self, headers: Dict[str, str], host: str) -> None:
         """A ``Host`` header must name the URL's host or an allow-listed one."""

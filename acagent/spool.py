@@ -11,6 +11,8 @@ On-disk layout (one flat folder, mode 0700, every file mode 0600)::
 
     <key>.json          the saved record of a result (written atomically)
     <key>.body          the streamed response body of that result (optional)
+    <key>.body.gz       its gzip copy for upload-result, made by the executor (derived)
+    <key>.body.gz.tmp   a gzip copy being written; a leftover one is a crash's debris
     <key>.json.tmp      a record being written; a leftover one is a crash's debris
     <key>.json.corrupt  a record that did not parse, moved aside for a human
 
@@ -43,6 +45,8 @@ Record = Dict[str, Any]
 
 _RECORD: Final = ".json"
 _BODY: Final = ".body"
+_GZ: Final = ".body.gz"
+_GZ_TMP: Final = ".body.gz.tmp"
 _TMP: Final = ".json.tmp"
 _CORRUPT: Final = ".json.corrupt"
 
@@ -52,7 +56,9 @@ QUARANTINE_DIR: Final = "quarantine"
 LOCK_FILE: Final = ".lock"
 
 _KEY_RE: Final = re.compile(r"[0-9a-f]{32}")
-_NAME_RE: Final = re.compile(r"([0-9a-f]{32})(\.json|\.body|\.json\.tmp|\.json\.corrupt)")
+_NAME_RE: Final = re.compile(
+    r"([0-9a-f]{32})(\.json|\.body|\.body\.gz|\.body\.gz\.tmp|\.json\.tmp|\.json\.corrupt)"
+)
 
 # Flags that exist only on some platforms; 0 where they do not.
 _O_BINARY: Final = getattr(os, "O_BINARY", 0)
@@ -148,6 +154,14 @@ class ResultSpool:
         """Where the body for ``key`` is (or will be) written: ``<key>.body``."""
         return self._path(key, _BODY)
 
+    def compressed_path(self, key: str) -> Path:
+        """Where a gzip copy of the body may be kept for upload-result: ``<key>.body.gz``.
+
+        Derived data: it is not synced, and a missing or partial one is made
+        again from the body. Removed with the body.
+        """
+        return self._path(key, _GZ)
+
     def record_path(self, key: str) -> Path:
         """Where the record for ``key`` is saved: ``<key>.json``."""
         return self._path(key, _RECORD)
@@ -225,6 +239,7 @@ class ResultSpool:
             removed = self._unlink(record)
             self._keys.discard(key)
             removed = self._unlink(body) or removed
+            removed = self._unlink(self._path(key, _GZ)) or removed
             self._live_bodies.discard(key)
         if removed:
             self._fsync_dir()
@@ -234,6 +249,7 @@ class ResultSpool:
         body = self._path(key, _BODY)
         with self._lock:  # invariant: see save()
             removed = self._unlink(body)
+            removed = self._unlink(self._path(key, _GZ)) or removed
             self._live_bodies.discard(key)
         if removed:
             self._fsync_dir()
@@ -357,8 +373,10 @@ class ResultSpool:
             entries = list(self._entries())
             records = {key for key, kind, _ in entries if kind == _RECORD}
             for key, kind, path in entries:
-                stale_tmp = kind == _TMP
-                orphan = kind == _BODY and key not in records and key not in self._live_bodies
+                stale_tmp = kind in (_TMP, _GZ_TMP)
+                orphan = (
+                    kind in (_BODY, _GZ) and key not in records and key not in self._live_bodies
+                )
                 if (stale_tmp or orphan) and self._unlink(path):
                     log.info("spool: removed %s %s", "stale" if stale_tmp else "orphan", path.name)
                     removed += 1

@@ -39,11 +39,9 @@ return how it went). For subclasses: ``breaker``, ``compress(source, target)``.
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
 import random
-import shutil
 import threading
 import time
 import uuid
@@ -51,6 +49,7 @@ from typing import Dict, Optional, Set
 
 from . import logs
 from .breaker import ClassBreaker
+from .compress import LEVEL, gzip_file
 from .config import INLINE_BODY_LIMIT
 from .errors import ACError, ACHTTPError, ACRateLimitError, AgentStopping, UploadURLRefused
 from .fetcher import AUTH_HINT
@@ -99,9 +98,8 @@ class Uploader(Stage):
     S3_ATTEMPTS = 3
     #: 400/422 refusals of one result before it is quarantined
     REFUSALS_BEFORE_QUARANTINE = 3
-    #: gzip level for upload-result: fast, since senders compress inline
-    COMPRESS_LEVEL = 3
-    COPY_CHUNK = 1 << 20
+    #: gzip level for upload-result when a body was not compressed by the executor
+    COMPRESS_LEVEL = LEVEL
 
     def __init__(self, ctx: StageContext, *, senders: Optional[int] = None) -> None:
         super().__init__(ctx)
@@ -189,9 +187,7 @@ class Uploader(Stage):
                 log.error("upload: HTTP %d: %s; results are kept and retried", status, AUTH_HINT)
             reason = f"HTTP {status}"
         elif (
-            status == 413
-            and result.key not in self._via_upload_result
-            and self._is_inline(result)
+            status == 413 and result.key not in self._via_upload_result and self._is_inline(result)
         ):
             with self._lock:
                 self._via_upload_result.add(result.key)
@@ -332,6 +328,17 @@ class Uploader(Stage):
 
     def _upload_to_ac(self, result: Result) -> None:
         assert result.body_path is not None
+        ready = str(self.ctx.spool.compressed_path(result.key))
+        if os.path.exists(ready):
+            # compressed by the executor thread that ran the task: only send it here
+            self.ctx.client.upload_result(
+                ready,
+                upload_file_name(result.task_id, zipped=True),
+                "application/zip",
+                upload_task_part(result, self.ctx.client.version, zipped=True),
+                policy=ONE_ATTEMPT,
+            )
+            return
         work = os.path.join(self.ctx.work_dir, f"{result.key}.gz")
         zipped = True
         try:
@@ -351,11 +358,8 @@ class Uploader(Stage):
             _remove_quietly(work)
 
     def compress(self, source: str, target: str) -> None:
-        """gzip ``source`` into a new private file ``target``."""
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with open(source, "rb") as src, os.fdopen(fd, "wb") as raw:
-            with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=self.COMPRESS_LEVEL) as gz:
-                shutil.copyfileobj(src, gz, self.COPY_CHUNK)
+        """gzip ``source`` into a new private file ``target`` (when the executor did not)."""
+        gzip_file(source, target, self.COMPRESS_LEVEL)
 
     def _upload_to_s3(self, result: Result) -> None:
         try:

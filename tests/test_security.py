@@ -309,13 +309,13 @@ def test_spool_and_work_files_are_private(tmp_path: Path, open_umask: None) -> N
             work = Path(pipeline.work_dir)
             spool = pipeline.spool.directory
             ac.add_task({"taskId": "big", "method": "GET", "url": f"{target.url}/bytes/600000"})
-            # the upload stalls after the body was compressed to the work folder
-            assert wait_until(lambda: any(work.glob("*.gz")), WAIT)
+            # the upload stalls after the executor compressed the body in the spool
+            assert wait_until(lambda: any(spool.glob("*.body.gz")), WAIT)
             ac.add_task({"taskId": "small", "method": "GET", "url": f"{target.url}/bytes/10"})
             assert wait_until(lambda: pipeline.spool.size() == 2, WAIT)
             files = [p for p in spool.iterdir() if p.name != LOCK_FILE] + list(work.iterdir())
             kinds = sorted({p.name.split(".", 1)[1] for p in files})
-            assert kinds == ["body", "gz", "json"], kinds
+            assert kinds == ["body", "body.gz", "json"], kinds
             assert _mode(spool) == 0o700 and _mode(work) == 0o700
             assert {p.name: _mode(p) for p in files} == {p.name: 0o600 for p in files}
             put.set()

@@ -359,7 +359,8 @@ def test_remove_unlinks_record_before_body(
 
     monkeypatch.setattr(os, "unlink", spy)
     spool.remove(key)
-    assert order == [f"{key}.json", f"{key}.body"]
+    # the record first; then the body and its (derived) gzip copy
+    assert order == [f"{key}.json", f"{key}.body", f"{key}.body.gz"]
 
 
 # ---------------------------------------------------------------- keys
