@@ -304,6 +304,7 @@ class ACClient:
             config.ac_max_concurrent, user_agent=user_agent, tracker=self._tracker
         )
         self.session.headers["Authorization"] = f"Bearer {config.api_key}"
+        self._fetch_waiting = 0
         self._defaults: Optional[Tuple[Dict[str, str], Dict[str, str], Union[bool, str]]] = None
         #: where presigned upload URLs may point (checked on the connection made)
         self.upload_policy = UploadPolicy(
@@ -353,10 +354,24 @@ class ACClient:
         return self.abort.is_set() or (endpoint == "get-task" and self._fetch_abandoned)
 
     # -- the permit ----------------------------------------------------
+    @property
+    def fetch_waiting(self) -> bool:
+        """A get-task is waiting for a permit now (a borrowing upload steps aside)."""
+        return self._fetch_waiting > 0
+
     @contextlib.contextmanager
-    def _permit(self) -> Iterator[None]:
+    def _permit(self, op_class: str) -> Iterator[None]:
         # The wait ends on abort even while all permits are taken by slow calls.
-        lease = self.permits.acquire(self.abort)
+        fetch = op_class == FETCH
+        if fetch:
+            with self._count_lock:
+                self._fetch_waiting += 1
+        try:
+            lease = self.permits.acquire(self.abort)
+        finally:
+            if fetch:
+                with self._count_lock:
+                    self._fetch_waiting -= 1
         if lease is None:
             raise AgentStopping("stopped while waiting for an AC permit")
         with self._count_lock:
@@ -453,7 +468,7 @@ class ACClient:
             data = body
             headers["Content-Type"] = body.content_type
         try:
-            with self._permit():
+            with self._permit(op_class):
                 for fresh_try in (False, True):
                     started = time.monotonic()
                     try:

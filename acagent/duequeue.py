@@ -36,23 +36,43 @@ class DueQueue(Generic[T]):
         with self._cond:
             self._seq += 1
             heapq.heappush(self._heap, (self._clock() + max(0.0, delay), self._seq, item))
-            self._cond.notify()
+            # All: a waiter with an ``accept`` filter may not want this item,
+            # and must not be the only one woken for it.
+            self._cond.notify_all()
 
-    def get(self, timeout: float) -> Optional[T]:
-        """The longest-due item, waiting up to ``timeout`` for one; None if none."""
+    def get(self, timeout: float, accept: Optional[Callable[[T], bool]] = None) -> Optional[T]:
+        """The longest-due item, waiting up to ``timeout`` for one; None if none.
+
+        With ``accept``, the longest-due item for which ``accept(item)`` is
+        true (the others stay queued, in their order).
+        """
         deadline = self._clock() + timeout
         with self._cond:
             while not self._closed:
                 now = self._clock()
                 if self._heap and self._heap[0][0] <= now:
-                    return heapq.heappop(self._heap)[2]
+                    if accept is None:
+                        return heapq.heappop(self._heap)[2]
+                    found = self._take_first_due(now, accept)
+                    if found is not None:
+                        return found
                 left = deadline - now
                 if left <= 0:
                     return None
-                if self._heap:
+                if self._heap and self._heap[0][0] > now:
                     left = min(left, self._heap[0][0] - now)
                 self._cond.wait(left)
             return None
+
+    def _take_first_due(self, now: float, accept: Callable[[T], bool]) -> Optional[T]:
+        # Lock held. A linear scan: the queue holds at most a few hundred results.
+        due = sorted(entry for entry in self._heap if entry[0] <= now)
+        for entry in due:
+            if accept(entry[2]):
+                self._heap.remove(entry)
+                heapq.heapify(self._heap)
+                return entry[2]
+        return None
 
     def close(self) -> None:
         """Wake every waiter; ``get`` returns None from now on."""

@@ -117,6 +117,12 @@ class Ledger:
             return True  # wake up: the answer is "no", at once
         return not self._holds and self._executing < self._slots and self._results < self._threshold
 
+    def results_backlogged(self) -> bool:
+        """Results waiting for delivery reached ``response_queue_threshold``:
+        fetching waits for uploads (the upload side is the bottleneck)."""
+        with self._cond:
+            return self._results >= self._threshold
+
     def cancel(self) -> None:
         """The reservation was not used (no task came back)."""
         with self._cond:

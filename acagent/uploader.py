@@ -82,6 +82,8 @@ class Uploader(Stage):
 
     #: longest a sender blocks waiting for a due result before checking for stop
     POLL = 0.5
+    #: how long the borrowing sender steps aside while a get-task waits for a permit
+    BORROW_PAUSE = 0.02
     #: per-result backoff after a transient failure: first wait, doubled up to RETRY_MAX
     RETRY_MIN = 0.5
     RETRY_MAX = 60.0
@@ -104,8 +106,11 @@ class Uploader(Stage):
     def __init__(self, ctx: StageContext, *, senders: Optional[int] = None) -> None:
         super().__init__(ctx)
         # One permit is left to get-task (so uploads, however slow, never stop
-        # fetching); the others may all carry uploads at once.
+        # fetching); the others may all carry uploads at once. With more than
+        # one permit, one more sender *borrows* get-task's permit for small
+        # results while no get-task waits for it (see ``borrow_step``).
         self.senders = senders or max(1, self.config.ac_max_concurrent - 1)
+        self.borrower = self.config.ac_max_concurrent >= 2 and senders is None
         self.breaker = ClassBreaker(
             threshold=self.BREAKER_THRESHOLD,
             open_min=self.BREAKER_OPEN_MIN,
@@ -124,6 +129,8 @@ class Uploader(Stage):
     def start_threads(self) -> None:
         for n in range(self.senders):
             self.spawn(lambda: self.run_loop(self.send_step), f"acagent-uploader-{n}")
+        if self.borrower:
+            self.spawn(lambda: self.run_loop(self.borrow_step), "acagent-uploader-borrow")
 
     @property
     def retrying(self) -> int:
@@ -140,6 +147,38 @@ class Uploader(Stage):
             return
         with logs.task_context(delivery.result.task_id):
             self._attempt(delivery)
+
+    def borrow_step(self) -> None:
+        """Deliver one *small* result on get-task's permit while get-task cannot use it.
+
+        Borrowing happens only while the results waiting for delivery are at
+        ``--responseQueueThreshold`` (so no get-task can be made until
+        uploads drain them) and no get-task waits for a permit: get-task's
+        permit would sit idle, and uploads are what the agent lacks. Only
+        small results (inline put-result, error results) borrow, so a
+        get-task that becomes possible meanwhile waits one short round trip
+        at most; a large upload never borrows. So both permits stay busy when
+        uploads are the bottleneck, and a slow upload never stops fetching
+        while there is capacity.
+        """
+        if (
+            self.ctx.client.fetch_waiting
+            or not self.ctx.ledger.results_backlogged()
+            or self.breaker.remaining() > 0
+        ):
+            self.wait(self.BORROW_PAUSE)
+            return
+        delivery = self.ctx.ledger.results.get(self.POLL, accept=self._is_small)
+        if delivery is None:
+            return
+        with logs.task_context(delivery.result.task_id):
+            self._attempt(delivery)
+
+    def _is_small(self, delivery: Delivery) -> bool:
+        result = delivery.result
+        if result.logs_zip is not None or result.key in self._via_upload_result:
+            return False
+        return result.is_error or result.body_size <= INLINE_BODY_LIMIT
 
     def _attempt(self, delivery: Delivery) -> None:
         result = delivery.result

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -385,11 +386,15 @@ class Harness:
         assert all(r.method == method and r.url.split("?")[0] == url for r in history)
         assert all(e == endpoint for e, _ in self.exchanges)
         assert self.client.inflight == 0
-        permits = self.client.max_concurrent
-        taken = [self.client.permits.acquire(blocking=False) for _ in range(permits + 1)]
-        assert taken == [True] * permits + [False]
-        for _ in range(permits):
-            self.client.permits.release()
+        permits = self.client.permits
+        assert permits.holders == 0 and self.client.inflight == 0
+        # every permit can be taken again, and not one more
+        stop = threading.Event()
+        leases = [permits.acquire(stop, timeout=0.5) for _ in range(permits.limit)]
+        assert all(lease is not None for lease in leases)
+        assert permits.acquire(stop, timeout=0.05) is None
+        for lease in leases:
+            permits.release(lease)
 
 
 @pytest.fixture(scope="module")
