@@ -139,6 +139,11 @@ class ResultSpool:
         # Records already reported as unreadable, so each is logged once.
         self._reported: Set[str] = set()
         self._lock_fd: Optional[int] = None
+        # Group commit of folder fsyncs (see save): renames done, renames synced.
+        self._sync_cond = threading.Condition()
+        self._renamed = 0
+        self._synced = 0
+        self._syncing = False
 
     def __repr__(self) -> str:
         return f"ResultSpool({str(self._dir)!r}, records={len(self._keys)})"
@@ -198,25 +203,35 @@ class ResultSpool:
         file exists it is fsynced first, so a saved record never names a body
         that is not on disk. A failure at any point leaves the previous record
         (if any) intact and no partial ``<key>.json``.
+
+        Group commit: the files are written and synced outside the folder
+        lock (each key has one writer), and one folder fsync serves every
+        rename done before it started: threads saving at the same moment
+        share it (``_sync_folder``). The body's directory entry needs no fsync
+        of its own: it was made before the rename, in the same folder, and a
+        journaling file system commits a folder's entries in order, so the
+        folder fsync after the rename makes both durable. ``save`` returns
+        only once its record is durable.
         """
         self._check_key(key)
         if not isinstance(record, dict):
             raise TypeError(f"a spool record must be a dict, not {type(record).__name__}")
         # Serialise before touching the disk: an unserialisable record changes nothing.
         data = json.dumps(record, separators=(",", ":")).encode("ascii")
-        # The body has one writer (the key's owner), so it is synced outside the lock.
-        if self._fsync_file(self.body_path(key)):
-            self._fsync_dir()  # the body's directory entry is durable before the record's
+        # The body and the tmp file have one writer (the key's owner), so they
+        # are written and synced outside the lock.
+        self._fsync_file(self.body_path(key))
         tmp = self._path(key, _TMP)
+        self._write_synced(tmp, data)
         with self._lock:
-            # Locking invariant: record and tmp files are created, renamed and
-            # unlinked, and _keys/_live_bodies changed, only with the lock held
-            # (size() reads len(_keys) lock-free: a single atomic read). So
-            # whenever the lock is free, _keys holds exactly the keys whose
-            # <key>.json is on disk (a record found corrupt leaves it at the
-            # next pending()), and no <key>.json.tmp is being written: any
-            # that exists is a crash's debris.
-            self._write_synced(tmp, data)
+            # Locking invariant: records are renamed into place and unlinked,
+            # and _keys/_live_bodies changed, only with the lock held (size()
+            # reads len(_keys) lock-free: a single atomic read). So whenever
+            # the lock is free, _keys holds exactly the keys whose <key>.json
+            # is on disk (a record found corrupt leaves it at the next
+            # pending()). A <key>.json.tmp is written only by its key's owner;
+            # at start (clean_orphans, before any task runs) any that exists
+            # is a crash's debris.
             try:
                 os.replace(tmp, self._path(key, _RECORD))
             except BaseException:
@@ -225,7 +240,9 @@ class ResultSpool:
                 raise
             self._keys.add(key)
             self._live_bodies.discard(key)  # the record now protects the body
-        self._fsync_dir()
+            self._renamed += 1
+            mine = self._renamed
+        self._sync_folder(mine)
 
     def remove(self, key: str) -> None:
         """Remove the record and then the body of ``key``; missing files are fine.
@@ -509,6 +526,34 @@ class ResultSpool:
         finally:
             os.close(fd)
         return True
+
+    def _sync_folder(self, upto: int) -> None:
+        """Make renames 1..``upto`` durable, sharing one folder fsync between callers.
+
+        If a folder fsync is running, it may have started before our rename:
+        wait for it, then look again; a later one covers us. Only one runs at
+        a time, and it covers every rename done before it started.
+        """
+        with self._sync_cond:
+            while self._synced < upto:
+                if self._syncing:
+                    self._sync_cond.wait(5.0)
+                    continue
+                self._syncing = True
+                covers = self._renamed
+                break
+            else:
+                return
+        synced = False
+        try:
+            self._fsync_dir()
+            synced = True
+        finally:
+            with self._sync_cond:
+                self._syncing = False
+                if synced:
+                    self._synced = max(self._synced, covers)
+                self._sync_cond.notify_all()
 
     def _fsync_dir(self) -> None:
         """Make the folder's entries (creates, renames, unlinks) durable, where possible."""

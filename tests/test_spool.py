@@ -7,6 +7,7 @@ import logging
 import os
 import stat
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, List
@@ -530,3 +531,42 @@ def test_delivery_guarantee_is_documented() -> None:
     # No stronger claim than the code keeps: a lost reply can mean a second copy.
     assert "Exactly once while the process lives" not in text
     assert "at least once" in text and "identical content" in text
+
+
+def test_concurrent_saves_share_folder_fsyncs(
+    spool: ResultSpool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: saves that overlap an fsync of the folder share the next one."""
+    calls: List[int] = []
+    first_started = threading.Event()
+    release = threading.Event()
+    real = spool._fsync_dir
+
+    def gated() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            first_started.set()
+            assert release.wait(10)
+        real()
+
+    monkeypatch.setattr(spool, "_fsync_dir", gated)
+    keys = [new_key() for _ in range(8)]
+    threads = [
+        threading.Thread(target=spool.save, args=(key, {"n": i}), name=f"save-{i}")
+        for i, key in enumerate(keys)
+    ]
+    threads[0].start()
+    assert first_started.wait(10)  # one folder fsync is running (and held)
+    for thread in threads[1:]:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while spool.size() < 8 and time.monotonic() < deadline:  # every rename is done
+        time.sleep(0.01)
+    assert spool.size() == 8
+    assert all(t.is_alive() for t in threads)  # each waits for a folder fsync after its rename
+    release.set()
+    for thread in threads:
+        thread.join(10)
+        assert not thread.is_alive()
+    assert len(calls) == 2  # the held one, then one for the seven that waited
+    assert {key for key, _ in spool.pending()} == set(keys)
