@@ -20,9 +20,10 @@ import threading
 import time
 from types import TracebackType
 from typing import Dict, List, Mapping, Optional, Type, Union
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from .config import default_base_dir
+from .logs import safe_url
 
 __all__ = ["MetricsFileWriter", "default_metrics_path", "request_tags"]
 
@@ -36,16 +37,6 @@ def default_metrics_path(index: str = "_prod", log_dir: Optional[str] = None) ->
     ``<tmp>/armorcode/log``, as today's agent."""
     base = log_dir or os.path.join(default_base_dir(), "log")
     return os.path.join(base, "metrics", f"metrics{index}.json")
-
-
-def _strip_url(url: str) -> str:
-    """``url`` without query string, fragment and user:password."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc.rpartition("@")[2]
-        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-    except ValueError:
-        return url.split("?", 1)[0].split("#", 1)[0]
 
 
 def request_tags(
@@ -67,7 +58,7 @@ def request_tags(
     tags = {
         "task_id": str(task_id),
         "operation": str(operation),
-        "url": _strip_url(url),
+        "url": safe_url(url),
         "domain": domain,
         "method": str(method).upper(),
         "status_code": "" if status_code is None else str(status_code),

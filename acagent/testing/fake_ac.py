@@ -667,9 +667,7 @@ class FakeACServer(_FakeBase):
             raise _BadRequest("put-result body is not JSON") from None
         if not isinstance(fields, dict):
             raise _BadRequest("put-result body is not a JSON object")
-        task_id = fields.get("taskId")
-        if not isinstance(task_id, str) or not task_id:
-            raise _BadRequest("taskId missing")
+        task_id = _task_id_of(fields)
         refusal = self._refusal(task_id)
         if refusal is not None:
             return refusal
@@ -749,9 +747,7 @@ class FakeACServer(_FakeBase):
             raise _BadRequest("part 'task' is not JSON") from None
         if not isinstance(fields, dict):
             raise _BadRequest("part 'task' is not a JSON object")
-        task_id = fields.get("taskId")
-        if not isinstance(task_id, str) or not task_id:
-            raise _BadRequest("taskId missing")
+        task_id = _task_id_of(fields)
         refusal = self._refusal(task_id)
         if refusal is not None:
             return refusal
@@ -801,3 +797,10 @@ class FakeACServer(_FakeBase):
         with self._cond:
             obj = self._objects.get(name)
         return None if obj is None else (obj.body, obj.sha256, obj.length)
+
+
+def _task_id_of(fields: Dict[str, Any]) -> str:
+    task_id = fields.get("taskId")
+    if not isinstance(task_id, str) or not task_id:
+        raise _BadRequest("taskId missing")
+    return task_id
