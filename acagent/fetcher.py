@@ -33,7 +33,15 @@ import random
 import time
 from typing import Optional
 
-from .errors import ACConnectionError, ACHTTPError, ACRateLimitError, BadReplyError, TaskError
+from .errors import (
+    ACConnectionError,
+    ACError,
+    ACHTTPError,
+    ACRateLimitError,
+    AgentStopping,
+    BadReplyError,
+    TaskError,
+)
 from .hints import hint_for
 from .logs import error_fields
 from .logthrottle import LogThrottle
@@ -137,6 +145,8 @@ class Fetcher(Stage):
 
     def _pause_after(self, exc: Exception) -> float:
         """How long to wait after a failed get-task (and log it once, plainly)."""
+        if isinstance(exc, AgentStopping) or (self.stopping.is_set() and isinstance(exc, ACError)):
+            return 0.0  # the agent is stopping: a cut-short call is expected, not an error
         if isinstance(exc, ACRateLimitError):
             wait = exc.retry_after
             if wait is None:
