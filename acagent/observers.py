@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Tuple
 
 if TYPE_CHECKING:
     from .models import Result, Task
@@ -55,9 +55,6 @@ class Observer:
 
     def on_stage_failure(self, stage: str, exc: BaseException) -> None:
         """A stage loop caught an unexpected error (it goes on after a pause)."""
-
-    def on_global_config(self, settings: Mapping[str, Any]) -> None:
-        """A task carried a ``globalConfig`` object."""
 
 
 class Observers:

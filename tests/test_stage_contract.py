@@ -183,3 +183,24 @@ def test_the_three_stages_on_one_context_make_a_pipeline(
         (got,) = ac.results[f"p{i}"]
         assert got.body_sha256 == expected_sha256(100 + i, i)
     assert ac.max_inflight <= 2
+
+
+def test_a_failing_observer_is_logged_and_the_others_still_hear(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Broken(Observer):
+        def on_hold(self, reason_key: str, message: object) -> None:
+            raise RuntimeError("observer bug")
+
+    heard: List[str] = []
+
+    class Listening(Observer):
+        def on_hold(self, reason_key: str, message: object) -> None:
+            heard.append(reason_key)
+
+    observers = Observers((Broken(), Listening()))
+    observers.emit("on_hold", "spool", "full")  # must not raise
+    assert heard == ["spool"]
+    failures = [r for r in caplog.records if r.name == "acagent.observers"]
+    assert len(failures) == 1 and "Broken" in failures[0].getMessage()
+    assert failures[0].exc_info is not None
