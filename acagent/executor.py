@@ -67,6 +67,8 @@ class Executor(Stage):
         # Tasks handed to a pool and not yet finished, by result key, and their futures.
         self._active: Dict[str, Task] = {}
         self._futures: Dict[concurrent.futures.Future[None], concurrent.futures.Executor] = {}
+        self._dispatcher: Optional[threading.Thread] = None
+        self._watcher: Optional[threading.Thread] = None
         # Pools replaced by a resize: shut down, kept until their last task ended.
         self._old_pools: List[concurrent.futures.ThreadPoolExecutor] = []
 
@@ -82,8 +84,8 @@ class Executor(Stage):
         )
 
     def start_threads(self) -> None:
-        self.spawn(self._dispatch_loop, "acagent-dispatch")
-        self.spawn(self.deadline_watch.run, "acagent-deadline")
+        self._dispatcher = self.spawn(self._dispatch_loop, "acagent-dispatch")
+        self._watcher = self.spawn(self.deadline_watch.run, "acagent-deadline")
 
     def on_stop(self) -> None:
         # The dispatcher ends its loop, answers queued tasks "agent shutting
@@ -94,8 +96,8 @@ class Executor(Stage):
     def join(self, timeout: float) -> bool:
         """Wait for the dispatcher and every running task; True if all ended."""
         deadline = time.monotonic() + timeout
-        dispatcher, watcher = self._threads
-        dispatcher.join(max(0.0, deadline - time.monotonic()))
+        if self._dispatcher is not None:
+            self._dispatcher.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             futures = list(self._futures)
             pools = [self._pool, *self._old_pools]
@@ -103,7 +105,8 @@ class Executor(Stage):
         for pool in pools:
             pool.shutdown(wait=False)  # idle threads end; running ones were waited for
         self.deadline_watch.close()
-        watcher.join(max(0.0, deadline - time.monotonic()))
+        if self._watcher is not None:
+            self._watcher.join(max(0.0, deadline - time.monotonic()))
         done = not self.is_alive() and all(f.done() for f in futures)
         if done:
             self.session.close()
