@@ -83,7 +83,7 @@ def hol_tasks(prefix: str) -> Tuple[List[TaskSpec], List[str]]:
     return specs, refused
 
 
-def fault_tasks(prefix: str) -> List[TaskSpec]:
+def fault_tasks(prefix: str, latency: float = 0.05) -> List[TaskSpec]:
     specs: List[TaskSpec] = []
     for i in range(300):
         size = 1024 + (i * 53) % 3072
@@ -91,7 +91,7 @@ def fault_tasks(prefix: str) -> List[TaskSpec]:
             specs.append(
                 (
                     f"{prefix}-{i:04d}",
-                    f"/bytes/{size}?seed=5&status=500&latency=0.05",
+                    f"/bytes/{size}?seed=5&status=500&latency={latency}",
                     "status500",
                     size,
                     5,
@@ -99,13 +99,13 @@ def fault_tasks(prefix: str) -> List[TaskSpec]:
             )
         elif i % 20 == 17:
             specs.append(
-                (f"{prefix}-{i:04d}", f"/reset/{size}?seed=5&latency=0.05", "error", size, 5)
+                (f"{prefix}-{i:04d}", f"/reset/{size}?seed=5&latency={latency}", "error", size, 5)
             )
         else:
             specs.append(
                 (
                     f"{prefix}-{i:04d}",
-                    f"/bytes/{size}?seed={i % 16}&latency=0.05",
+                    f"/bytes/{size}?seed={i % 16}&latency={latency}",
                     "ok",
                     size,
                     i % 16,
@@ -131,6 +131,8 @@ class Run:
         self.cpu_s = 0.0
         self.peak_rss_mb = 0.0
         self.requests = 0
+        #: "endpoint status" -> count (status 0: the connection was reset)
+        self.replies: Dict[str, int] = {}
         self.failures: List[str] = []
         self.log_tail = ""
 
@@ -210,6 +212,9 @@ def drive(
             results = ac.results
             gets = [r for r in ac.requests if r.endpoint == "get-task"]
             run.requests = len(ac.requests)
+            for rec in ac.requests:
+                key = f"{rec.endpoint} {rec.status}"
+                run.replies[key] = run.replies.get(key, 0) + 1
             run.first_get = min(r.started for r in gets) if gets else run.t_start
             run.max_inflight = ac.max_inflight
             run.rejected_concurrent = ac.rejected_concurrent
@@ -300,8 +305,8 @@ def hol(threads: int) -> Dict[str, Any]:
     }
 
 
-def faults(threads: int, seed: int) -> Dict[str, Any]:
-    specs = fault_tasks("flt")
+def faults(threads: int, seed: int, target_latency: float) -> Dict[str, Any]:
+    specs = fault_tasks("flt", target_latency)
     ids = [t[0] for t in specs]
     clean = drive(
         "faults-none", specs, threads=threads, ac_latency=0.01, setup=lambda ac: None, timeout=180
@@ -320,6 +325,7 @@ def faults(threads: int, seed: int) -> Dict[str, Any]:
     ratio = rates[1] / rates[0] if rates[0] else 0.0
     return {
         "experiment": "faults",
+        "target_latency_s": target_latency,
         "tasks": len(ids),
         "clean_per_min": rates[0],
         "faults_per_min": rates[1],
@@ -336,6 +342,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--only", choices=("hol", "faults"))
     parser.add_argument("--threads", type=int, default=10)
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument(
+        "--target-latency",
+        type=float,
+        action="append",
+        help="target latency (s) of the fault experiment's tasks (repeatable; default 0.05)",
+    )
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     load_before = os.getloadavg()[0]
@@ -344,7 +356,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.only in (None, "hol"):
         reports.append(hol(args.threads))
     if args.only in (None, "faults"):
-        reports.append(faults(args.threads, args.seed))
+        for latency in args.target_latency or [0.05]:
+            reports.append(faults(args.threads, args.seed, latency))
     print()
     print(
         "| experiment | clean | with faults | ratio | goal | lost | changed | duplicates | max in flight | refused for concurrency | exit codes |"
@@ -352,14 +365,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for rep in reports:
         runs = rep["runs"]
+        name = "head-of-line (3 refused 20 s), healthy done in"
         if rep["experiment"] == "hol":
             a, b = f"{rep['clean_s']:.1f} s", f"{rep['with_refusals_s']:.1f} s"
             ratio = f"{rep['ratio']:.2f}x"
         else:
+            name = f"faults, {rep['target_latency_s'] * 1000:.0f} ms targets"
             a, b = f"{rep['clean_per_min']:.0f}/min", f"{rep['faults_per_min']:.0f}/min"
             ratio = f"{rep['ratio']:.2f}"
         print(
-            f"| {rep['experiment']} | {a} | {b} | {ratio} | {rep['goal']} "
+            f"| {name} | {a} | {b} | {ratio} | {rep['goal']} "
             f"| {sum(len(r['lost']) for r in runs)} | {sum(len(r['changed']) for r in runs)} "
             f"| {sum(r['duplicates'] for r in runs)} | {max(r['max_inflight'] for r in runs)} "
             f"| {sum(r['rejected_concurrent'] for r in runs)} | {[r['exit_code'] for r in runs]} |"
@@ -378,7 +393,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for r in rep["runs"]:
             print(
                 f"     {r['name']}: cpu {r['cpu_s']:.2f} s, peak RSS {r['peak_rss_mb']:.1f} MB,"
-                f" {r['requests']} AC requests, {r['connections']} AC connections"
+                f" {r['requests']} AC requests, {r['connections']} AC connections,"
+                f" replies {dict(sorted(r['replies'].items()))}"
             )
         for f in rep["failures"]:
             failed = True
