@@ -85,6 +85,7 @@ class Scenario:
     #: exact sizes appended after the drawn ones (the big-body runs)
     extra_sizes: Tuple[int, ...] = ()
     prefetch: Optional[int] = None
+    poll_interval: float = 0.05
     #: name of the scenario whose peak RSS this one is compared with
     rss_baseline: Optional[str] = None
     #: targets checked for this scenario (see ``check_targets``)
@@ -144,6 +145,58 @@ SCENARIOS: Dict[str, Scenario] = {
             targets=("connections",),
             timeout=240.0,
         ),
+        # issue 13's table, row by row
+        Scenario(
+            "i13-a",
+            "issue 13 (a): 400 x 2 KB, 10 threads, 500 ms targets, 20 ms AC",
+            tasks=400,
+            threads=10,
+            target_latency=0.5,
+            ac_latency=0.02,
+            sizes=((1.0, 2 * KB, 2 * KB),),
+            targets=("i13_ratio95", "connections", "cpu2"),
+        ),
+        Scenario(
+            "i13-b",
+            "issue 13 (b): 1,500 x 1 KB, 50 threads, 200 ms targets, 10 ms AC",
+            tasks=1500,
+            threads=50,
+            target_latency=0.2,
+            ac_latency=0.01,
+            sizes=((1.0, 1 * KB, 1 * KB),),
+            targets=("i13_ratio90", "connections", "cpu2"),
+            timeout=180.0,
+        ),
+        Scenario(
+            "i13-c",
+            "issue 13 (c): 300 tasks, 100 ms AC, 150 ms per new AC conn, 20 threads,"
+            " 10% 700 KB bodies",
+            tasks=300,
+            threads=20,
+            target_latency=0.2,
+            ac_latency=0.1,
+            connection_cost=0.15,
+            sizes=((0.9, 1 * KB, 4 * KB), (0.1, 700 * KB, 700 * KB)),
+            targets=("i13_ratio95", "connections"),
+            timeout=180.0,
+        ),
+        Scenario(
+            "i13-d",
+            "issue 13 (d): 150 tasks 1 KB-20 MB, 10 threads, 150-250 ms targets, 20 ms AC",
+            tasks=150,
+            threads=10,
+            target_jitter=0.1,
+            target_latency=0.15,
+            sizes=(
+                (0.60, 1 * KB, 4 * KB),
+                (0.25, 8 * KB, 500 * KB),
+                (0.10, 512 * KB, 5 * MB),
+                (0.05, 5 * MB, 20 * MB),
+            ),
+            extra_sizes=(20 * MB,),
+            targets=("i13_rate1200", "connections"),
+            timeout=240.0,
+        ),
         Scenario(
             "big-200mb",
             "three 200 MB bodies (+20 small), 10 threads, 20 ms AC",
@@ -166,7 +219,8 @@ SCENARIOS: Dict[str, Scenario] = {
     )
 }
 
-FULL = [n for n in SCENARIOS if n != "short"]
+FULL = [n for n in SCENARIOS if n != "short"] + ["idle"]
+ISSUE13 = ["i13-a", "i13-b", "i13-c", "i13-d", "idle"]
 
 #: the issue's targets
 TARGET_RATIO = 0.90
@@ -293,6 +347,9 @@ class Outcome:
     rss_delta_mb: Optional[float] = None
     cpu_ms_per_task: float = 0.0
     sys_cpu_ms_per_task: float = 0.0
+    #: the whole agent process (start-up, idle polls, shutdown excluded: sampled
+    #: just before SIGTERM) divided by tasks delivered
+    process_cpu_ms_per_task: float = 0.0
     startup_cpu_ms: float = 0.0
     first_get_task_s: float = 0.0
     fetch_cycle_ms: float = 0.0
@@ -393,7 +450,7 @@ def agent_command(s: Scenario, url: str, spool: str) -> List[str]:
         "--rateLimitPerMin",
         str(s.rate_limit),
         "--pollInterval",
-        "0.05",
+        str(s.poll_interval),
         "--spoolDir",
         spool,
         "--enableFileLogging",
@@ -534,6 +591,7 @@ def run_scenario(
                             f" (agent exit code {proc.poll()})"
                         )
                     sampler.stop()
+                    process_cpu_s = sampler.cpu[-1] if sampler.cpu else 0.0
                     hwm = _read_status_kb(proc.pid, "VmHWM")
                     out.peak_rss_mb = max(hwm or 0, sampler.max_rss_kb) / 1024.0
                     self_cpu1 = _self_cpu()
@@ -590,6 +648,7 @@ def run_scenario(
                 out.ratio = out.tasks_per_min / bound if bound else 0.0
                 cpu = sampler.cpu_at(t_last) - sampler.cpu_at(t_first)
                 out.cpu_ms_per_task = cpu * 1000.0 / n
+                out.process_cpu_ms_per_task = process_cpu_s * 1000.0 / n
                 sys_cpu = sampler.cpu_at(t_last, system=True) - sampler.cpu_at(t_first, system=True)
                 out.sys_cpu_ms_per_task = sys_cpu * 1000.0 / n
                 out.startup_cpu_ms = sampler.cpu_at(t_first) * 1000.0
@@ -619,6 +678,65 @@ def run_scenario(
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return out
+
+
+IDLE_GOAL_PCT = 0.5
+
+
+def run_idle(seconds: float = 60.0, warmup: float = 5.0) -> Dict[str, Any]:
+    """An agent with no tasks, ``--pollInterval 1``: CPU % of one core and RSS growth.
+
+    The window starts ``warmup`` seconds after the first get-task (start-up
+    excluded here; it is reported on its own) and lasts ``seconds``.
+    """
+    s = Scenario("idle", "no tasks, empty polls every second", tasks=0, threads=10)
+    s.poll_interval = 1.0
+    workdir = tempfile.mkdtemp(prefix="acbench-idle-")
+    report: Dict[str, Any] = {"scenario": "idle", "seconds": seconds}
+    report["load_before"] = os.getloadavg()[0]
+    try:
+        with FakeACServer(max_concurrent=PERMITS, api_key=API_KEY, latency=0.02) as ac:
+            cmd = agent_command(s, ac.url, os.path.join(workdir, "spool"))
+            env = dict(os.environ, TMPDIR=workdir, PYTHONUNBUFFERED="1")
+            with open(os.path.join(workdir, "agent.log"), "wb") as log_file:
+                proc = subprocess.Popen(
+                    cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=workdir
+                )
+                try:
+                    t0 = time.monotonic()
+                    while not ac.requests and time.monotonic() - t0 < 30:
+                        time.sleep(0.05)
+                    time.sleep(warmup)
+                    c0 = _read_cpu_seconds(proc.pid) or (0.0, 0.0)
+                    rss0 = _read_status_kb(proc.pid, "VmRSS") or 0
+                    w0 = time.monotonic()
+                    polls0 = len(ac.requests)
+                    time.sleep(seconds)
+                    c1 = _read_cpu_seconds(proc.pid) or (0.0, 0.0)
+                    rss1 = _read_status_kb(proc.pid, "VmRSS") or 0
+                    w1 = time.monotonic()
+                    polls1 = len(ac.requests)
+                    proc.send_signal(signal.SIGTERM)
+                    report["exit_code"] = proc.wait(60)
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.wait()
+        cpu = (c1[0] + c1[1]) - (c0[0] + c0[1])
+        report["startup_cpu_ms"] = (c0[0] + c0[1]) * 1000.0
+        report["cpu_pct_of_core"] = cpu / (w1 - w0) * 100.0
+        report["polls"] = polls1 - polls0
+        report["rss_start_mb"] = rss0 / 1024.0
+        report["rss_end_mb"] = rss1 / 1024.0
+        report["rss_growth_mb"] = (rss1 - rss0) / 1024.0
+        report["load_after"] = os.getloadavg()[0]
+        ok = report["cpu_pct_of_core"] <= IDLE_GOAL_PCT
+        report["target"] = ("PASS " if ok else "MISS ") + (
+            f"{report['cpu_pct_of_core']:.2f}% of a core (<= {IDLE_GOAL_PCT}%)"
+        )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return report
 
 
 def _self_cpu() -> float:
@@ -687,6 +805,14 @@ def check_targets(s: Scenario, o: Outcome) -> None:
             mark(t, o.peak_rss_mb <= TARGET_RSS_MB, f"peak RSS {o.peak_rss_mb:.1f} MB (<= 60)")
         elif t == "cpu":
             mark(t, o.cpu_ms_per_task <= TARGET_CPU_MS, f"{o.cpu_ms_per_task:.2f} ms/task (<= 3)")
+        elif t == "cpu2":
+            c = o.process_cpu_ms_per_task
+            mark(t, c <= 2.0, f"{c:.2f} ms/task whole process (<= 2)")
+        elif t.startswith("i13_ratio"):
+            goal = int(t[len("i13_ratio") :]) / 100.0
+            mark(t, o.ratio >= goal, f"{o.ratio:.0%} of bound (>= {goal:.0%})")
+        elif t == "i13_rate1200":
+            mark(t, o.tasks_per_min >= 1200, f"{o.tasks_per_min:.0f}/min (>= 1200)")
         elif t == "startup":
             mark(t, o.first_get_task_s <= TARGET_STARTUP_S, f"{o.first_get_task_s:.2f} s (<= 0.5)")
         elif t == "rate":
@@ -707,7 +833,8 @@ def table(outcomes: Sequence[Outcome]) -> str:
     head = (
         "| scenario | tasks | threads | tasks/min | bound/min (term) | ratio "
         "| raw-client bound/min | ratio to it | steady/min | max in-flight | AC conns "
-        "| peak RSS MB | CPU ms/task | first get-task s | fetch ms | upload ms |"
+        "| peak RSS MB | CPU ms/task busy window | CPU ms/task whole process "
+        "| first get-task s | fetch ms | upload ms |"
     )
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for o in outcomes:
@@ -720,7 +847,8 @@ def table(outcomes: Sequence[Outcome]) -> str:
             f"| {o.bound_per_min:.0f} ({o.bound_used}) | {o.ratio:.0%} "
             f"| {o.raw_ac_bound_per_min:.0f} | {raw_ratio:.0%} "
             f"| {o.steady_tasks_per_min:.0f} | {o.max_inflight} | {o.ac_connections} | {rss} "
-            f"| {o.cpu_ms_per_task:.2f} | {o.first_get_task_s:.2f} "
+            f"| {o.cpu_ms_per_task:.2f} | {o.process_cpu_ms_per_task:.2f} "
+            f"| {o.first_get_task_s:.2f} "
             f"| {o.fetch_cycle_ms:.1f} | {o.upload_cycle_ms:.1f} |"
         )
     return "\n".join(rows)
@@ -741,9 +869,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument(
         "--scenario",
         action="append",
-        choices=sorted(SCENARIOS),
+        choices=[*sorted(SCENARIOS), "idle"],
         help="run only this scenario (repeatable); default: every full scenario",
     )
+    parser.add_argument(
+        "--issue13", action="store_true", help="issue 13's table: i13-a..d and idle"
+    )
+    parser.add_argument("--idle-seconds", type=float, default=60.0)
     parser.add_argument("--tasks", type=int, help="override the task count")
     parser.add_argument("--threads", type=int, help="override the executor thread count")
     parser.add_argument("--prefetch", type=int, help="pass --prefetch N to the agent")
@@ -763,12 +895,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     parser.add_argument("--check-targets", action="store_true", help="exit 3 if a target is missed")
     args = parser.parse_args(argv)
-    names = ["short"] if args.short else (args.scenario or FULL)
+    names = ["short"] if args.short else (ISSUE13 if args.issue13 else args.scenario or FULL)
+    idle: Optional[Dict[str, Any]] = None
     outcomes: List[Outcome] = []
     by_name: Dict[str, Outcome] = {}
     failed = False
     print(f"machine: {json.dumps(machine())}", flush=True)
     for name in names:
+        if name == "idle":
+            print(f"--- idle: no tasks, --pollInterval 1, {args.idle_seconds:.0f} s", flush=True)
+            idle = run_idle(args.idle_seconds)
+            print(
+                f"    idle: {idle['cpu_pct_of_core']:.2f}% of one core, {idle['polls']} polls,"
+                f" RSS {idle['rss_start_mb']:.1f} -> {idle['rss_end_mb']:.1f} MB"
+                f" ({idle['rss_growth_mb']:+.2f}), exit {idle['exit_code']};"
+                f" target {idle['target']}",
+                flush=True,
+            )
+            if idle["exit_code"] != 0:
+                failed = True
+            continue
         s = SCENARIOS[name]
         if args.tasks is not None:
             s.tasks = args.tasks
@@ -797,7 +943,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(
             f"    {o.verified}/{o.tasks} verified ({o.vias}), exit {o.exit_code} "
             f"after SIGTERM in {o.stop_s:.2f}s, {o.tasks_per_min:.0f}/min, "
-            f"cpu {o.cpu_ms_per_task:.2f} ms/task ({o.sys_cpu_ms_per_task:.2f} system), startup cpu {o.startup_cpu_ms:.0f} ms, "
+            f"cpu {o.cpu_ms_per_task:.2f} ms/task busy window ({o.sys_cpu_ms_per_task:.2f} system),"
+            f" {o.process_cpu_ms_per_task:.2f} ms/task whole process, startup cpu {o.startup_cpu_ms:.0f} ms, "
             f"server cpu {o.server_cpu_ms_per_task:.2f} ms/task, {o.duration_s:.1f}s, "
             f"get-task {o.fetch_server_ms:.1f} ms at server + {o.fetch_gap_ms:.1f} ms gap, "
             f"{o.empty_get_tasks} empty, load {o.load_before:.1f}->{o.load_after:.1f}",
@@ -814,15 +961,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(
-                {"machine": machine(), "ok": not failed, "runs": [asdict(o) for o in outcomes]},
+                {
+                    "machine": machine(),
+                    "ok": not failed,
+                    "runs": [asdict(o) for o in outcomes],
+                    "idle": idle,
+                },
                 fh,
                 indent=2,
             )
     if failed:
         return 1
-    if args.check_targets and any(
-        t.startswith("MISS") for o in outcomes for t in o.targets.values()
-    ):
+    missed = any(t.startswith("MISS") for o in outcomes for t in o.targets.values())
+    if idle is not None and idle["target"].startswith("MISS"):
+        missed = True
+    if args.check_targets and missed:
         return 3
     return 0
 

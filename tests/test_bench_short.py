@@ -39,6 +39,8 @@ def test_bench_short_mode_is_correct(tmp_path: Path) -> None:
     assert run["tasks"] > 0
     assert run["verified"] == run["tasks"]
     assert run["exit_code"] == 0
+    # whole-process agent CPU is counted and covers at least the busy window
+    assert run["process_cpu_ms_per_task"] >= run["cpu_ms_per_task"] > 0
     assert run["max_inflight"] <= 2
     assert run["rejected_concurrent"] == 0
     assert run["vias"].get("upload", 0) >= 1  # the large bodies took upload-result
