@@ -317,7 +317,10 @@ class Uploader(Stage):
         )
         delivery.result = fallback
         delivery.refusals = 0
-        self._again(delivery, 0.0)  # retry_later saves the fallback record durably
+        # The original record went to quarantine: the fallback is not on disk
+        # yet, so retry_later saves it before it is queued again.
+        delivery.durable = False
+        self._again(delivery, 0.0)
 
     # ------------------------------------------------------------ one result
     def deliver(self, result: Result) -> str:
