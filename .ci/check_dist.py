@@ -46,7 +46,13 @@ def check_wheel(wheel: Path) -> None:
         if metadata_name is None:
             fail("wheel has no METADATA")
         metadata = Parser().parsestr(zf.read(metadata_name).decode("utf-8"))
-    for needed in ("acagent/__init__.py", "acagent/py.typed", "acagent/testing.py"):
+    needed_files = (
+        "acagent/__init__.py",
+        "acagent/py.typed",
+        "acagent/testing/__init__.py",
+        "acagent/testing/fake_ac.py",
+    )
+    for needed in needed_files:
         if needed not in names:
             fail(f"wheel lacks {needed}")
     if not any(n.endswith("LICENSE") and ".dist-info/" in n for n in names):
