@@ -10,6 +10,10 @@ the number of requests open to the server never exceeds the permit count,
 whatever the number of threads using the client. Between retry attempts the
 permit is released, so a call waiting out a 429 does not block the others.
 
+Each AC request is sent by ``ACTransport`` (``actransport.py``) straight to
+the session adapter's connection pool: requests' proxies and TLS, without
+the per-call session work (about a quarter of an AC call's CPU).
+
 The S3 PUT goes to a presigned URL, not to the AC server: it uses its own
 session, carries no ``Authorization`` header and takes no permit.
 """
@@ -17,7 +21,6 @@ session, carries no ``Authorization`` header and takes no permit.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import io
 import json
 import logging
@@ -32,10 +35,10 @@ from urllib.parse import urlencode, urlsplit
 import requests
 import urllib3.util.connection
 from requests.adapters import HTTPAdapter
-from requests.structures import CaseInsensitiveDict
 
 from ._version import __version__
 from .abandon import ConnectionTracker, TrackingAdapter
+from .actransport import NETWORK_ERRORS, ACReply, ACTransport, is_stale_reset
 from .allowlist import GuardedAdapter, TargetDenied, UploadPolicy, unambiguous_host
 from .config import AgentConfig
 from .errors import (
@@ -75,19 +78,13 @@ def endpoint_method(endpoint: str) -> str:
 #: called after every exchange: (endpoint, status or "error", seconds)
 ExchangeHook = Callable[[str, str, float], None]
 
-_NETWORK_ERRORS = (
+#: what a failed S3 PUT (sent with requests) raises
+_S3_NETWORK_ERRORS = (
     requests.ConnectionError,
     requests.Timeout,
     requests.exceptions.ChunkedEncodingError,
     requests.exceptions.ContentDecodingError,
 )
-
-
-#: what a server closing an idle kept-alive connection as we reuse it looks like: it
-#: closed without a response (FIN), or before we finished sending. A reset after the
-#: request went out (ECONNRESET on read) may mean the server is still working on it,
-#: so that one waits for the caller's backoff instead of being re-sent at once.
-_RESET_ERRORS = (http.client.RemoteDisconnected, BrokenPipeError)
 
 
 def make_agent_id() -> str:
@@ -305,7 +302,9 @@ class ACClient:
         )
         self.session.headers["Authorization"] = f"Bearer {config.api_key}"
         self._fetch_waiting = 0
-        self._defaults: Optional[Tuple[Dict[str, str], Dict[str, str], Union[bool, str]]] = None
+        self.transport = ACTransport(
+            self.session, self._url("get-task"), self.config.outgoing_proxies
+        )
         #: where presigned upload URLs may point (checked on the connection made)
         self.upload_policy = UploadPolicy(
             config.allowed_upload_hosts, server_host=urlsplit(config.server_url).hostname or ""
@@ -394,48 +393,14 @@ class ACClient:
         data: Any,
         headers: Mapping[str, str],
         timeout: Tuple[float, float],
-    ) -> requests.Response:
-        """Send one AC request to the mounted adapter and read the whole reply.
-
-        ``Session.request`` merges the session's headers, cookies, hooks, auth
-        and the proxy environment into every call, the largest share of an AC
-        call's CPU; none of it changes between AC calls, so it is done once,
-        at start (``_lean_defaults``). What is left per call: the URL, the
-        headers of this call, the body, and requests' transport adapter (TLS,
-        proxies, connection pool), unchanged. No redirect is followed and no
-        cookie is kept, as with today's agent.
-        """
-        base_headers, proxies, env_verify = self._lean_defaults()
+    ) -> ACReply:
+        """Send one AC request and read the whole reply (``actransport.py``)."""
         url = self._url(endpoint)
         if params:
             url += "?" + urlencode(params)
-        prepared = requests.PreparedRequest()
-        prepared.method = ENDPOINT_METHODS[endpoint]
-        prepared.url = url
-        prepared.headers = CaseInsensitiveDict(base_headers)
-        prepared.headers.update(headers)
-        prepared.body = data
-        if data is not None:
-            prepared.headers["Content-Length"] = str(len(data))
-        verify = env_verify if self.verify is True else self.verify
-        reply = self.session.get_adapter(url).send(
-            prepared, stream=False, timeout=timeout, verify=verify, proxies=proxies
+        return self.transport.send(
+            ENDPOINT_METHODS[endpoint], url, data, headers, timeout, self.verify
         )
-        reply.content  # noqa: B018 - read the reply while the permit is held
-        return reply
-
-    def _lean_defaults(self) -> Tuple[Dict[str, str], Dict[str, str], Union[bool, str]]:
-        """Session headers, proxies and the CA bundle from the environment (once)."""
-        defaults = self._defaults
-        if defaults is None:
-            merged = self.session.merge_environment_settings(
-                self._url("get-task"), dict(self.config.outgoing_proxies or {}), False, True, None
-            )
-            headers = {k: str(v) for k, v in self.session.headers.items()}
-            verify: Union[bool, str] = merged["verify"] if merged["verify"] is not None else True
-            defaults = (headers, dict(merged["proxies"] or {}), verify)
-            self._defaults = defaults
-        return defaults
 
     def _report(self, endpoint: str, status: str, started: float) -> None:
         if self.on_exchange is not None:
@@ -453,7 +418,7 @@ class ACClient:
         params: Optional[Mapping[str, str]] = None,
         json_body: Any = None,
         body_factory: Optional[Callable[[], MultipartBody]] = None,
-    ) -> requests.Response:
+    ) -> ACReply:
         """One attempt: rate token, permit, request, reply read, permit back."""
         if not self.rate_limits[op_class].acquire(stop=self.abort):
             raise AgentStopping("stopped while waiting for the rate limiter")
@@ -474,9 +439,9 @@ class ACClient:
                     try:
                         reply = self._send(endpoint, params, data, headers, timeout)
                         break
-                    except _NETWORK_ERRORS as exc:
+                    except NETWORK_ERRORS as exc:
                         self._report(endpoint, "error", started)
-                        if fresh_try or not _is_stale_reset(exc) or self._gave_up(endpoint):
+                        if fresh_try or not is_stale_reset(exc) or self._gave_up(endpoint):
                             raise ACConnectionError(
                                 f"{endpoint}: {type(exc).__name__}: {exc}"
                             ) from exc
@@ -508,7 +473,7 @@ class ACClient:
         *,
         policy: Optional[RetryPolicy] = None,
         **kw: Any,
-    ) -> requests.Response:
+    ) -> ACReply:
         """An exchange with a retry policy (every call but get-task).
 
         ``policy`` defaults to the client's; ``ONE_ATTEMPT`` is for callers
@@ -672,7 +637,7 @@ class ACClient:
             except TargetDenied as exc:
                 self._report("s3", "error", started)
                 raise UploadURLRefused(f"s3: upload url refused: {exc.reason}") from None
-            except _NETWORK_ERRORS as exc:
+            except _S3_NETWORK_ERRORS as exc:
                 self._report("s3", "error", started)
                 raise ACConnectionError(
                     f"s3: {type(exc).__name__}: {scrub_text(str(exc))}"
@@ -712,30 +677,7 @@ class ACClient:
         )
 
 
-def _is_stale_reset(exc: BaseException) -> bool:
-    """A reset or close of a connection that was already open (not a connect failure)."""
-    if isinstance(exc, (requests.Timeout, requests.exceptions.ContentDecodingError)):
-        return False
-    pending = [exc]
-    seen = 0
-    while pending and seen < 12:  # requests wraps urllib3 wraps the socket error
-        current = pending.pop()
-        seen += 1
-        if isinstance(current, urllib3.exceptions.NewConnectionError):
-            return False
-        if isinstance(current, _RESET_ERRORS):
-            return True
-        linked = [a for a in current.args if isinstance(a, BaseException)]
-        linked += [
-            e
-            for e in (getattr(current, "reason", None), current.__cause__, current.__context__)
-            if isinstance(e, BaseException)
-        ]
-        pending.extend(linked)
-    return False
-
-
-def _check_status(endpoint: str, reply: requests.Response) -> requests.Response:
+def _check_status(endpoint: str, reply: ACReply) -> ACReply:
     status = reply.status_code
     if 200 <= status < 300:
         return reply
@@ -762,7 +704,7 @@ def _check_s3_status(reply: requests.Response) -> None:
     raise ACHTTPError("s3", status, "upload refused by the storage service")
 
 
-def _json_data(reply: requests.Response, endpoint: str) -> Any:
+def _json_data(reply: ACReply, endpoint: str) -> Any:
     try:
         body = reply.json()
     except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting

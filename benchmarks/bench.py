@@ -358,6 +358,9 @@ class Outcome:
     #: from one get-task's reply to the next one's arrival (the agent's part)
     fetch_server_ms: float = 0.0
     fetch_gap_ms: float = 0.0
+    #: share of the busy window with 0, 1, 2 AC requests open at the server
+    #: (permit use: the AC bound needs 2 open all the time)
+    permits_busy: Tuple[float, ...] = ()
     get_task_calls: int = 0
     empty_get_tasks: int = 0
     server_cpu_ms_per_task: float = 0.0
@@ -393,6 +396,24 @@ def physical_bound(s: Scenario) -> Tuple[float, Dict[str, float], str]:
     used = min(terms, key=lambda k: terms[k])
     tied = [k for k, v in terms.items() if abs(v - terms[used]) < 1e-6]
     return terms[used], terms, "=".join(tied)
+
+
+def _open_shares(spans: List[Tuple[float, float]], t0: float, t1: float) -> Tuple[float, ...]:
+    """Share of [t0, t1] during which 0, 1, 2, ... of ``spans`` were open."""
+    edges: List[Tuple[float, int]] = []
+    for start, end in spans:
+        start, end = max(start, t0), min(end, t1)
+        if end > start:
+            edges += [(start, 1), (end, -1)]
+    edges.sort()
+    held: Dict[int, float] = {}
+    level, at = 0, t0
+    for when, step in edges:
+        held[level] = held.get(level, 0.0) + (when - at)
+        level, at = level + step, when
+    held[level] = held.get(level, 0.0) + (t1 - at)
+    total = max(t1 - t0, 1e-9)
+    return tuple(round(held.get(k, 0.0) / total, 3) for k in range(max(held) + 1))
 
 
 def _mean_cycle(starts: List[float], t_end: float) -> float:
@@ -664,6 +685,9 @@ def run_scenario(
                     gaps = [b.started - a.finished for a, b in zip(window, window[1:])]
                     out.fetch_gap_ms = sum(gaps) / len(gaps) * 1000.0
                 out.server_cpu_ms_per_task = (self_cpu1 - self_cpu0) * 1000.0 / n
+                out.permits_busy = _open_shares(
+                    [(r.started, r.finished) for r in requests], t_first, t_last
+                )
             out.load_after = os.getloadavg()[0]
             if os.environ.get("BENCH_SHOW_LOG"):
                 print(_tail(log_path, 5))
@@ -947,6 +971,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f" {o.process_cpu_ms_per_task:.2f} ms/task whole process, startup cpu {o.startup_cpu_ms:.0f} ms, "
             f"server cpu {o.server_cpu_ms_per_task:.2f} ms/task, {o.duration_s:.1f}s, "
             f"get-task {o.fetch_server_ms:.1f} ms at server + {o.fetch_gap_ms:.1f} ms gap, "
+            f"AC requests open 0/1/2: {'/'.join(f'{x:.0%}' for x in o.permits_busy)}, "
             f"{o.empty_get_tasks} empty, load {o.load_before:.1f}->{o.load_after:.1f}",
             flush=True,
         )
