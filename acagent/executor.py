@@ -381,8 +381,10 @@ class DeadlineWatch:
     the executor reports as the watch's reason.
     """
 
-    #: how often the thread looks at the abort signal while nothing is due
+    #: how often the thread looks at the abort signal while a response is watched
     TICK = 0.5
+    #: longest sleep while nothing is watched (a new watch or close() wakes it)
+    IDLE_WAIT = 60.0
 
     def __init__(self, abort: threading.Event) -> None:
         self._abort = abort
@@ -422,7 +424,7 @@ class DeadlineWatch:
                 aborting = self._abort.is_set()
                 while self._heap and (aborting or self._heap[0][0] <= now):
                     due.append(heapq.heappop(self._heap)[2])
-                wait = self.TICK if not self._heap else min(self.TICK, self._heap[0][0] - now)
+                wait = self.IDLE_WAIT if not self._heap else min(self.TICK, self._heap[0][0] - now)
                 if not due:
                     self._cond.wait(max(0.0, wait))
                     continue

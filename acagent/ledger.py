@@ -99,6 +99,7 @@ class Ledger:
         self._holds: Dict[str, str] = {}
         self._intake_closed = False
         self._closed = False
+        self._woken = False
         self._next_probe = 0.0
 
     # ------------------------------------------------------------ the Fetcher's side
@@ -122,6 +123,23 @@ class Ledger:
         fetching waits for uploads (the upload side is the bottleneck)."""
         with self._cond:
             return self._results >= self._threshold
+
+    def wait_backlogged(self, timeout: float) -> bool:
+        """Block until results are backlogged (see ``results_backlogged``), the
+        ledger closes, ``wake()`` is called, or ``timeout`` passes; True if backlogged."""
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self._closed or self._woken or self._results >= self._threshold,
+                timeout=timeout,
+            )
+            self._woken = False
+            return self._results >= self._threshold
+
+    def wake(self) -> None:
+        """End every ``wait_backlogged`` now (a stage is stopping)."""
+        with self._cond:
+            self._woken = True
+            self._cond.notify_all()
 
     def cancel(self) -> None:
         """The reservation was not used (no task came back)."""

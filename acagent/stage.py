@@ -64,6 +64,9 @@ class Stage:
 
     #: prefix of this stage's thread names (``acagent-<name>``)
     name = "stage"
+    #: longest single sleep in ``wait`` before the abort signal is looked at again
+    #: (``stop()`` ends a wait at once; a shorter slice only costs idle wakeups)
+    WAIT_SLICE = 1.0
     #: first pause after an unexpected error in a loop step, doubled up to ``FAILURE_PAUSE_MAX``
     FAILURE_PAUSE = 1.0
     FAILURE_PAUSE_MAX = 30.0
@@ -126,7 +129,7 @@ class Stage:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            if self.stopping.wait(min(left, 0.25)) or self.ctx.abort.is_set():
+            if self.stopping.wait(min(left, self.WAIT_SLICE)) or self.ctx.abort.is_set():
                 return True
 
     def run_loop(self, step: Callable[[], None]) -> None:

@@ -84,6 +84,8 @@ class Uploader(Stage):
     POLL = 0.5
     #: how long the borrowing sender steps aside while a get-task waits for a permit
     BORROW_PAUSE = 0.02
+    #: longest the borrowing sender sleeps waiting for a backlog before looking again
+    BACKLOG_WAIT = 5.0
     #: per-result backoff after a transient failure: first wait, doubled up to RETRY_MAX
     RETRY_MIN = 0.5
     RETRY_MAX = 60.0
@@ -132,6 +134,9 @@ class Uploader(Stage):
         if self.borrower:
             self.spawn(lambda: self.run_loop(self.borrow_step), "acagent-uploader-borrow")
 
+    def on_stop(self) -> None:
+        self.ctx.ledger.wake()  # the borrowing sender's backlog wait ends; it sees the stop
+
     @property
     def retrying(self) -> int:
         """Results waiting for a retry after a failed attempt."""
@@ -161,11 +166,11 @@ class Uploader(Stage):
         uploads are the bottleneck, and a slow upload never stops fetching
         while there is capacity.
         """
-        if (
-            self.ctx.client.fetch_waiting
-            or not self.ctx.ledger.results_backlogged()
-            or self.breaker.remaining() > 0
-        ):
+        if not self.ctx.ledger.results_backlogged():
+            # Idle or keeping up: sleep until a backlog builds (no polling).
+            self.ctx.ledger.wait_backlogged(self.BACKLOG_WAIT)
+            return
+        if self.ctx.client.fetch_waiting or self.breaker.remaining() > 0:
             self.wait(self.BORROW_PAUSE)
             return
         delivery = self.ctx.ledger.results.get(self.POLL, accept=self._is_small)

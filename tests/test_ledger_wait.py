@@ -1,0 +1,63 @@
+"""``Ledger.wait_backlogged``: the borrowing sender sleeps until a backlog builds.
+
+An idle agent must not poll (issue 13: <= 0.5% of a core). These tests
+sequence a waiting thread with the ledger's own notifications: the wait ends
+when results reach the threshold, on ``wake()`` (a stage stopping) and on
+``close()``, and not before.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import List
+
+from helpers import WAIT
+
+from acagent.ledger import Ledger
+from acagent.models import Result
+from acagent.spool import ResultSpool
+
+
+def _waiter(ledger: Ledger, out: List[bool], started: threading.Event) -> threading.Thread:
+    def run() -> None:
+        started.set()
+        out.append(ledger.wait_backlogged(WAIT))
+
+    thread = threading.Thread(target=run, name="test-backlog-waiter")
+    thread.start()
+    assert started.wait(WAIT)
+    return thread
+
+
+def _finish_one(ledger: Ledger, n: int) -> None:
+    assert ledger.reserve(timeout=WAIT)
+    ledger.finished(Result.agent_error({"taskId": f"t{n}"}, "test", key=f"{n:032x}"))
+
+
+def test_wait_ends_when_results_reach_the_threshold(tmp_path: Path) -> None:
+    ledger = Ledger(slots=5, threshold=3, spool=ResultSpool(tmp_path / "spool"))
+    out: List[bool] = []
+    thread = _waiter(ledger, out, threading.Event())
+    _finish_one(ledger, 1)
+    _finish_one(ledger, 2)
+    thread.join(0.2)
+    assert thread.is_alive() and not out  # 2 of 3: still waiting
+    _finish_one(ledger, 3)
+    thread.join(WAIT)
+    assert not thread.is_alive()
+    assert out == [True]
+
+
+def test_wake_and_close_end_the_wait_without_a_backlog(tmp_path: Path) -> None:
+    ledger = Ledger(slots=5, threshold=3, spool=ResultSpool(tmp_path / "spool"))
+    out: List[bool] = []
+    thread = _waiter(ledger, out, threading.Event())
+    ledger.wake()
+    thread.join(WAIT)
+    assert not thread.is_alive() and out == [False]
+
+    thread = _waiter(ledger, out, threading.Event())
+    ledger.close()
+    thread.join(WAIT)
+    assert not thread.is_alive() and out == [False, False]
