@@ -154,7 +154,7 @@ class Executor(Stage):
         self.submit(task)
 
     def submit(self, task: Task) -> None:
-        key = new_result_key()
+        key = task.key or new_result_key()  # the Ledger's journal key, if it made one
         with self._lock:
             self._active[key] = task
             try:

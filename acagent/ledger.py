@@ -29,6 +29,7 @@ and the put (a task put after the executor's last drain would be lost).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -38,11 +39,17 @@ from typing import Dict, List, Optional
 
 from . import logs
 from .duequeue import DueQueue
-from .models import Result, Task
+from .models import Result, Task, new_result_key
 from .observers import Observers
 from .spool import SPOOL_ERRNOS, ResultSpool, spool_error_reason
 
 log = logging.getLogger("acagent.ledger")
+
+#: the answer for a task the agent took but did not finish before it died
+INTERRUPTED = (
+    "the agent stopped (killed or crashed) before this task finished; "
+    "it was not run again (the request may have reached the target)"
+)
 
 #: the hold set while the spool folder cannot be written
 SPOOL_HOLD = "spool"
@@ -153,19 +160,34 @@ class Ledger:
         with logs.task_context(task.task_id):
             log.debug("task fetched: %s", task.method)
         answer: Optional[Result] = None
-        with self._cond:
-            if self._intake_closed:
-                answer = Result.agent_error(task, "agent shutting down", failure="shutdown")
-            elif task.is_expired():
-                answer = Result.agent_error(
-                    task, "task expired before execution", failure="expired"
-                )
-            else:
-                self.tasks.put(task)
+        if task.is_expired():
+            answer = Result.agent_error(task, "task expired before execution", failure="expired")
+        else:
+            task = self._journal(task)
+            with self._cond:
+                if self._intake_closed:
+                    answer = Result.agent_error(task, "agent shutting down", failure="shutdown")
+                else:
+                    self.tasks.put(task)
         if answer is not None:
             if answer.failure == "expired":
                 log.warning("task %s expired before it was fetched; not run", task.task_id)
             self.finished(answer)
+
+    def _journal(self, task: Task) -> Task:
+        """Give ``task`` its result key and journal it in the spool (see
+        ``ResultSpool.journal``): if the agent dies before the result is
+        saved, the next start answers the task with ``INTERRUPTED``."""
+        task = dataclasses.replace(task, key=new_result_key())
+        assert task.key is not None
+        try:
+            answer = Result.agent_error(task, INTERRUPTED, failure="interrupted")
+            self.spool.journal(task.key, answer.to_record())
+        except OSError as exc:
+            # The task still runs; a spool that cannot be written is held and
+            # reported (ERROR, /readyz) when its result is saved.
+            log.debug("task %s: not journaled: %s", task.task_id, exc)
+        return task
 
     # ------------------------------------------------------------ the Executor's side
     def take_task(self, timeout: float) -> Optional[Task]:

@@ -68,6 +68,8 @@ class Task:
     expiry_ts_ms: int
     global_config: Optional[Dict[str, Any]]
     raw: Dict[str, Any] = field(repr=False)
+    #: the spool key of this task's result, once the Ledger has journaled it
+    key: Optional[str] = field(default=None, compare=False, repr=False)
 
     @classmethod
     def parse(cls, obj: Any, *, default_ttl: float = 300.0, now: Optional[int] = None) -> Task:
@@ -232,6 +234,8 @@ class Result:
     ) -> Result:
         """An ``Agent Side Error`` result: statusCode 500, plain-text output."""
         raw = task.raw if isinstance(task, Task) else task
+        if key is None and isinstance(task, Task):
+            key = task.key  # a journaled task's answer replaces its journal record
         result = cls(
             fields=echo_fields(raw),
             status_code=500,

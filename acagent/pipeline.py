@@ -254,6 +254,13 @@ class Pipeline:
             self.ledger.adopt(result)
         if pending:
             log.info("%d result(s) from an earlier run will be re-sent", len(pending))
+        interrupted = sum(1 for _key, record in pending if record.get("failure") == "interrupted")
+        if interrupted:
+            log.warning(
+                "%d task(s) taken by an earlier run that stopped before finishing them "
+                "(killed or crashed) are answered with an error result, not run again",
+                interrupted,
+            )
         quarantined = self.spool.quarantined()
         if quarantined:
             log.warning(

@@ -9,7 +9,9 @@ still in the spool after a crash or a failed upload is found again by
 
 On-disk layout (one flat folder, mode 0700, every file mode 0600)::
 
-    <key>.json          the saved record of a result (written atomically)
+    <key>.json          the saved record of a result (written atomically); while
+                        a task runs, its journal: the error result that answers it
+                        if the agent dies first (``journal``), replaced by the result
     <key>.body          the streamed response body of that result (optional)
     <key>.body.gz       its gzip copy for upload-result, made by the executor (derived)
     <key>.body.gz.tmp   a gzip copy being written; a leftover one is a crash's debris
@@ -136,6 +138,8 @@ class ResultSpool:
         # Keys whose body this instance created and that have no record yet:
         # ``clean_orphans`` must not take a body that is still being written.
         self._live_bodies: Set[str] = set()
+        # Keys whose record is a task journal (``journal``), not yet a result.
+        self._journaled: Set[str] = set()
         # Records already reported as unreadable, so each is logged once.
         self._reported: Set[str] = set()
         self._lock_fd: Optional[int] = None
@@ -239,10 +243,37 @@ class ResultSpool:
                     os.unlink(tmp)
                 raise
             self._keys.add(key)
+            self._journaled.discard(key)
             self._live_bodies.discard(key)  # the record now protects the body
             self._renamed += 1
             mine = self._renamed
         self._sync_folder(mine)
+
+    def journal(self, key: str, record: Record) -> None:
+        """Note a task that is about to run: ``record`` becomes ``<key>.json``.
+
+        ``record`` is the answer for the task if the agent dies before its
+        result is saved (an error result): after a ``kill -9`` the next start
+        finds it with ``pending`` and delivers it, so the AC server hears of
+        every task the agent took. ``save`` for the same key replaces it.
+        Atomic (tmp file and rename) but not fsynced: it survives the death
+        of the process, not of the machine, and costs no disk flush per task.
+        The task's credentials and body are never in it (``to_record``).
+        """
+        self._check_key(key)
+        data = json.dumps(record, separators=(",", ":")).encode("ascii")
+        tmp = self._path(key, _TMP)
+        with _create_private(tmp) as file:
+            file.write(data)
+        with self._lock:  # invariant: see save()
+            try:
+                os.replace(tmp, self._path(key, _RECORD))
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            self._keys.add(key)
+            self._journaled.add(key)
 
     def remove(self, key: str) -> None:
         """Remove the record and then the body of ``key``; missing files are fine.
@@ -255,6 +286,7 @@ class ResultSpool:
         with self._lock:  # invariant: see save()
             removed = self._unlink(record)
             self._keys.discard(key)
+            self._journaled.discard(key)
             removed = self._unlink(body) or removed
             removed = self._unlink(self._path(key, _GZ)) or removed
             self._live_bodies.discard(key)
@@ -304,6 +336,7 @@ class ResultSpool:
                 os.replace(source, target / ("record.json" if suffix == _RECORD else "body"))
                 moved = True
             self._keys.discard(key)
+            self._journaled.discard(key)
             self._live_bodies.discard(key)
         if not moved:
             return None
@@ -362,7 +395,9 @@ class ResultSpool:
         answering the task with an ``Agent Side Error``.
 
         Every record is loaded into memory; records are small (inline bodies
-        are at most ~700 kB), bodies stay on disk.
+        are at most ~700 kB), bodies stay on disk. Meant for the start: the
+        journal of a task left by an earlier run is one of the records (its
+        answer); called while tasks run, it would list their journals too.
         """
         found: List[Tuple[int, str, Record]] = []
         with self._lock:  # invariant: see save()
@@ -375,6 +410,7 @@ class ResultSpool:
                 found.append((mtime_ns, key, record))
                 keys.add(key)
             self._keys = keys
+            self._journaled &= keys
         found.sort(key=lambda item: (item[0], item[1]))
         return [(key, record) for _, key, record in found]
 
@@ -402,10 +438,11 @@ class ResultSpool:
         return removed
 
     def size(self) -> int:
-        """Number of saved records; cheap (an in-memory count, no disk access)."""
+        """Number of saved results (journals of running tasks not counted); cheap
+        (an in-memory count, no disk access)."""
         # Reading the length of a set is atomic; no lock, so a metrics scrape
         # never waits behind an fsync.
-        return len(self._keys)
+        return len(self._keys) - len(self._journaled)
 
     def __len__(self) -> int:
         return self.size()

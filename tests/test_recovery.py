@@ -12,7 +12,7 @@ from __future__ import annotations
 import signal
 import threading
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Set
 
 import pytest
 from helpers import (
@@ -128,9 +128,7 @@ def test_sigkill_with_results_in_spool_then_restart_delivers_everything(tmp_path
         first = AgentProcess(ac.url, spool, tmp_path / "first.log")
         with first:
             ids = {t["taskId"] for t in tasks}
-            held = wait_until(
-                lambda: {str(r["fields"]["taskId"]) for r in spool_records(spool)} >= ids, WAIT
-            )
+            held = wait_until(lambda: _saved_result_ids(spool) >= ids, WAIT)
             assert held, (spool_records(spool), first.output())
             assert ac.wait_for_results(1, WAIT)  # the lost-reply result
             accepted_before_kill = set(ac.results)
@@ -163,3 +161,54 @@ def test_sigkill_with_results_in_spool_then_restart_delivers_everything(tmp_path
         assert ac.max_inflight <= 2
         leftovers = spool_names(spool)
         assert leftovers == []
+
+
+def _saved_result_ids(spool: Path) -> Set[str]:
+    """Task ids with a saved result (not a journal of a task still running)."""
+    return {
+        str(r["fields"]["taskId"])
+        for r in spool_records(spool)
+        if r.get("failure") != "interrupted"
+    }
+
+
+@pytest.mark.timeout(90)
+def test_sigkill_while_tasks_run_answers_them_after_restart(tmp_path: Path) -> None:
+    """Tasks taken but not finished at a kill -9 come back from the spool
+    (their journal) as error results, once each; they are not run again."""
+    spool = tmp_path / "spool"
+    with FakeTarget() as target, FakeACServer() as ac:
+        slow = [
+            {
+                "taskId": f"slow-{i}",
+                "method": "POST",
+                "url": f"{target.url}/bytes/100?seed={i}&latency=60",
+            }
+            for i in range(3)
+        ]
+        ac.add_tasks(slow)
+        first = AgentProcess(ac.url, spool, tmp_path / "first.log", extra=["--executorPoolSize", "2", "--prefetch", "1"])
+        with first:
+            # two run, the third waits for a thread (prefetch): all three are journaled
+            assert wait_until(lambda: ac.tasks_handed_out == 3 and target.inflight == 2, WAIT), (
+                first.output()
+            )
+            assert wait_until(lambda: len(spool_records(spool)) == 3, WAIT)
+            first.kill()
+        assert ac.results == {}
+        connections_before = target.connections_opened
+
+        second = AgentProcess(ac.url, spool, tmp_path / "second.log")
+        with second:
+            assert ac.wait_for_results(3, WAIT), second.output()
+            assert wait_until(lambda: spool_records(spool) == [], WAIT)
+            second.signal(signal.SIGTERM)
+            assert second.wait(15) == 0, second.output()
+        assert "not run again" in second.output()
+    results = ac.results
+    assert set(results) == {t["taskId"] for t in slow}
+    for task_id, got in results.items():
+        assert len(got) == 1, task_id
+        assert got[0].via == "error" and "killed or crashed" in str(got[0].fields["output"])
+        assert got[0].fields["statusCode"] == 500
+    assert target.connections_opened == connections_before  # nothing sent to the target again

@@ -547,9 +547,12 @@ class _Server(ThreadingHTTPServer):
                 with self._state:
                     if self._closing:
                         return
-                    if self._want_down and registered:
-                        sel.unregister(self.socket)
-                        registered = False
+                    if self._want_down and not self._is_down:
+                        # Also before the first registration: set_down(True) may
+                        # come before this loop ever ran.
+                        if registered:
+                            sel.unregister(self.socket)
+                            registered = False
                         self.socket.close()
                         self._is_down = True
                     elif not self._want_down and not registered:
