@@ -400,7 +400,8 @@ class DeadlineWatch:
         with self._cond:
             self._seq += 1
             heapq.heappush(self._heap, (watch.deadline, self._seq, watch))
-            self._cond.notify()
+            if self._heap[0][2] is watch:  # only an earlier deadline changes the thread's wait
+                self._cond.notify()
 
     def _remove(self, watch: _Watch) -> None:
         with self._cond:

@@ -98,7 +98,11 @@ class Ledger:
         self.observers = observers if observers is not None else Observers()
         self.tasks: queue.Queue[Task] = queue.Queue()
         self.results: DueQueue[Delivery] = DueQueue()
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        #: wakes the Fetcher's ``reserve`` and ``wait_drained``: room and state changes
+        self._cond = threading.Condition(lock)
+        #: wakes ``wait_backlogged`` only: when results reach the threshold (same lock)
+        self._backlog = threading.Condition(lock)
         self._slots = slots
         self._threshold = threshold
         self._executing = 0
@@ -134,8 +138,8 @@ class Ledger:
     def wait_backlogged(self, timeout: float) -> bool:
         """Block until results are backlogged (see ``results_backlogged``), the
         ledger closes, ``wake()`` is called, or ``timeout`` passes; True if backlogged."""
-        with self._cond:
-            self._cond.wait_for(
+        with self._backlog:
+            self._backlog.wait_for(
                 lambda: self._closed or self._woken or self._results >= self._threshold,
                 timeout=timeout,
             )
@@ -146,7 +150,7 @@ class Ledger:
         """End every ``wait_backlogged`` now (a stage is stopping)."""
         with self._cond:
             self._woken = True
-            self._cond.notify_all()
+            self._backlog.notify_all()
 
     def cancel(self) -> None:
         """The reservation was not used (no task came back)."""
@@ -220,6 +224,8 @@ class Ledger:
             self._executing -= 1
             self._results += 1
             self._cond.notify_all()
+            if self._results == self._threshold:
+                self._backlog.notify_all()
         self.results.put(Delivery(result, counted=True, durable=durable))
         self.observers.emit("on_result_ready", result)
 
@@ -273,7 +279,8 @@ class Ledger:
     def release(self, reason_key: str) -> None:
         with self._cond:
             had = self._holds.pop(reason_key, None)
-            self._cond.notify_all()
+            if had is not None:  # called after every delivery: most calls change nothing
+                self._cond.notify_all()
         if had is not None:
             log.warning("fetching resumed (%s cleared)", reason_key)
             self.observers.emit("on_hold", reason_key, None)
@@ -304,6 +311,7 @@ class Ledger:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            self._backlog.notify_all()
         self.results.close()
 
     def resize(self, slots: int) -> None:

@@ -34,7 +34,7 @@ import re
 import stat
 import threading
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, Final, Iterator, List, Optional, Set, Tuple
+from typing import Any, BinaryIO, Dict, Final, Iterator, List, Optional, Set, Tuple, Union
 
 from .errors import SpoolLockedError
 
@@ -90,7 +90,7 @@ def spool_error_reason(exc: OSError) -> str:
     return f"cannot write the spool folder ({exc.strerror or type(exc).__name__})"
 
 
-def _create_private(path: Path) -> BinaryIO:
+def _create_private(path: Union[str, Path]) -> BinaryIO:
     """Create ``path`` for writing: it must not exist (nor be a symlink); mode 0600."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY | _O_NOFOLLOW
     fd = os.open(path, flags, 0o600)
@@ -124,6 +124,7 @@ class ResultSpool:
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self._dir = Path(directory)
+        self._dir_name = str(self._dir)
         # Parents get the default permissions; the spool folder itself is private.
         self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
@@ -224,8 +225,8 @@ class ResultSpool:
         data = json.dumps(record, separators=(",", ":")).encode("ascii")
         # The body and the tmp file have one writer (the key's owner), so they
         # are written and synced outside the lock.
-        self._fsync_file(self.body_path(key))
-        tmp = self._path(key, _TMP)
+        self._fsync_file(self._name(key, _BODY))
+        tmp = self._name(key, _TMP)
         self._write_synced(tmp, data)
         with self._lock:
             # Locking invariant: records are renamed into place and unlinked,
@@ -237,7 +238,7 @@ class ResultSpool:
             # at start (clean_orphans, before any task runs) any that exists
             # is a crash's debris.
             try:
-                os.replace(tmp, self._path(key, _RECORD))
+                os.replace(tmp, self._name(key, _RECORD))
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
@@ -245,8 +246,7 @@ class ResultSpool:
             self._keys.add(key)
             self._journaled.discard(key)
             self._live_bodies.discard(key)  # the record now protects the body
-            self._renamed += 1
-            mine = self._renamed
+            mine = self._note_rename()
         self._sync_folder(mine)
 
     def journal(self, key: str, record: Record) -> None:
@@ -262,12 +262,12 @@ class ResultSpool:
         """
         self._check_key(key)
         data = json.dumps(record, separators=(",", ":")).encode("ascii")
-        tmp = self._path(key, _TMP)
+        tmp = self._name(key, _TMP)
         with _create_private(tmp) as file:
             file.write(data)
         with self._lock:  # invariant: see save()
             try:
-                os.replace(tmp, self._path(key, _RECORD))
+                os.replace(tmp, self._name(key, _RECORD))
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
@@ -281,27 +281,29 @@ class ResultSpool:
         The record goes first: a crash in between leaves an orphan body, which
         ``clean_orphans`` removes, never a record without its body.
         """
-        record = self._path(key, _RECORD)
-        body = self._path(key, _BODY)
+        record = self._name(key, _RECORD)
+        body = self._name(key, _BODY)
         with self._lock:  # invariant: see save()
             removed = self._unlink(record)
             self._keys.discard(key)
             self._journaled.discard(key)
             removed = self._unlink(body) or removed
-            removed = self._unlink(self._path(key, _GZ)) or removed
+            removed = self._unlink(self._name(key, _GZ)) or removed
             self._live_bodies.discard(key)
+            mine = self._note_rename() if removed else 0
         if removed:
-            self._fsync_dir()
+            self._sync_folder(mine)
 
     def discard_body(self, key: str) -> None:
         """Remove only the body file of ``key`` (e.g. once it went inline); missing is fine."""
-        body = self._path(key, _BODY)
+        body = self._name(key, _BODY)
         with self._lock:  # invariant: see save()
             removed = self._unlink(body)
-            removed = self._unlink(self._path(key, _GZ)) or removed
+            removed = self._unlink(self._name(key, _GZ)) or removed
             self._live_bodies.discard(key)
+            mine = self._note_rename() if removed else 0
         if removed:
-            self._fsync_dir()
+            self._sync_folder(mine)
 
     def probe_writable(self) -> bool:
         """Whether a small file can be written and synced in the folder now.
@@ -470,6 +472,10 @@ class ResultSpool:
     def _path(self, key: str, suffix: str) -> Path:
         return self._dir / (self._check_key(key) + suffix)
 
+    def _name(self, key: str, suffix: str) -> str:
+        """``_path`` as a plain string: the per-task hot paths skip pathlib's cost."""
+        return os.path.join(self._dir_name, self._check_key(key) + suffix)
+
     def _entries(self) -> Iterator[Tuple[str, str, Path]]:
         """``(key, suffix, path)`` of every regular file named by the spool's pattern."""
         with os.scandir(self._dir) as listing:
@@ -525,7 +531,7 @@ class ResultSpool:
             log.warning(message, *args)
 
     @staticmethod
-    def _unlink(path: Path) -> bool:
+    def _unlink(path: Union[str, Path]) -> bool:
         """Unlink ``path``; False if it did not exist."""
         try:
             os.unlink(path)
@@ -534,7 +540,7 @@ class ResultSpool:
         return True
 
     @staticmethod
-    def _write_synced(path: Path, data: bytes) -> None:
+    def _write_synced(path: Union[str, Path], data: bytes) -> None:
         """Create ``path`` afresh (0600) holding ``data``, flushed and fsynced."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # debris of an earlier crash; O_EXCL below needs it gone
@@ -550,7 +556,7 @@ class ResultSpool:
             raise
 
     @staticmethod
-    def _fsync_file(path: Path) -> bool:
+    def _fsync_file(path: Union[str, Path]) -> bool:
         """Fsync an existing file; False if it does not exist."""
         try:
             fd = os.open(path, os.O_RDWR | _O_BINARY | _O_NOFOLLOW)
@@ -563,6 +569,12 @@ class ResultSpool:
         finally:
             os.close(fd)
         return True
+
+    def _note_rename(self) -> int:
+        """Count a change of the folder's entries (a rename or unlinks; lock held):
+        its number for ``_sync_folder``."""
+        self._renamed += 1
+        return self._renamed
 
     def _sync_folder(self, upto: int) -> None:
         """Make renames 1..``upto`` durable, sharing one folder fsync between callers.
