@@ -337,7 +337,7 @@ class RedisPermits(Permits):
     LOG_EVERY = 60.0
     #: a permit that another agent released is used only this long after the
     #: release (see ``handoff_seconds``)
-    HANDOFF_SECONDS = 0.003
+    HANDOFF_SECONDS = 0.005
 
     def __init__(
         self,
@@ -367,7 +367,8 @@ class RedisPermits(Permits):
         #: client has read it a little earlier. A permit that goes straight to
         #: another agent (another connection) could reach the server before
         #: its bookkeeping caught up, and get a 429: measured 2 in 1,200 calls
-        #: without this margin, none with 3 ms.
+        #: without this margin; with 3 ms, 1 in 3 runs of 3 agents on a busy
+        #: 2-core machine (the server's thread was scheduled late); 5 ms: none.
         self.handoff_seconds = (
             self.HANDOFF_SECONDS if handoff_seconds is None else max(0.0, handoff_seconds)
         )
