@@ -237,13 +237,7 @@ class ResultSpool:
             # pending()). A <key>.json.tmp is written only by its key's owner;
             # at start (clean_orphans, before any task runs) any that exists
             # is a crash's debris.
-            try:
-                os.replace(tmp, self._name(key, _RECORD))
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            self._keys.add(key)
+            self._rename_into_place(tmp, key)
             self._journaled.discard(key)
             self._live_bodies.discard(key)  # the record now protects the body
             mine = self._note_rename()
@@ -266,14 +260,18 @@ class ResultSpool:
         with _create_private(tmp) as file:
             file.write(data)
         with self._lock:  # invariant: see save()
-            try:
-                os.replace(tmp, self._name(key, _RECORD))
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            self._keys.add(key)
+            self._rename_into_place(tmp, key)
             self._journaled.add(key)
+
+    def _rename_into_place(self, tmp: str, key: str) -> None:
+        """Rename ``tmp`` over ``<key>.json`` (lock held); on failure the tmp file goes."""
+        try:
+            os.replace(tmp, self._name(key, _RECORD))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self._keys.add(key)
 
     def remove(self, key: str) -> None:
         """Remove the record and then the body of ``key``; missing files are fine.
