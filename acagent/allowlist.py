@@ -48,7 +48,14 @@ _Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 #: always denied unless ``no-defaults`` is given: cloud metadata services
 #: (AWS, GCP, Azure, OpenStack: 169.254.169.254; AWS IPv6: fd00:ec2::254)
 #: and the rest of IPv4 link-local, where other metadata services live.
-DEFAULT_DENIED: Tuple[str, ...] = ("169.254.169.254", "fd00:ec2::254", "169.254.0.0/16")
+#: IPv6 link-local ``fe80::/10`` is the same kind of place as ``169.254.0.0/16``
+#: (instance-local services; some clouds serve metadata there).
+DEFAULT_DENIED: Tuple[str, ...] = (
+    "169.254.169.254",
+    "fd00:ec2::254",
+    "169.254.0.0/16",
+    "fe80::/10",
+)
 
 #: the deny-list entry that drops ``DEFAULT_DENIED``
 NO_DEFAULTS = "no-defaults"

@@ -45,13 +45,17 @@ def test_policy_flags_parse_and_the_default_deny_list_can_be_cleared() -> None:
     assert cfg.allowed_upload_hosts == ("minio.corp", "10.20.0.0/16")
     assert cfg.sensitive_headers == ("X-Tenant-Sig", "X-Other")
     policy = TargetPolicy(cfg.allowed_targets, cfg.denied_targets)
-    expected = {"169.254.169.254/32", "fd00:ec2::254/128", "169.254.0.0/16"}
-    assert len(DEFAULT_DENIED) == 3
+    expected = {"169.254.169.254/32", "fd00:ec2::254/128", "169.254.0.0/16", "fe80::/10"}
+    assert len(DEFAULT_DENIED) == 4
     assert expected | {"10.9.0.0/16", "*.secret.corp"} == set(policy.deny.describe())
     with pytest.raises(TargetDenied):
         policy.check_host("169.254.169.254")
     with pytest.raises(TargetDenied):
         policy.check_host("db.secret.corp")
+    for link_local in ("fe80::1", "fe80::a9fe:a9fe", "febf::1", "::ffff:169.254.169.254"):
+        with pytest.raises(TargetDenied):
+            policy.check_host(link_local)
+    assert policy.check_host("fec0::1") is False  # just outside fe80::/10: not denied by default
     cleared = config_from_args([*BASE, "--deniedTargets", "no-defaults"], {})
     policy = TargetPolicy(cleared.allowed_targets, cleared.denied_targets)
     assert policy.deny.describe() == ()
