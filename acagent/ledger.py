@@ -182,11 +182,11 @@ class Ledger:
         """Give ``task`` its result key and journal it in the spool (see
         ``ResultSpool.journal``): if the agent dies before the result is
         saved, the next start answers the task with ``INTERRUPTED``."""
-        task = dataclasses.replace(task, key=new_result_key())
-        assert task.key is not None
+        key = new_result_key()
+        task = dataclasses.replace(task, key=key)
         try:
             answer = Result.agent_error(task, INTERRUPTED, failure="interrupted")
-            self.spool.journal(task.key, answer.to_record())
+            self.spool.journal(key, answer.to_record())
         except OSError as exc:
             # The task still runs; a spool that cannot be written is held and
             # reported (ERROR, /readyz) when its result is saved.

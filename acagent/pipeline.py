@@ -239,6 +239,7 @@ class Pipeline:
         if removed:
             log.info("removed %d orphan file(s) from the spool", removed)
         pending = self.spool.pending()
+        interrupted = 0  # journals of tasks the earlier run took and never finished
         for key, record in pending:
             try:
                 result = Result.from_record(record)
@@ -251,10 +252,10 @@ class Pipeline:
             result.key = key
             if result.body_path is not None:
                 result.body_path = str(self.spool.body_path(key))
+            interrupted += result.failure == "interrupted"
             self.ledger.adopt(result)
         if pending:
             log.info("%d result(s) from an earlier run will be re-sent", len(pending))
-        interrupted = sum(1 for _key, record in pending if record.get("failure") == "interrupted")
         if interrupted:
             log.warning(
                 "%d task(s) taken by an earlier run that stopped before finishing them "

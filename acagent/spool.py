@@ -218,16 +218,12 @@ class ResultSpool:
         folder fsync after the rename makes both durable. ``save`` returns
         only once its record is durable.
         """
-        self._check_key(key)
-        if not isinstance(record, dict):
-            raise TypeError(f"a spool record must be a dict, not {type(record).__name__}")
-        # Serialise before touching the disk: an unserialisable record changes nothing.
-        data = json.dumps(record, separators=(",", ":")).encode("ascii")
+        data = self._encode(key, record)
         # The body and the tmp file have one writer (the key's owner), so they
         # are written and synced outside the lock.
         self._fsync_file(self._name(key, _BODY))
         tmp = self._name(key, _TMP)
-        self._write_synced(tmp, data)
+        self._write_new(tmp, data)
         with self._lock:
             # Locking invariant: records are renamed into place and unlinked,
             # and _keys/_live_bodies changed, only with the lock held (size()
@@ -254,14 +250,20 @@ class ResultSpool:
         of the process, not of the machine, and costs no disk flush per task.
         The task's credentials and body are never in it (``to_record``).
         """
-        self._check_key(key)
-        data = json.dumps(record, separators=(",", ":")).encode("ascii")
+        data = self._encode(key, record)
         tmp = self._name(key, _TMP)
-        with _create_private(tmp) as file:
-            file.write(data)
+        self._write_new(tmp, data, sync=False)
         with self._lock:  # invariant: see save()
             self._rename_into_place(tmp, key)
             self._journaled.add(key)
+
+    def _encode(self, key: str, record: Record) -> bytes:
+        """Check ``key`` and serialise ``record`` before anything touches the
+        disk: a bad key or an unserialisable record changes nothing."""
+        self._check_key(key)
+        if not isinstance(record, dict):
+            raise TypeError(f"a spool record must be a dict, not {type(record).__name__}")
+        return json.dumps(record, separators=(",", ":")).encode("ascii")
 
     def _rename_into_place(self, tmp: str, key: str) -> None:
         """Rename ``tmp`` over ``<key>.json`` (lock held); on failure the tmp file goes."""
@@ -311,7 +313,7 @@ class ResultSpool:
         """
         probe = self._dir / ".probe.tmp"
         try:
-            self._write_synced(probe, b"0" * 4096)
+            self._write_new(probe, b"0" * 4096)
         except OSError:
             return False
         with contextlib.suppress(OSError):
@@ -340,7 +342,7 @@ class ResultSpool:
             self._live_bodies.discard(key)
         if not moved:
             return None
-        self._write_synced(target / "reason.txt", reason.encode("utf-8", "replace"))
+        self._write_new(target / "reason.txt", reason.encode("utf-8", "replace"))
         self._fsync_dir()
         return target
 
@@ -468,10 +470,11 @@ class ResultSpool:
         return key
 
     def _path(self, key: str, suffix: str) -> Path:
-        return self._dir / (self._check_key(key) + suffix)
+        return Path(self._name(key, suffix))
 
     def _name(self, key: str, suffix: str) -> str:
-        """``_path`` as a plain string: the per-task hot paths skip pathlib's cost."""
+        """The file of ``key`` with ``suffix``, as a plain string (the per-task hot
+        paths use it as is, skipping pathlib's cost)."""
         return os.path.join(self._dir_name, self._check_key(key) + suffix)
 
     def _entries(self) -> Iterator[Tuple[str, str, Path]]:
@@ -538,16 +541,18 @@ class ResultSpool:
         return True
 
     @staticmethod
-    def _write_synced(path: Union[str, Path], data: bytes) -> None:
-        """Create ``path`` afresh (0600) holding ``data``, flushed and fsynced."""
+    def _write_new(path: Union[str, Path], data: bytes, *, sync: bool = True) -> None:
+        """Create ``path`` afresh (0600) holding ``data``, flushed and (``sync``) fsynced;
+        on failure no partial file is left."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # debris of an earlier crash; O_EXCL below needs it gone
         file = _create_private(path)
         try:
             with file:
                 file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
+                if sync:
+                    file.flush()
+                    os.fsync(file.fileno())
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(path)

@@ -378,13 +378,7 @@ class Uploader(Stage):
         ready = str(self.ctx.spool.compressed_path(result.key))
         if os.path.exists(ready):
             # compressed by the executor thread that ran the task: only send it here
-            self.ctx.client.upload_result(
-                ready,
-                upload_file_name(result.task_id, zipped=True),
-                "application/zip",
-                upload_task_part(result, self.ctx.client.version, zipped=True),
-                policy=ONE_ATTEMPT,
-            )
+            self._send_upload_result(result, ready, zipped=True)
             return
         work = os.path.join(self.ctx.work_dir, f"{result.key}.gz")
         zipped = True
@@ -394,15 +388,18 @@ class Uploader(Stage):
             log.warning("task %s: compression failed (%s); sending raw", result.task_id, exc)
             zipped = False
         try:
-            self.ctx.client.upload_result(
-                work if zipped else result.body_path,
-                upload_file_name(result.task_id, zipped=zipped),
-                "application/zip" if zipped else "text/plain",
-                upload_task_part(result, self.ctx.client.version, zipped=zipped),
-                policy=ONE_ATTEMPT,
-            )
+            self._send_upload_result(result, work if zipped else result.body_path, zipped=zipped)
         finally:
             _remove_quietly(work)
+
+    def _send_upload_result(self, result: Result, path: str, *, zipped: bool) -> None:
+        self.ctx.client.upload_result(
+            path,
+            upload_file_name(result.task_id, zipped=zipped),
+            "application/zip" if zipped else "text/plain",
+            upload_task_part(result, self.ctx.client.version, zipped=zipped),
+            policy=ONE_ATTEMPT,
+        )
 
     def compress(self, source: str, target: str) -> None:
         """gzip ``source`` into a new private file ``target`` (when the executor did not)."""
