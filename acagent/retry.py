@@ -96,6 +96,11 @@ class RetryPolicy:
             return exc.status >= 500
         return isinstance(exc, ACConnectionError)
 
+    @property
+    def is_single_attempt(self) -> bool:
+        """No retry of any kind: the first failure is the answer."""
+        return self.rate_limit_retries <= 0 and self.error_retries <= 0
+
     def is_exhausted(self, rate_limited: int, errors: int) -> bool:
         return rate_limited > self.rate_limit_retries or errors > self.error_retries
 
@@ -179,6 +184,11 @@ def run_with_retries(
     The last error is re-raised unchanged. ``on_retry(exc, wait)`` is told
     about every pause (for logging).
     """
+    if policy.is_single_attempt:
+        # The Uploader's calls: it schedules its own retries. Skipping
+        # tenacity's machinery here saves ~0.1 ms on every upload, on the
+        # thread that gates the AC link.
+        return attempt()
     budget = _Budget(policy)
 
     def before_sleep(state: tenacity.RetryCallState) -> None:

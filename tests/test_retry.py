@@ -32,6 +32,7 @@ from acagent.errors import (
 )
 from acagent.retry import (
     MAX_SERVER_WAIT,
+    ONE_ATTEMPT,
     RetryPolicy,
     parse_retry_after,
     run_with_retries,
@@ -241,6 +242,19 @@ def test_run_with_retries_does_not_retry_final_errors() -> None:
     with pytest.raises(KeyError):
         run_with_retries(attempt, FAST)
     assert attempt.calls == 1
+
+
+def test_one_attempt_raises_the_first_error_unchanged_and_never_waits() -> None:
+    for first in (ACRateLimitError("e", retry_after=60.0), ACHTTPError("e", 503), KeyError("bug")):
+        attempt = Script(first)
+        waits: List[float] = []
+        with pytest.raises(type(first)) as info:
+            run_with_retries(attempt, ONE_ATTEMPT, on_retry=lambda e, w: waits.append(w))
+        assert info.value is first
+        assert attempt.calls == 1
+        assert waits == []
+    assert run_with_retries(Script(), ONE_ATTEMPT) == "ok"
+    assert ONE_ATTEMPT.is_single_attempt and not RetryPolicy().is_single_attempt
 
 
 def test_run_with_retries_stops_at_once_when_already_stopping() -> None:
