@@ -29,6 +29,7 @@ and the put (a task put after the executor's last drain would be lost).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import queue
@@ -112,6 +113,9 @@ class Ledger:
         self._closed = False
         self._woken = False
         self._next_probe = 0.0
+        #: keys of delivered results whose spool files are still to be removed
+        #: (``remove_delivered``); a ``None`` only wakes the remover
+        self._removals: queue.SimpleQueue[Optional[str]] = queue.SimpleQueue()
 
     # ------------------------------------------------------------ the Fetcher's side
     def reserve(self, timeout: float) -> bool:
@@ -167,7 +171,6 @@ class Ledger:
         if task.is_expired():
             answer = Result.agent_error(task, "task expired before execution", failure="expired")
         else:
-            task = self._journal(task)
             with self._cond:
                 if self._intake_closed:
                     answer = Result.agent_error(task, "agent shutting down", failure="shutdown")
@@ -195,10 +198,19 @@ class Ledger:
 
     # ------------------------------------------------------------ the Executor's side
     def take_task(self, timeout: float) -> Optional[Task]:
+        """The next fetched task, journaled (``_journal``), or None after ``timeout``.
+
+        The journal is written here, on the Executor's dispatching thread, not
+        in ``fetched``: file writes there waited behind other threads' fsyncs
+        on the Fetcher's thread, which is the one that keeps the AC link busy.
+        A task is journaled a queue hand-off after its reply arrived, before
+        it waits for or takes an executor thread.
+        """
         try:
-            return self.tasks.get(timeout=timeout)
+            task = self.tasks.get(timeout=timeout)
         except queue.Empty:
             return None
+        return self._journal(task)
 
     def take_queued_tasks(self) -> List[Task]:
         """Every task still waiting for a thread (the executor answers them at stop)."""
@@ -255,15 +267,50 @@ class Ledger:
         self.results.put(delivery, wait)
 
     def delivered(self, delivery: Delivery) -> None:
-        """Delivery is done with this result: the server accepted it (or quarantine took it)."""
-        try:
-            self.spool.remove(delivery.result.key)
-        except OSError as exc:  # the server has it; a leftover record is only re-sent
-            log.warning("task %s: could not remove from spool: %s", delivery.result.task_id, exc)
+        """Delivery is done with this result: the server accepted it (or quarantine took it).
+
+        Its spool files are removed later, by ``remove_delivered`` on another
+        thread: an unlink can wait milliseconds behind other threads' fsyncs,
+        and the Uploader's thread is the one that keeps the AC link busy. A
+        record whose removal has not happened yet when the agent dies is sent
+        again at the next start (at-least-once, as ``ResultSpool`` says).
+        """
+        self._removals.put(delivery.result.key)
         if delivery.counted:
             with self._cond:
                 self._results -= 1
                 self._cond.notify_all()
+
+    def remove_delivered(self, timeout: float) -> int:
+        """Remove the spool files of delivered results; how many were removed.
+
+        Waits up to ``timeout`` for the first one (``timeout <= 0``: no wait),
+        then takes every one queued. Called in a loop by the Uploader's
+        cleanup thread, and once more by the Pipeline after its stages ended.
+        """
+        try:
+            first = self._removals.get(timeout=timeout if timeout > 0 else None, block=timeout > 0)
+        except queue.Empty:
+            return 0
+        keys = [first]
+        with contextlib.suppress(queue.Empty):
+            while True:
+                keys.append(self._removals.get_nowait())
+        removed = 0
+        for key in keys:
+            if key is None:
+                continue
+            try:
+                self.spool.remove(key)
+            except OSError as exc:  # the server has it; a leftover record is only re-sent
+                log.warning("could not remove delivered result %s from the spool: %s", key, exc)
+            else:
+                removed += 1
+        return removed
+
+    def wake_remover(self) -> None:
+        """End a ``remove_delivered`` wait now (at stop)."""
+        self._removals.put(None)
 
     # ------------------------------------------------------------ holds
     def hold(self, reason_key: str, message: str) -> None:

@@ -344,6 +344,7 @@ class Pipeline:
                 if not stage.join(max(0.0, grace - time.monotonic())):
                     log.warning("%s did not end in time", type(stage).__name__)
             self._monitor.join(max(0.0, grace - time.monotonic()))
+            self.ledger.remove_delivered(0.0)  # what the cleanup thread had not reached
             if self.health is not None:
                 self.health.stop()
             if self._metrics_file is not None:

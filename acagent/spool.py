@@ -280,6 +280,14 @@ class ResultSpool:
 
         The record goes first: a crash in between leaves an orphan body, which
         ``clean_orphans`` removes, never a record without its body.
+
+        The unlinks are not waited on with a folder fsync: the next ``save``'s
+        folder fsync makes them durable. A power cut before that brings the
+        record back and the result is sent again, identical, which the
+        at-least-once guarantee already allows (a crash between the server's
+        acceptance and this call does the same). Waiting here put a folder
+        fsync, often behind an executor's, between two uploads on the
+        Uploader's thread: the AC link sat idle for it.
         """
         record = self._name(key, _RECORD)
         body = self._name(key, _BODY)
@@ -290,9 +298,8 @@ class ResultSpool:
             removed = self._unlink(body) or removed
             removed = self._unlink(self._name(key, _GZ)) or removed
             self._live_bodies.discard(key)
-            mine = self._note_rename() if removed else 0
-        if removed:
-            self._sync_folder(mine)
+            if removed:
+                self._note_rename()
 
     def discard_body(self, key: str) -> None:
         """Remove only the body file of ``key`` (e.g. once it went inline); missing is fine."""

@@ -133,9 +133,17 @@ class Uploader(Stage):
             self.spawn(lambda: self.run_loop(self.send_step), f"acagent-uploader-{n}")
         if self.borrower:
             self.spawn(lambda: self.run_loop(self.borrow_step), "acagent-uploader-borrow")
+        # Delivered results leave the spool on their own thread, so no sender
+        # waits for the disk between two uploads (see ``Ledger.delivered``).
+        self.spawn(lambda: self.run_loop(self.cleanup_step), "acagent-uploader-cleanup")
 
     def on_stop(self) -> None:
         self.ctx.ledger.wake()  # the borrowing sender's backlog wait ends; it sees the stop
+        self.ctx.ledger.wake_remover()  # so does the cleanup thread's wait
+
+    def cleanup_step(self) -> None:
+        """Remove the spool files of results delivered since the last step."""
+        self.ctx.ledger.remove_delivered(self.POLL)
 
     @property
     def retrying(self) -> int:

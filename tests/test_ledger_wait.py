@@ -61,3 +61,42 @@ def test_wake_and_close_end_the_wait_without_a_backlog(tmp_path: Path) -> None:
     ledger.close()
     thread.join(WAIT)
     assert not thread.is_alive() and out == [False, False]
+
+
+# ---------------------------------------------------------------- deferred removal
+
+
+def test_delivered_leaves_the_spool_files_to_remove_delivered(tmp_path: Path) -> None:
+    """The delivering thread does not touch the disk; the cleanup call removes the files."""
+    spool = ResultSpool(tmp_path / "spool")
+    ledger = Ledger(slots=5, threshold=3, spool=spool)
+    for n in (1, 2):
+        _finish_one(ledger, n)
+    deliveries = [ledger.take_result(WAIT) for _ in range(2)]
+    for delivery in deliveries:
+        assert delivery is not None
+        ledger.delivered(delivery)
+    assert ledger.outstanding() == 0  # backpressure is released at once
+    assert spool.size() == 2  # the files are still there
+    assert ledger.remove_delivered(WAIT) == 2  # both in one call
+    assert spool.size() == 0
+    assert ledger.remove_delivered(0.0) == 0  # nothing queued: no wait
+
+
+def test_wake_remover_ends_the_cleanup_wait(tmp_path: Path) -> None:
+    ledger = Ledger(slots=5, threshold=3, spool=ResultSpool(tmp_path / "spool"))
+    out: List[int] = []
+    started = threading.Event()
+
+    def run() -> None:
+        started.set()
+        out.append(ledger.remove_delivered(WAIT))
+
+    thread = threading.Thread(target=run, name="test-cleanup-waiter")
+    thread.start()
+    assert started.wait(WAIT)
+    thread.join(0.2)
+    assert thread.is_alive()  # nothing delivered: still waiting
+    ledger.wake_remover()
+    thread.join(WAIT)
+    assert not thread.is_alive() and out == [0]
