@@ -41,7 +41,7 @@ class AgentConfig:
     # -- capacity and backpressure ------------------------------------------
     executor_pool_size: int = 10
     #: tasks the Fetcher may hold beyond the free executor slots
-    prefetch: int = 0
+    prefetch: int = 1
     #: the Fetcher pauses while this many results wait for upload
     response_queue_threshold: int = 80
     #: requests open to the AC server at once, never more

@@ -255,7 +255,7 @@ def test_global_config_applied_at_runtime(
         )
         assert ac.wait_for_results(1, timeout=20)
         assert agent.executor.size == 6
-        assert agent.ledger.slots == 6
+        assert agent.ledger.slots == 6 + config.prefetch  # pool plus the prefetch allowance
         assert agent.rate_limits.per_minute == 5000
         assert ac.results["cfg"][0].via == "s3"  # uploadToAC false applied before upload
         # wrong types are ignored and absent keys keep their values

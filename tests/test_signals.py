@@ -1,7 +1,8 @@
 """Real signals to the CLI agent (``python -m acagent``) in a subprocess.
 
 - one SIGTERM (or SIGINT) while tasks run: stop fetching, finish the running
-  tasks, upload every result, exit 0 well within ``--shutdownTimeout``;
+  tasks and the one waiting for a thread (prefetch), upload every result,
+  exit 0 well within ``--shutdownTimeout``;
 - the deadline passes with tasks still running: exit 0 at the deadline, the
   unfinished tasks answered "agent shutting down" in the spool;
 - a second SIGTERM during the graceful stop: exit at once, the rest spooled;
@@ -44,7 +45,8 @@ def test_one_signal_mid_run_finishes_running_tasks_and_exits_0(tmp_path: Path, s
     spool = tmp_path / "spool"
     spool.mkdir()
     with FakeTarget() as target, FakeACServer() as ac:
-        # 4 threads, 10 tasks of ~1 s: 4 run when the signal comes, 6 are never fetched.
+        # 4 threads and the default prefetch of 1, 10 tasks of ~1 s: 4 run
+        # and 1 waits for a thread when the signal comes; 5 are never fetched.
         ac.add_tasks(_tasks(target, "graceful", 10, latency=1.0))
         with AgentProcess(
             ac.url,
@@ -53,14 +55,17 @@ def test_one_signal_mid_run_finishes_running_tasks_and_exits_0(tmp_path: Path, s
             ["--executorPoolSize", "4", "--shutdownTimeout", "10"],
         ) as agent:
             assert target.wait_for(lambda: target.inflight == 4, WAIT), agent.output()
+            assert wait_until(lambda: ac.tasks_handed_out == 5, WAIT), agent.output()
             sent = time.monotonic()
             agent.signal(signum)
             code = agent.wait(12)
             took = time.monotonic() - sent
             assert code == 0, agent.output()
-        assert took < 10, took  # well within the deadline: the tasks needed ~1 s
+        # well within the deadline: the running tasks needed ~1 s, then the
+        # waiting one ran too (it was taken from the server: it gets a real answer)
+        assert took < 10, took
         handed_out = ac.tasks_handed_out
-        assert handed_out == 4
+        assert handed_out == 5
         assert ac.pending_tasks() == 10 - handed_out  # nothing fetched after the signal
         results = ac.results
         assert len(results) == handed_out
