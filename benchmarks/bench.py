@@ -1,4 +1,6 @@
-"""End-to-end benchmark of the agent: the real CLI in a subprocess against in-process fakes.
+"""End-to-end benchmark of the agent: the real CLI in a subprocess against fakes.
+
+The fake AC server runs in this process, the fake target in a child process.
 
 Each scenario starts a ``FakeTarget`` and a ``FakeACServer`` (``max_concurrent=2``,
 configurable AC latency per request and extra cost per new AC connection) in
@@ -24,6 +26,9 @@ monotonic clock):
 - ``first get-task``: server time of the first get-task minus Popen time.
 - ``fetch ms``/``upload ms``: mean interval between consecutive get-task
   (put-result/upload-result) starts while busy: AC latency + per-call overhead.
+- ``server-time bound/min``: as ``bound/min``, but each AC term is 60 s over
+  the server's own mean time per call in this run (configured latency plus
+  its handling): how issue 13 states its bounds (5,714/min for 10.5 ms).
 - ``raw-client bound/min``: before each run a minimal client (``http.client``,
   one kept-alive connection, no agent) times 40 get-task calls against the same
   fake server; 60 / that round trip replaces the AC terms of the bound. It
@@ -340,6 +345,11 @@ class Outcome:
     #: to this fake AC server, and the AC bound it implies (see ``calibrate``)
     raw_ac_round_trip_ms: float = 0.0
     raw_ac_bound_per_min: float = 0.0
+    #: issue 13's bound: the AC terms use the server's own mean time per call
+    #: in this run (configured latency + its handling), not the configured
+    #: latency: min(executor, 60 / get-task server time, 60 / upload server time)
+    server_bound_per_min: float = 0.0
+    server_ratio: float = 0.0
     max_inflight: int = 0
     rejected_concurrent: int = 0
     ac_connections: int = 0
@@ -551,7 +561,7 @@ def run_scenario(
     failures: List[str] = []
     try:
         with (
-            FakeTarget() as target,
+            TargetProcess() as target,
             FakeACServer(
                 max_concurrent=PERMITS,
                 api_key=API_KEY,
@@ -684,6 +694,17 @@ def run_scenario(
                     )
                     gaps = [b.started - a.finished for a, b in zip(window, window[1:])]
                     out.fetch_gap_ms = sum(gaps) / len(gaps) * 1000.0
+                    sent = [r for r in uploads if r.started <= t_last]
+                    upload_server_s = (
+                        sum(r.finished - r.started for r in sent) / len(sent) if sent else 0.0
+                    )
+                    out.server_bound_per_min = min(
+                        terms["executor"],
+                        terms.get("rate_limit", 1e12),
+                        60000.0 / out.fetch_server_ms,
+                        60.0 / upload_server_s if upload_server_s > 0 else 1e12,
+                    )
+                    out.server_ratio = out.tasks_per_min / out.server_bound_per_min
                 out.server_cpu_ms_per_task = (self_cpu1 - self_cpu0) * 1000.0 / n
                 out.permits_busy = _open_shares(
                     [(r.started, r.finished) for r in requests], t_first, t_last
@@ -812,6 +833,62 @@ def _verify(
 
 
 # --------------------------------------------------------------------------
+# The fake target in its own process
+# --------------------------------------------------------------------------
+
+
+def _serve_target(conn: Any) -> None:
+    """Child process: run a FakeTarget, send its URL, wait for "stop", send its errors."""
+    with FakeTarget() as target:
+        conn.send(target.url)
+        conn.recv()  # "stop" (or EOF when the parent died: the with-block still closes)
+        conn.send(list(target.errors))
+
+
+class TargetProcess:
+    """``FakeTarget`` in a child process (``.url``, ``.errors`` after exit).
+
+    In the bench's own process the target's request handling shared one GIL
+    with the fake AC server: at 50 concurrent target requests the AC server
+    read each request late, and that delay was counted as the agent's gap
+    (a real AC server and real targets do not share an interpreter). The
+    child's CPU is not the agent's either, so nothing the agent is judged by
+    moves into or out of the measurement.
+    """
+
+    START_TIMEOUT = 30.0
+
+    def __init__(self) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve_target, args=(child,), name="bench-target")
+        self.url = ""
+        self.errors: List[str] = []
+
+    def __enter__(self) -> TargetProcess:
+        self._proc.start()
+        if not self._conn.poll(self.START_TIMEOUT):
+            self._proc.kill()
+            raise BenchFailure("the fake target process did not start")
+        self.url = str(self._conn.recv())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._conn.send("stop")
+            if self._conn.poll(10.0):
+                self.errors = list(self._conn.recv())
+        except (OSError, EOFError):
+            self.errors = ["the fake target process ended early"]
+        self._proc.join(10.0)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5.0)
+
+
+# --------------------------------------------------------------------------
 # Targets and reporting
 # --------------------------------------------------------------------------
 
@@ -833,8 +910,16 @@ def check_targets(s: Scenario, o: Outcome) -> None:
             c = o.process_cpu_ms_per_task
             mark(t, c <= 2.0, f"{c:.2f} ms/task whole process (<= 2)")
         elif t.startswith("i13_ratio"):
+            # Issue 13 states its bounds from the server's measured time per
+            # call (5,714/min = 60 s / 10.5 ms): judged the same way here.
             goal = int(t[len("i13_ratio") :]) / 100.0
-            mark(t, o.ratio >= goal, f"{o.ratio:.0%} of bound (>= {goal:.0%})")
+            r = o.server_ratio
+            mark(
+                t,
+                r >= goal,
+                f"{r:.1%} of server-time bound {o.server_bound_per_min:.0f}/min (>= {goal:.0%});"
+                f" {o.ratio:.1%} of the configured-latency bound",
+            )
         elif t == "i13_rate1200":
             mark(t, o.tasks_per_min >= 1200, f"{o.tasks_per_min:.0f}/min (>= 1200)")
         elif t == "startup":
@@ -856,6 +941,7 @@ def check_targets(s: Scenario, o: Outcome) -> None:
 def table(outcomes: Sequence[Outcome]) -> str:
     head = (
         "| scenario | tasks | threads | tasks/min | bound/min (term) | ratio "
+        "| server-time bound/min | ratio to it "
         "| raw-client bound/min | ratio to it | steady/min | max in-flight | AC conns "
         "| peak RSS MB | CPU ms/task busy window | CPU ms/task whole process "
         "| first get-task s | fetch ms | upload ms |"
@@ -869,6 +955,7 @@ def table(outcomes: Sequence[Outcome]) -> str:
         rows.append(
             f"| {o.scenario} | {o.tasks} | {o.threads} | {o.tasks_per_min:.0f} "
             f"| {o.bound_per_min:.0f} ({o.bound_used}) | {o.ratio:.0%} "
+            f"| {o.server_bound_per_min:.0f} | {o.server_ratio:.1%} "
             f"| {o.raw_ac_bound_per_min:.0f} | {raw_ratio:.0%} "
             f"| {o.steady_tasks_per_min:.0f} | {o.max_inflight} | {o.ac_connections} | {rss} "
             f"| {o.cpu_ms_per_task:.2f} | {o.process_cpu_ms_per_task:.2f} "
