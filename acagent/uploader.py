@@ -336,6 +336,12 @@ class Uploader(Stage):
         self._again(delivery, 0.0)
 
     # ------------------------------------------------------------ one result
+    def _deliver_lost(self, result: Result) -> str:
+        """The body file is gone from the spool: the server hears so, as an error result."""
+        lost = Result.agent_error(result.fields, "result body lost from the spool", failure="lost")
+        self.ctx.client.put_result(error_payload(lost, self.ctx.client.version), policy=ONE_ATTEMPT)
+        return "error"
+
     def deliver(self, result: Result) -> str:
         """Send one result; returns how it went (inline, empty, upload, s3, error, logs).
 
@@ -356,17 +362,16 @@ class Uploader(Stage):
         if result.body_size == 0 or result.body_path is None:
             client.put_result(inline_payload(result, version, b""), policy=ONE_ATTEMPT)
             return "empty"
-        if not os.path.exists(result.body_path):
-            lost = Result.agent_error(
-                result.fields, "result body lost from the spool", failure="lost"
-            )
-            client.put_result(error_payload(lost, version), policy=ONE_ATTEMPT)
-            return "error"
         if self._is_inline(result) and result.key not in self._via_upload_result:
-            with open(result.body_path, "rb") as fh:
-                body = fh.read(INLINE_BODY_LIMIT + 1)
+            try:  # no exists() first: one system call less on the delivering thread
+                with open(result.body_path, "rb") as fh:
+                    body = fh.read(INLINE_BODY_LIMIT + 1)
+            except FileNotFoundError:
+                return self._deliver_lost(result)
             client.put_result(inline_payload(result, version, body), policy=ONE_ATTEMPT)
             return "inline"
+        if not os.path.exists(result.body_path):
+            return self._deliver_lost(result)
         if (
             self.ctx.settings.upload_to_ac
             or self._is_inline(result)

@@ -162,6 +162,33 @@ def test_uploader_alone_delivers_what_the_ledger_holds(
     assert _events(context).seen == ["delivered u1 via inline"]
 
 
+@pytest.mark.parametrize("size", [5, 5_000_000], ids=["inline", "upload-result"])
+def test_a_body_gone_from_the_spool_is_answered_as_lost(
+    context: StageContext, ac: FakeACServer, tmp_path: Path, size: int
+) -> None:
+    """Inline or not, a missing body file reaches the server as an error result, once."""
+    assert context.ledger.reserve(timeout=1.0)
+    context.ledger.finished(
+        Result(
+            fields={"taskId": "gone", "method": "GET", "url": "http://x/"},
+            status_code=200,
+            body_path=str(tmp_path / "no-such-body"),
+            body_size=size,
+        )
+    )
+    uploader = FastUploader(context)
+    uploader.start()
+    try:
+        assert ac.wait_for_results(1, WAIT)
+        assert wait_until(lambda: context.ledger.outstanding() == 0, WAIT)
+    finally:
+        uploader.stop()
+        assert uploader.join(WAIT)
+    (got,) = ac.results["gone"]
+    assert got.via == "error"
+    assert got.fields["output"] == "Agent Side Error: result body lost from the spool"
+
+
 def test_the_three_stages_on_one_context_make_a_pipeline(
     context: StageContext, ac: FakeACServer, target: FakeTarget
 ) -> None:
