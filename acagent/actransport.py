@@ -111,6 +111,9 @@ class ACTransport:
         self._proxies = dict(proxies or {})
         self._defaults: Optional[Tuple[Dict[str, str], Dict[str, str], Union[bool, str]]] = None
         self._timeouts: Dict[Tuple[float, float], urllib3.Timeout] = {}
+        #: the pool each (adapter, scheme://host:port, verify) was given last
+        #: (see ``_pool``)
+        self._pools: Dict[Tuple[int, str, Union[bool, str]], HTTPConnectionPool] = {}
 
     def _settings(self) -> Tuple[Dict[str, str], Dict[str, str], Union[bool, str]]:
         """Session headers, proxies and the CA bundle from the environment (once)."""
@@ -156,10 +159,7 @@ class ACTransport:
                 prepared, stream=False, timeout=timeout, verify=verify, proxies=proxies
             )
             return ACReply(reply.status_code, reply.headers, reply.content)
-        pool = cast(
-            HTTPConnectionPool,
-            adapter.get_connection_with_tls_context(prepared, verify, proxies=proxies),
-        )
+        pool = self._pool(adapter, prepared, verify, proxies)
         raw = pool.urlopen(
             method,
             adapter.request_url(prepared, proxies),
@@ -174,6 +174,43 @@ class ACTransport:
             chunked=False,
         )
         return ACReply(raw.status, raw.headers, raw.data)
+
+    def _pool(
+        self,
+        adapter: HTTPAdapter,
+        prepared: requests.PreparedRequest,
+        verify: Union[bool, str],
+        proxies: Dict[str, str],
+    ) -> HTTPConnectionPool:
+        """The adapter's pool for this origin, looked up once while it stays open.
+
+        ``get_connection_with_tls_context`` rebuilds the pool key on every
+        call (a stat of the CA bundle path, proxy selection, key
+        normalisation) and returns the same pool for the same origin and
+        settings; the proxies are fixed for this transport. The cache holds
+        the pools open until ``close`` (urllib3 2 does not close a pool it
+        drops from its PoolManager; it closes its connections when the pool
+        is garbage collected); a pool closed meanwhile is looked up afresh.
+        """
+        url = str(prepared.url)
+        scheme, _, rest = url.partition("://")
+        key = (id(adapter), f"{scheme.lower()}://{rest.split('/', 1)[0]}", verify)
+        pool = self._pools.get(key)
+        if pool is None or pool.pool is None:
+            pool = cast(
+                HTTPConnectionPool,
+                adapter.get_connection_with_tls_context(prepared, verify, proxies=proxies),
+            )
+            if len(self._pools) >= 64:  # S3 upload URLs name many hosts
+                self._pools.clear()
+            self._pools[key] = pool
+        return pool
+
+    def close(self) -> None:
+        """Close the pools this transport looked up (their kept-alive connections)."""
+        pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.close()
 
     def _timeout(self, timeout: Tuple[float, float]) -> urllib3.Timeout:
         cached = self._timeouts.get(timeout)

@@ -321,6 +321,7 @@ class ACClient:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self.transport.close()
             self.session.close()
             self.s3_session.close()
             if self._owns_permits:

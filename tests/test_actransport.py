@@ -11,7 +11,7 @@ import base64
 import http.client
 import http.server
 import threading
-from typing import Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 import pytest
@@ -132,3 +132,30 @@ def test_reply_text_and_json() -> None:
     reply = ACReply(200, {"Content-Type": "application/json"}, b'{"data": "\xc3\xa9"}\xff')
     assert reply.text.startswith('{"data": "\u00e9"}')
     assert ACReply(200, {}, b'{"data": 1}').json() == {"data": 1}
+
+
+def test_the_pool_is_looked_up_once_and_closed_with_the_client(
+    ac: FakeACServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = make_client(ac)
+    adapter = client.session.get_adapter(ac.url)
+    lookups: List[Any] = []  # the pools handed out
+    real = adapter.get_connection_with_tls_context
+
+    def counting(request: Any, *args: Any, **kwargs: Any) -> Any:
+        lookups.append(real(request, *args, **kwargs))
+        return lookups[-1]
+
+    monkeypatch.setattr(adapter, "get_connection_with_tls_context", counting)
+    try:
+        for n in range(3):
+            assert client.get_task() is None
+            client.put_result(result_payload(f"r{n}"))
+        assert len(lookups) == 1  # six calls, one origin: one lookup
+        assert ac.connections_opened == 1
+        assert sorted(ac.results) == ["r0", "r1", "r2"]
+        (pool,) = lookups
+        assert pool.pool is not None and pool.num_connections == 1
+    finally:
+        client.close()
+    assert pool.pool is None  # closed by the client, not left to the garbage collector
