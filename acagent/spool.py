@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import io
 import json
 import logging
 import os
@@ -34,7 +35,20 @@ import re
 import stat
 import threading
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, Final, Iterator, List, Optional, Set, Tuple, Union
+from typing import (
+    Any,
+    BinaryIO,
+    Callable,
+    Dict,
+    Final,
+    Iterator,
+    List,
+    Optional,
+    Set,
+    Tuple,
+    Union,
+    cast,
+)
 
 from .errors import SpoolLockedError
 
@@ -90,15 +104,59 @@ def spool_error_reason(exc: OSError) -> str:
     return f"cannot write the spool folder ({exc.strerror or type(exc).__name__})"
 
 
-def _create_private(path: Union[str, Path]) -> BinaryIO:
-    """Create ``path`` for writing: it must not exist (nor be a symlink); mode 0600."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY | _O_NOFOLLOW
-    fd = os.open(path, flags, 0o600)
-    try:
-        return os.fdopen(fd, "wb")
-    except BaseException:
-        os.close(fd)
-        raise
+_CREATE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY | _O_NOFOLLOW
+
+
+def _create_private(path: Union[str, Path]) -> int:
+    """Create ``path`` for writing, a raw file descriptor: it must not exist
+    (nor be a symlink); mode 0600."""
+    return os.open(path, _CREATE_FLAGS, 0o600)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written (a short write is retried)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class BodyFile(io.RawIOBase):
+    """A body being streamed into the spool (``ResultSpool.open_body``).
+
+    Unbuffered, on a raw descriptor: every ``write`` writes all its bytes
+    with ``os.write``, and ``close`` fsyncs the file before closing it, so
+    ``save`` need not open it again to sync it. A buffered file object would
+    cost an ``ioctl``, an ``lseek`` and an ``fstat`` more per body, each a
+    release and re-take of the GIL under load.
+    """
+
+    def __init__(self, fd: int, on_synced: Callable[[], None]) -> None:
+        super().__init__()
+        self._fd = fd
+        self._on_synced = on_synced
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def write(self, data: Any) -> int:
+        if self.closed:
+            raise ValueError("write to a closed body file")
+        data = bytes(data) if not isinstance(data, bytes) else data
+        _write_all(self._fd, data)
+        return len(data)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            os.fsync(self._fd)
+            self._on_synced()
+        finally:
+            os.close(self._fd)
+            super().close()
 
 
 class ResultSpool:
@@ -141,6 +199,9 @@ class ResultSpool:
         self._live_bodies: Set[str] = set()
         # Keys whose record is a task journal (``journal``), not yet a result.
         self._journaled: Set[str] = set()
+        # Keys whose body a BodyFile fsynced as it closed (``save`` skips it);
+        # set.add/discard are atomic, so no lock is needed for this set.
+        self._synced_bodies: Set[str] = set()
         # Records already reported as unreadable, so each is logged once.
         self._reported: Set[str] = set()
         self._lock_fd: Optional[int] = None
@@ -186,19 +247,22 @@ class ResultSpool:
         """Create ``<key>.body`` (mode 0600, must not exist yet) for streaming writes.
 
         Raises ``FileExistsError`` if the body exists. The caller closes the
-        file; ``save`` makes its content durable.
+        file; closing fsyncs it (``BodyFile``), and ``save`` syncs a body
+        that was not closed that way.
         """
-        path = self.body_path(key)
+        path = self._name(key, _BODY)
         # Mark the body live before it exists, so a concurrent clean_orphans
         # never sees it as an orphan.
         with self._lock:
             self._live_bodies.add(key)
+            self._synced_bodies.discard(key)
         try:
-            return _create_private(path)
+            fd = _create_private(path)
         except BaseException:
             with self._lock:
                 self._live_bodies.discard(key)
             raise
+        return cast(BinaryIO, BodyFile(fd, lambda: self._synced_bodies.add(key)))
 
     def save(self, key: str, record: Record) -> None:
         """Write the record for ``key`` durably and atomically (replacing any older one).
@@ -220,8 +284,12 @@ class ResultSpool:
         """
         data = self._encode(key, record)
         # The body and the tmp file have one writer (the key's owner), so they
-        # are written and synced outside the lock.
-        self._fsync_file(self._name(key, _BODY))
+        # are written and synced outside the lock. A body closed through
+        # open_body's BodyFile was synced as it was closed.
+        if key in self._synced_bodies:
+            self._synced_bodies.discard(key)  # the set only bridges close -> save
+        else:
+            self._fsync_file(self._name(key, _BODY))
         tmp = self._name(key, _TMP)
         self._write_new(tmp, data)
         with self._lock:
@@ -298,6 +366,7 @@ class ResultSpool:
             removed = self._unlink(body) or removed
             removed = self._unlink(self._name(key, _GZ)) or removed
             self._live_bodies.discard(key)
+            self._synced_bodies.discard(key)
             if removed:
                 self._note_rename()
 
@@ -308,6 +377,7 @@ class ResultSpool:
             removed = self._unlink(body)
             removed = self._unlink(self._name(key, _GZ)) or removed
             self._live_bodies.discard(key)
+            self._synced_bodies.discard(key)
             mine = self._note_rename() if removed else 0
         if removed:
             self._sync_folder(mine)
@@ -347,6 +417,7 @@ class ResultSpool:
             self._keys.discard(key)
             self._journaled.discard(key)
             self._live_bodies.discard(key)
+            self._synced_bodies.discard(key)
         if not moved:
             return None
         self._write_new(target / "reason.txt", reason.encode("utf-8", "replace"))
@@ -549,17 +620,25 @@ class ResultSpool:
 
     @staticmethod
     def _write_new(path: Union[str, Path], data: bytes, *, sync: bool = True) -> None:
-        """Create ``path`` afresh (0600) holding ``data``, flushed and (``sync``) fsynced;
-        on failure no partial file is left."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # debris of an earlier crash; O_EXCL below needs it gone
-        file = _create_private(path)
+        """Create ``path`` afresh (0600) holding ``data``, (``sync``) fsynced;
+        on failure no partial file is left.
+
+        Raw descriptor calls only (open, write, fsync, close): each system
+        call releases and re-takes the GIL, which under load is a futex
+        round trip with other threads.
+        """
         try:
-            with file:
-                file.write(data)
+            fd = _create_private(path)
+        except FileExistsError:  # debris of an earlier crash; O_EXCL needs it gone
+            os.unlink(path)
+            fd = _create_private(path)
+        try:
+            try:
+                _write_all(fd, data)
                 if sync:
-                    file.flush()
-                    os.fsync(file.fileno())
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(path)

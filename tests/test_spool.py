@@ -483,12 +483,39 @@ def test_save_fsyncs_record_and_folder(spool: ResultSpool, monkeypatch: pytest.M
         assert calls[-1] == "dir"  # the rename is made durable last
 
 
-def test_save_fsyncs_the_body_too(spool: ResultSpool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_body_is_on_disk_before_its_record_is_saved(
+    spool: ResultSpool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = count_fsyncs(monkeypatch)
     key = new_key()
     write_body(spool, key, b"body bytes")
-    calls = count_fsyncs(monkeypatch)
+    assert calls == ["file"]  # open_body's file is synced as it closes
     spool.save(key, {"a": 1})
-    assert calls.count("file") >= 2  # body and record
+    assert calls.count("file") == 2  # plus the record; the body is not synced twice
+
+    # A body written any other way (an earlier run, a subclass) is synced by save.
+    other = new_key()
+    spool.body_path(other).write_bytes(b"written elsewhere")
+    calls.clear()
+    spool.save(other, {"b": 2})
+    assert calls.count("file") == 2  # body and record
+
+    # A second save of the same key syncs the body again: the close-time
+    # note bridges one close to one save only.
+    calls.clear()
+    spool.save(key, {"a": 2})
+    assert calls.count("file") == 2
+
+
+def test_a_body_file_writes_every_byte_and_refuses_writes_after_close(spool: ResultSpool) -> None:
+    key = new_key()
+    data = bytes(range(256)) * 5000  # 1.28 MB in one write call
+    with spool.open_body(key) as body:
+        assert body.write(data) == len(data)
+        assert body.write(memoryview(b"tail")) == 4
+    assert spool.body_path(key).read_bytes() == data + b"tail"
+    with pytest.raises(ValueError):
+        body.write(b"late")
 
 
 @posix_only
