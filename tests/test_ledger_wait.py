@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import List
+from typing import Any, Callable, List
 
 from helpers import WAIT
 
@@ -19,12 +19,20 @@ from acagent.models import Result
 from acagent.spool import ResultSpool
 
 
-def _waiter(ledger: Ledger, out: List[bool], started: threading.Event) -> threading.Thread:
+def _waiter(ledger: Ledger, out: List[Any], started: threading.Event) -> threading.Thread:
+    return _start_waiting(lambda: ledger.wait_backlogged(WAIT), out, started)
+
+
+def _start_waiting(
+    wait: Callable[[], Any], out: List[Any], started: threading.Event
+) -> threading.Thread:
+    """Run ``wait`` on a thread (its answer goes to ``out``); return once it started."""
+
     def run() -> None:
         started.set()
-        out.append(ledger.wait_backlogged(WAIT))
+        out.append(wait())
 
-    thread = threading.Thread(target=run, name="test-backlog-waiter")
+    thread = threading.Thread(target=run, name="test-ledger-waiter")
     thread.start()
     assert started.wait(WAIT)
     return thread
@@ -85,16 +93,8 @@ def test_delivered_leaves_the_spool_files_to_remove_delivered(tmp_path: Path) ->
 
 def test_wake_remover_ends_the_cleanup_wait(tmp_path: Path) -> None:
     ledger = Ledger(slots=5, threshold=3, spool=ResultSpool(tmp_path / "spool"))
-    out: List[int] = []
-    started = threading.Event()
-
-    def run() -> None:
-        started.set()
-        out.append(ledger.remove_delivered(WAIT))
-
-    thread = threading.Thread(target=run, name="test-cleanup-waiter")
-    thread.start()
-    assert started.wait(WAIT)
+    out: List[Any] = []
+    thread = _start_waiting(lambda: ledger.remove_delivered(WAIT), out, threading.Event())
     thread.join(0.2)
     assert thread.is_alive()  # nothing delivered: still waiting
     ledger.wake_remover()

@@ -135,6 +135,18 @@ def test_executor_alone_runs_queued_tasks_into_the_ledger(
         assert delivery.result.body_size == 1000
 
 
+def _deliver_one(context: StageContext, ac: FakeACServer) -> None:
+    """Run an Uploader alone until the one result the Ledger holds is delivered."""
+    uploader = FastUploader(context)
+    uploader.start()
+    try:
+        assert ac.wait_for_results(1, WAIT)
+        assert wait_until(lambda: context.ledger.outstanding() == 0, WAIT)
+    finally:
+        uploader.stop()
+        assert uploader.join(WAIT)
+
+
 def test_uploader_alone_delivers_what_the_ledger_holds(
     context: StageContext, ac: FakeACServer, tmp_path: Path
 ) -> None:
@@ -149,14 +161,7 @@ def test_uploader_alone_delivers_what_the_ledger_holds(
             body_size=5,
         )
     )
-    uploader = FastUploader(context)
-    uploader.start()
-    try:
-        assert ac.wait_for_results(1, WAIT)
-        assert wait_until(lambda: context.ledger.outstanding() == 0, WAIT)
-    finally:
-        uploader.stop()
-        assert uploader.join(WAIT)
+    _deliver_one(context, ac)
     (got,) = ac.results["u1"]
     assert got.via == "inline" and got.body == b"hello"
     assert _events(context).seen == ["delivered u1 via inline"]
@@ -176,14 +181,7 @@ def test_a_body_gone_from_the_spool_is_answered_as_lost(
             body_size=size,
         )
     )
-    uploader = FastUploader(context)
-    uploader.start()
-    try:
-        assert ac.wait_for_results(1, WAIT)
-        assert wait_until(lambda: context.ledger.outstanding() == 0, WAIT)
-    finally:
-        uploader.stop()
-        assert uploader.join(WAIT)
+    _deliver_one(context, ac)
     (got,) = ac.results["gone"]
     assert got.via == "error"
     assert got.fields["output"] == "Agent Side Error: result body lost from the spool"

@@ -166,8 +166,7 @@ class Recorder(socketserver.ThreadingTCPServer):
         self.close()
 
 
-@pytest.fixture
-def server() -> Iterator[Recorder]:
+def _recorder() -> Iterator[Recorder]:
     srv = Recorder()
     try:
         yield srv
@@ -175,14 +174,10 @@ def server() -> Iterator[Recorder]:
         srv.close()
 
 
-@pytest.fixture
-def other() -> Iterator[Recorder]:
-    """A second origin: another port on 127.0.0.1."""
-    srv = Recorder()
-    try:
-        yield srv
-    finally:
-        srv.close()
+#: the target origin
+server = pytest.fixture(_recorder, name="server")
+#: a second origin: another port on 127.0.0.1
+other = pytest.fixture(_recorder, name="other")
 
 
 @pytest.fixture
