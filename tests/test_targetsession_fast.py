@@ -16,7 +16,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import pytest
 import requests
@@ -398,7 +398,13 @@ def test_concurrent_calls(clean_env: pytest.MonkeyPatch, server: Recorder) -> No
         ("127.0.0.1/x", None, requests.exceptions.MissingSchema),
         ("http://", None, requests.exceptions.InvalidURL),
         ("http://*.example/", None, requests.exceptions.InvalidURL),
-        ("http://a b/", None, requests.exceptions.InvalidURL),
+        # requests >= 2.33 refuses the space; 2.32 quotes it and fails to
+        # resolve "a%20b": either way both paths must fail alike
+        (
+            "http://a b/",
+            None,
+            (requests.exceptions.InvalidURL, requests.exceptions.ConnectionError),
+        ),
         ("ftp://127.0.0.1/x", None, requests.exceptions.InvalidSchema),
         ("{server}/x", {"X-Bad": "a\r\nb"}, requests.exceptions.InvalidHeader),
         ("{server}/x", {" X-Bad": "a"}, requests.exceptions.InvalidHeader),
@@ -412,7 +418,7 @@ def test_same_exceptions(
     server: Recorder,
     url: str,
     headers: Optional[Dict[str, Any]],
-    error: type,
+    error: Union[type, Tuple[type, ...]],
 ) -> None:
     url = url.format(server=server.url, closed=closed_port_url())
     session, counted = make_session()
@@ -422,7 +428,7 @@ def test_same_exceptions(
             with pytest.raises(error) as info:
                 executor_call(session, "GET", url, headers=headers, plain=plain)
             caught.append((type(info.value), str(info.value)))
-    if error is requests.exceptions.ConnectionError:
+    if issubclass(caught[0][0], requests.exceptions.ConnectionError):
         assert caught[0][0] is caught[1][0]  # the message names a connection object
     else:
         assert caught[0] == caught[1]
