@@ -201,7 +201,7 @@ class ACTransport:
                 HTTPConnectionPool,
                 adapter.get_connection_with_tls_context(prepared, verify, proxies=proxies),
             )
-            if len(self._pools) >= 64:  # S3 upload URLs name many hosts
+            if len(self._pools) >= 64:  # AC calls name one origin; a bound all the same
                 self._pools.clear()
             self._pools[key] = pool
         return pool

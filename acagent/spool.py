@@ -52,7 +52,14 @@ from typing import (
 
 from .errors import SpoolLockedError
 
-__all__ = ["QUARANTINE_DIR", "SPOOL_ERRNOS", "Record", "ResultSpool", "spool_error_reason"]
+__all__ = [
+    "QUARANTINE_DIR",
+    "SPOOL_ERRNOS",
+    "Record",
+    "ResultSpool",
+    "read_head",
+    "spool_error_reason",
+]
 
 log = logging.getLogger("acagent.spool")
 
@@ -118,6 +125,28 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def read_head(path: Union[str, Path], limit: int) -> bytes:
+    """Up to ``limit`` bytes from the start of ``path``, with raw descriptor calls.
+
+    ``open()`` would add an fstat, an ioctl and an lseek: under load each
+    system call is a release and re-take of the GIL. Raises
+    ``FileNotFoundError`` when the file is gone.
+    """
+    fd = os.open(path, os.O_RDONLY | _O_BINARY)
+    try:
+        parts: List[bytes] = []
+        left = limit
+        while left > 0:
+            part = os.read(fd, left)
+            if not part:
+                break
+            parts.append(part)
+            left -= len(part)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 class BodyFile(io.RawIOBase):
@@ -349,26 +378,23 @@ class ResultSpool:
         The record goes first: a crash in between leaves an orphan body, which
         ``clean_orphans`` removes, never a record without its body.
 
-        The unlinks are not waited on with a folder fsync: the next ``save``'s
-        folder fsync makes them durable. A power cut before that brings the
-        record back and the result is sent again, identical, which the
-        at-least-once guarantee already allows (a crash between the server's
-        acceptance and this call does the same). Waiting here put a folder
-        fsync, often behind an executor's, between two uploads on the
-        Uploader's thread: the AC link sat idle for it.
+        The unlinks are not followed by a folder fsync: the next ``save``'s
+        folder fsync makes them durable (it syncs every entry of the folder).
+        A power cut before that brings the record back and the result is sent
+        again, identical, which the at-least-once guarantee already allows (a
+        crash between the server's acceptance and this call does the same).
+        So no caller waits for the disk here, behind other threads' fsyncs.
         """
         record = self._name(key, _RECORD)
         body = self._name(key, _BODY)
         with self._lock:  # invariant: see save()
-            removed = self._unlink(record)
+            self._unlink(record)
             self._keys.discard(key)
             self._journaled.discard(key)
-            removed = self._unlink(body) or removed
-            removed = self._unlink(self._name(key, _GZ)) or removed
+            self._unlink(body)
+            self._unlink(self._name(key, _GZ))
             self._live_bodies.discard(key)
             self._synced_bodies.discard(key)
-            if removed:
-                self._note_rename()
 
     def discard_body(self, key: str) -> None:
         """Remove only the body file of ``key`` (e.g. once it went inline); missing is fine."""

@@ -45,7 +45,7 @@ import random
 import threading
 import time
 import uuid
-from typing import Dict, List, Optional, Set
+from typing import Dict, Optional, Set
 
 from . import logs
 from .breaker import ClassBreaker
@@ -66,6 +66,7 @@ from .models import (
     upload_task_part,
 )
 from .retry import ONE_ATTEMPT
+from .spool import read_head
 from .stage import Stage, StageContext
 
 log = logging.getLogger("acagent.uploader")
@@ -364,7 +365,7 @@ class Uploader(Stage):
             return "empty"
         if self._is_inline(result) and result.key not in self._via_upload_result:
             try:  # no exists() first: one system call less on the delivering thread
-                body = _read_small(result.body_path, INLINE_BODY_LIMIT + 1)
+                body = read_head(result.body_path, INLINE_BODY_LIMIT + 1)
             except FileNotFoundError:
                 return self._deliver_lost(result)
             client.put_result(inline_payload(result, version, body), policy=ONE_ATTEMPT)
@@ -446,27 +447,6 @@ class Uploader(Stage):
         )
         client.put_s3(put_url, result.body_path, content_type=content_type, policy=ONE_ATTEMPT)
         client.put_result(s3_payload(result, client.version, get_url), policy=ONE_ATTEMPT)
-
-
-def _read_small(path: str, limit: int) -> bytes:
-    """Up to ``limit`` bytes of ``path`` with raw descriptor calls.
-
-    ``open()`` would add an fstat, an ioctl and an lseek: each system call
-    releases and re-takes the GIL, on the thread that keeps the AC link busy.
-    """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-    try:
-        parts: List[bytes] = []
-        left = limit
-        while left > 0:
-            part = os.read(fd, left)
-            if not part:
-                break
-            parts.append(part)
-            left -= len(part)
-        return b"".join(parts)
-    finally:
-        os.close(fd)
 
 
 def _remove_quietly(path: str) -> None:
