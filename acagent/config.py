@@ -22,6 +22,12 @@ from .errors import ConfigError
 #: Largest body that goes inline (base64) in put-result; larger ones are uploaded.
 INLINE_BODY_LIMIT = 512_000
 
+#: Largest body kept inside its spool record (base64) instead of a body file of
+#: its own. Most results are small: this saves a file, its fsync and its unlink
+#: per task. Bounded so the results of a run held in memory stay small
+#: (``response_queue_threshold`` of them at most); at most INLINE_BODY_LIMIT.
+RECORD_BODY_LIMIT = 16 * 1024
+
 
 def default_base_dir() -> str:
     """The folder today's agent uses for logs and files: ``<tmp>/armorcode``."""

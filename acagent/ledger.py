@@ -243,7 +243,9 @@ class Ledger:
 
     def _save(self, result: Result) -> bool:
         try:
-            self.spool.save(result.key, result.to_record())
+            # A result without a body file (an error, an empty body or one kept
+            # in the record) spares the spool looking for one.
+            self.spool.save(result.key, result.to_record(), has_body=result.body_path is not None)
         except OSError as exc:
             if exc.errno not in SPOOL_ERRNOS:
                 log.error("task %s: spool write failed: %s", result.task_id, exc)

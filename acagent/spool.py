@@ -9,7 +9,8 @@ still in the spool after a crash or a failed upload is found again by
 
 On-disk layout (one flat folder, mode 0700, every file mode 0600)::
 
-    <key>.json          the saved record of a result (written atomically); while
+    <key>.json          the saved record of a result (written atomically; a small
+                        body may be inside it, ``save(has_body=False)``); while
                         a task runs, its journal: the error result that answers it
                         if the agent dies first (``journal``), replaced by the result
     <key>.body          the streamed response body of that result (optional)
@@ -231,6 +232,9 @@ class ResultSpool:
         # Keys whose body a BodyFile fsynced as it closed (``save`` skips it);
         # set.add/discard are atomic, so no lock is needed for this set.
         self._synced_bodies: Set[str] = set()
+        # Keys saved with ``has_body=False`` and no body opened since: ``remove``
+        # has no body file to unlink for them.
+        self._bodiless: Set[str] = set()
         # Records already reported as unreadable, so each is logged once.
         self._reported: Set[str] = set()
         self._lock_fd: Optional[int] = None
@@ -285,6 +289,7 @@ class ResultSpool:
         with self._lock:
             self._live_bodies.add(key)
             self._synced_bodies.discard(key)
+            self._bodiless.discard(key)
         try:
             fd = _create_private(path)
         except BaseException:
@@ -293,7 +298,7 @@ class ResultSpool:
             raise
         return cast(BinaryIO, BodyFile(fd, lambda: self._synced_bodies.add(key)))
 
-    def save(self, key: str, record: Record) -> None:
+    def save(self, key: str, record: Record, *, has_body: bool = True) -> None:
         """Write the record for ``key`` durably and atomically (replacing any older one).
 
         The record goes to ``<key>.json.tmp`` (0600), is flushed and fsynced,
@@ -301,6 +306,12 @@ class ResultSpool:
         file exists it is fsynced first, so a saved record never names a body
         that is not on disk. A failure at any point leaves the previous record
         (if any) intact and no partial ``<key>.json``.
+
+        ``has_body=False`` says the caller made no body file for ``key`` (the
+        record holds all there is, e.g. a small body in base64): no body is
+        looked for, and ``remove`` unlinks none, unless ``open_body`` is
+        called for the key later. Each skipped system call is a GIL hand-off
+        saved under load.
 
         Group commit: the files are written and synced outside the folder
         lock (each key has one writer), and one folder fsync serves every
@@ -315,7 +326,10 @@ class ResultSpool:
         # The body and the tmp file have one writer (the key's owner), so they
         # are written and synced outside the lock. A body closed through
         # open_body's BodyFile was synced as it was closed.
-        if key in self._synced_bodies:
+        if not has_body:
+            if key not in self._live_bodies:  # a body being written still needs removing
+                self._bodiless.add(key)
+        elif key in self._synced_bodies:
             self._synced_bodies.discard(key)  # the set only bridges close -> save
         else:
             self._fsync_file(self._name(key, _BODY))
@@ -375,6 +389,8 @@ class ResultSpool:
     def remove(self, key: str) -> None:
         """Remove the record and then the body of ``key``; missing files are fine.
 
+        (A key saved with ``has_body=False`` has no body file to unlink.)
+
         The record goes first: a crash in between leaves an orphan body, which
         ``clean_orphans`` removes, never a record without its body.
 
@@ -386,13 +402,15 @@ class ResultSpool:
         So no caller waits for the disk here, behind other threads' fsyncs.
         """
         record = self._name(key, _RECORD)
-        body = self._name(key, _BODY)
         with self._lock:  # invariant: see save()
             self._unlink(record)
             self._keys.discard(key)
             self._journaled.discard(key)
-            self._unlink(body)
-            self._unlink(self._name(key, _GZ))
+            if key in self._bodiless:  # saved without a body file, none made since
+                self._bodiless.discard(key)
+            else:
+                self._unlink(self._name(key, _BODY))
+                self._unlink(self._name(key, _GZ))
             self._live_bodies.discard(key)
             self._synced_bodies.discard(key)
 
@@ -423,12 +441,14 @@ class ResultSpool:
             os.unlink(probe)
         return True
 
-    def quarantine(self, key: str, reason: str) -> Optional[Path]:
+    def quarantine(self, key: str, reason: str, *, body: Optional[bytes] = None) -> Optional[Path]:
         """Move the record and body of ``key`` into ``quarantine/`` with a reason file.
 
         For a result the AC server refused for good (400/422): the content is
         never silently deleted; an operator finds it there (listed at start).
-        Returns the folder it went to, or None if nothing was on disk.
+        ``body``: the bytes of a body the record holds itself (it has no body
+        file); they are written out as ``body`` too, for the human. Returns
+        the folder it went to, or None if nothing was on disk.
         """
         target = self._dir / QUARANTINE_DIR / self._check_key(key)
         moved = False
@@ -444,8 +464,11 @@ class ResultSpool:
             self._journaled.discard(key)
             self._live_bodies.discard(key)
             self._synced_bodies.discard(key)
+            self._bodiless.discard(key)
         if not moved:
             return None
+        if body is not None and not (target / "body").exists():
+            self._write_new(target / "body", body)
         self._write_new(target / "reason.txt", reason.encode("utf-8", "replace"))
         self._fsync_dir()
         return target

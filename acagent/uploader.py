@@ -1,7 +1,8 @@
 """Uploader: the stage that delivers results to the AC server.
 
-A body of 1..512,000 bytes goes inline (base64) in put-result; a larger one
-is gzip-compressed from its spool file to a private work file and sent to
+A body of 1..512,000 bytes goes inline (base64) in put-result (a small one
+is already base64 in the result, kept in its record); a larger one is
+gzip-compressed from its spool file to a private work file and sent to
 upload-result (``uploadToAc`` true) or to S3 via a presigned URL (false).
 
 **No head-of-line blocking.** ``senders`` threads (``acMaxConcurrent - 1``,
@@ -39,6 +40,7 @@ return how it went). For subclasses: ``breaker``, ``compress(source, target)``.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import random
@@ -49,7 +51,7 @@ from typing import Dict, Optional, Set
 
 from . import logs
 from .breaker import ClassBreaker
-from .compress import LEVEL, gzip_file
+from .compress import LEVEL, gzip_bytes, gzip_file
 from .config import INLINE_BODY_LIMIT
 from .errors import ACError, ACHTTPError, ACRateLimitError, AgentStopping, UploadURLRefused
 from .fetcher import AUTH_HINT
@@ -59,6 +61,7 @@ from .logs import error_fields
 from .logthrottle import LogThrottle
 from .models import (
     Result,
+    encoded_inline_payload,
     error_payload,
     inline_payload,
     s3_payload,
@@ -308,7 +311,8 @@ class Uploader(Stage):
         result = delivery.result
         server_reason = exc.body[:300] if isinstance(exc, ACHTTPError) else str(exc)
         status = exc.status if isinstance(exc, ACHTTPError) else 0
-        where = self.ctx.spool.quarantine(result.key, f"HTTP {status}: {server_reason}")
+        kept = base64.b64decode(result.body_base64) if result.body_base64 is not None else None
+        where = self.ctx.spool.quarantine(result.key, f"HTTP {status}: {server_reason}", body=kept)
         log.error(
             "task %s: the AC server refused the result %d times (HTTP %d: %s); original kept in %s",
             result.task_id,
@@ -360,6 +364,13 @@ class Uploader(Stage):
         if result.is_error:
             client.put_result(error_payload(result, version), policy=ONE_ATTEMPT)
             return "error"
+        if result.body_base64 is not None:  # a small body, kept in the record
+            if result.key in self._via_upload_result:
+                self._upload_to_ac(result)
+                return "upload"
+            payload = encoded_inline_payload(result, version, result.body_base64)
+            client.put_result(payload, policy=ONE_ATTEMPT)
+            return "inline"
         if result.body_size == 0 or result.body_path is None:
             client.put_result(inline_payload(result, version, b""), policy=ONE_ATTEMPT)
             return "empty"
@@ -387,13 +398,22 @@ class Uploader(Stage):
         return 0 < result.body_size <= INLINE_BODY_LIMIT and result.logs_zip is None
 
     def _upload_to_ac(self, result: Result) -> None:
+        work = os.path.join(self.ctx.work_dir, f"{result.key}.gz")
+        if result.body_base64 is not None:
+            # A small body kept in the record (the server refused it inline):
+            # its gzip goes to a work file; a failure to write it is retried.
+            gzip_bytes(base64.b64decode(result.body_base64), work, self.COMPRESS_LEVEL)
+            try:
+                self._send_upload_result(result, work, zipped=True)
+            finally:
+                _remove_quietly(work)
+            return
         assert result.body_path is not None
         ready = str(self.ctx.spool.compressed_path(result.key))
         if os.path.exists(ready):
             # compressed by the executor thread that ran the task: only send it here
             self._send_upload_result(result, ready, zipped=True)
             return
-        work = os.path.join(self.ctx.work_dir, f"{result.key}.gz")
         zipped = True
         try:
             self.compress(result.body_path, work)

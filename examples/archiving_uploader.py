@@ -35,8 +35,12 @@ class ArchivingUploader(Uploader):
         meta = {"taskId": result.task_id, "statusCode": result.status_code, "via": via}
         with open(os.path.join(self.archive_dir, f"{safe}.json"), "w", encoding="utf-8") as fh:
             json.dump(meta, fh)
-        if result.body_path and os.path.exists(result.body_path):
-            shutil.copyfile(result.body_path, os.path.join(self.archive_dir, f"{safe}.body"))
+        if result.body_size:
+            # A small body is kept in the result itself, a larger one in a file:
+            # open_body() reads either.
+            with result.open_body() as src:
+                with open(os.path.join(self.archive_dir, f"{safe}.body"), "wb") as out:
+                    shutil.copyfileobj(src, out)
         return via
 
 

@@ -89,12 +89,13 @@ def test_transient_status_on_uploads_never_replaces_a_real_result(
         assert ac.max_inflight <= 2
 
 
+@pytest.mark.parametrize("size", [1_000, 40_000], ids=["body-in-record", "body-file"])
 def test_content_refused_for_good_is_quarantined_and_answered_with_the_reason(
-    tmp_path: Path,
+    tmp_path: Path, size: int
 ) -> None:
     with FakeTarget() as target, FakeACServer() as ac:
         ac.inject("put-result", status=422, body=b"field statusCode: bad value", times=3)
-        ac.add_task(_bytes_task(target, "refused", 1_000, 3))
+        ac.add_task(_bytes_task(target, "refused", size, 3))
         spool = tmp_path / "spool"
         pipeline = make_pipeline(make_config(ac.url, spool))
         with running(pipeline):
@@ -106,7 +107,7 @@ def test_content_refused_for_good_is_quarantined_and_answered_with_the_reason(
         (folder,) = (spool / QUARANTINE_DIR).iterdir()
         kept = {p.name for p in folder.iterdir()}
         assert kept == {"record.json", "body", "reason.txt"}
-        assert (folder / "body").read_bytes() == expected_body(1_000, 3)  # nothing lost
+        assert (folder / "body").read_bytes() == expected_body(size, 3)  # nothing lost
         record = json.loads((folder / "record.json").read_text())
         assert record["fields"]["taskId"] == "refused"
         assert "422" in (folder / "reason.txt").read_text()

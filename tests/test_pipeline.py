@@ -13,8 +13,9 @@ import pytest
 from helpers import spool_names
 
 import acagent
+import acagent.executor
 from acagent import AgentConfig, Pipeline, RetryPolicy
-from acagent.config import INLINE_BODY_LIMIT
+from acagent.config import INLINE_BODY_LIMIT, RECORD_BODY_LIMIT
 from acagent.testing import FakeACServer, FakeTarget, expected_body, expected_sha256
 
 FAST_RETRY = RetryPolicy(backoff_base=0.05, backoff_max=0.2, jitter=0.01, concurrency_wait_max=0.05)
@@ -338,3 +339,54 @@ def test_gzip_upload_is_real_gzip(ac: FakeACServer, target: FakeTarget, tmp_path
     assert r.via == "upload" and r.fields["responseZipped"] is True
     assert "output" not in r.fields
     assert r.body == expected_body(600_000, 5)  # the fake gunzipped the file part
+
+
+class _SpoolAtReady(acagent.Observer):
+    """What the spool holds for each result when it is queued for delivery."""
+
+    def __init__(self, spool_dir: Path) -> None:
+        self.spool_dir = spool_dir
+        self.seen: Dict[str, tuple] = {}
+
+    def on_result_ready(self, result: acagent.Result) -> None:
+        body_file = (self.spool_dir / f"{result.key}.body").exists()
+        record = (self.spool_dir / f"{result.key}.json").read_text()
+        self.seen[result.task_id] = (result.body_base64 is not None, body_file, record)
+
+
+@pytest.mark.parametrize(
+    "limit, chunked",
+    [(RECORD_BODY_LIMIT, False), (100_000, True)],
+    ids=["default-limit", "spill-after-held-chunks"],
+)
+def test_small_bodies_live_in_their_record_larger_ones_in_a_body_file(
+    ac: FakeACServer,
+    target: FakeTarget,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    limit: int,
+    chunked: bool,
+) -> None:
+    """A body of at most RECORD_BODY_LIMIT bytes is kept (base64) in its spool
+    record, with no body file; one byte more and it is streamed to a body file.
+    With 64 KiB chunks and a 100,000-byte limit, the first chunk is held in
+    memory and written to the body file when the second one crosses the limit."""
+    monkeypatch.setattr(acagent.executor, "RECORD_BODY_LIMIT", limit)
+    flag = "&chunked=1" if chunked else ""
+    sizes = {"one": 1, "at-limit": limit, "over": limit + 1, "several-chunks": 200_000}
+    for seed, (task_id, size) in enumerate(sizes.items()):
+        task = bytes_task(target, task_id, size, seed)
+        task["url"] += flag
+        ac.add_task(task)
+    spool = tmp_path / "spool"
+    watch = _SpoolAtReady(spool)
+    with Pipeline(make_config(ac, tmp_path), retry_policy=FAST_RETRY, observers=[watch]):
+        assert ac.wait_for_results(len(sizes), timeout=30)
+    for task_id, size in sizes.items():
+        in_record, body_file, record = watch.seen[task_id]
+        assert in_record == (size <= limit), task_id
+        assert body_file == (size > limit), task_id
+        assert ('"bodyBase64"' in record) == (size <= limit), task_id
+    by_via = assert_exact_results(ac, {t: (n, seed) for seed, (t, n) in enumerate(sizes.items())})
+    assert by_via == {"inline": 4}
+    assert spool_names(spool) == []

@@ -9,6 +9,7 @@ the spool; a new agent on the same spool delivers them.
 
 from __future__ import annotations
 
+import base64
 import signal
 import threading
 from pathlib import Path
@@ -28,6 +29,7 @@ from helpers import (
 
 from acagent.models import Result
 from acagent.observers import Observer
+from acagent.spool import QUARANTINE_DIR, ResultSpool
 from acagent.testing import FakeACServer, FakeTarget, expected_sha256
 
 N = 6
@@ -120,9 +122,13 @@ def test_sigkill_with_results_in_spool_then_restart_delivers_everything(tmp_path
             }
             for i in range(N)
         ]
-        # one body above the inline limit: its spool body file must survive too
+        # one body above the inline limit and one above the record's: their
+        # spool body files must survive too (the small ones live in their records)
         tasks.append(
             {"taskId": "crash-big", "method": "GET", "url": f"{target.url}/bytes/600000?seed=99"}
+        )
+        tasks.append(
+            {"taskId": "crash-mid", "method": "GET", "url": f"{target.url}/bytes/40000?seed=98"}
         )
         ac.add_tasks(tasks)
         first = AgentProcess(ac.url, spool, tmp_path / "first.log")
@@ -130,6 +136,7 @@ def test_sigkill_with_results_in_spool_then_restart_delivers_everything(tmp_path
             ids = {t["taskId"] for t in tasks}
             held = wait_until(lambda: _saved_result_ids(spool) >= ids, WAIT)
             assert held, (spool_records(spool), first.output())
+            assert len(list(spool.glob("*.body"))) == 2  # crash-big and crash-mid
             assert ac.wait_for_results(1, WAIT)  # the lost-reply result
             accepted_before_kill = set(ac.results)
             first.kill()
@@ -158,6 +165,8 @@ def test_sigkill_with_results_in_spool_then_restart_delivers_everything(tmp_path
                 assert got.via == "inline" and got.body_sha256 == expected_sha256(700 + i, i)
         (big,) = results["crash-big"]
         assert big.via == "upload" and big.body_sha256 == expected_sha256(600000, 99)
+        (mid,) = results["crash-mid"]
+        assert mid.via == "inline" and mid.body_sha256 == expected_sha256(40000, 98)
         assert ac.max_inflight <= 2
         leftovers = spool_names(spool)
         assert leftovers == []
@@ -212,3 +221,40 @@ def test_sigkill_while_tasks_run_answers_them_after_restart(tmp_path: Path) -> N
         assert got[0].via == "error" and "killed or crashed" in str(got[0].fields["output"])
         assert got[0].fields["statusCode"] == 500
     assert target.connections_opened == connections_before  # nothing sent to the target again
+
+
+def test_a_record_whose_kept_body_is_damaged_is_quarantined_and_the_rest_delivered(
+    tmp_path: Path,
+) -> None:
+    """At start, a record holding its body (base64) is delivered byte-exact; one
+    whose kept body does not decode to its size is moved to quarantine with the
+    reason, not sent."""
+    spool_dir = tmp_path / "spool"
+    spool = ResultSpool(spool_dir)
+    data = bytes(range(256)) * 4
+    good = Result(
+        fields={"taskId": "kept-good", "method": "GET", "url": "http://tool/"},
+        status_code=200,
+        body_size=len(data),
+        body_base64=base64.b64encode(data).decode("ascii"),
+    )
+    damaged = Result(
+        fields={"taskId": "kept-damaged", "method": "GET", "url": "http://tool/"},
+        status_code=200,
+        body_size=len(data) + 1,
+        body_base64=base64.b64encode(data).decode("ascii"),
+    )
+    for result in (good, damaged):
+        spool.save(result.key, result.to_record(), has_body=False)
+    with FakeACServer() as ac:
+        pipeline = make_pipeline(make_config(ac.url, spool_dir))
+        with running(pipeline):
+            assert ac.wait_for_results(1, WAIT)
+            assert wait_until(lambda: spool_records(spool_dir) == [], WAIT)
+        assert set(ac.results) == {"kept-good"}
+        (got,) = ac.results["kept-good"]
+        assert got.via == "inline" and got.body == data
+    (folder,) = (spool_dir / QUARANTINE_DIR).iterdir()
+    assert folder.name == damaged.key
+    assert "unusable record" in (folder / "reason.txt").read_text()
+    assert "bodyBase64" in (folder / "record.json").read_text()  # kept for a human

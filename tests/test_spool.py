@@ -532,6 +532,60 @@ def test_remove_leaves_the_folder_fsync_to_the_next_save(
     assert calls.count("dir") == 1  # this fsync makes the unlink durable too
 
 
+def test_a_record_saved_without_a_body_file_never_looks_for_one(
+    spool: ResultSpool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``has_body=False`` (a body kept in the record, an error, an empty body):
+    neither ``save`` nor ``remove`` touches a body file name; each skipped
+    call is a GIL hand-off less under load."""
+    touched: List[str] = []
+    real_open, real_unlink = os.open, os.unlink
+
+    def spy_open(path: Any, *args: Any, **kwargs: Any) -> int:
+        touched.append(os.path.basename(str(path)))
+        return real_open(path, *args, **kwargs)
+
+    def spy_unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        touched.append(os.path.basename(str(path)))
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", spy_open)
+    monkeypatch.setattr(os, "unlink", spy_unlink)
+    key = new_key()
+    spool.save(key, {"bodyBase64": "aGk="}, has_body=False)
+    spool.remove(key)
+    assert not spool.record_path(key).exists()
+    assert [name for name in touched if ".body" in name] == []
+    assert f"{key}.json" in touched  # the record itself was removed
+
+    # A body opened after all (a subclass) is removed with its record.
+    late = new_key()
+    spool.save(late, {"a": 1}, has_body=False)
+    write_body(spool, late, b"late body")
+    spool.remove(late)
+    assert not spool.body_path(late).exists()
+
+    # A body still being written when its task is answered without one (the
+    # shutdown deadline) is removed with the record too.
+    racing = new_key()
+    with spool.open_body(racing) as body:
+        body.write(b"half")
+        spool.save(racing, {"error": "agent shutting down"}, has_body=False)
+    spool.remove(racing)
+    assert not spool.body_path(racing).exists()
+    assert list(spool.directory.iterdir()) == []
+
+
+def test_quarantine_writes_out_a_body_the_record_holds(spool: ResultSpool) -> None:
+    key = new_key()
+    spool.save(key, {"bodyBase64": "AAEC"}, has_body=False)
+    folder = spool.quarantine(key, "HTTP 422: no", body=b"\x00\x01\x02")
+    assert folder is not None
+    assert sorted(p.name for p in folder.iterdir()) == ["body", "reason.txt", "record.json"]
+    assert (folder / "body").read_bytes() == b"\x00\x01\x02"
+    assert spool.quarantined() == [key]
+
+
 # ---------------------------------------------------------------- misc
 
 
