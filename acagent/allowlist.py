@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import re
 import socket
 import sys
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Type, Union
@@ -117,12 +118,18 @@ class TargetPolicy:
     decides the rest once the address to connect to is known.
     """
 
+    #: how many allowed URLs ``check_url`` remembers (see there)
+    ALLOWED_URLS_KEPT = 256
+
     def __init__(self, allowed: Iterable[str] = (), denied: Iterable[str] = ()) -> None:
         denied = [d for d in denied if d.strip()]
         keep_defaults = not any(d.strip().lower() == NO_DEFAULTS for d in denied)
         extra = [d for d in denied if d.strip().lower() != NO_DEFAULTS]
         self.allow = HostList(allowed)
         self.deny = HostList([*(DEFAULT_DENIED if keep_defaults else ()), *extra])
+        # URL -> host of URLs allowed lately. The lists never change after
+        # this, so the answer for a URL string never does either.
+        self._allowed_urls: Dict[str, str] = {}
 
     @property
     def enabled(self) -> bool:
@@ -133,9 +140,21 @@ class TargetPolicy:
         """Refuse a URL the parsers disagree on, a non-http(s) one, or a denied host.
 
         Returns the normalised host. Raises ``TargetDenied``.
+
+        An allowed URL is remembered (the last ``ALLOWED_URLS_KEPT``): the
+        executor checks a task's URL before its request and the adapter checks
+        the URL it sends, which is most often the same string. A refusal is
+        never remembered. This is the check by name; the address a connection
+        reaches is checked as it connects.
         """
+        host = self._allowed_urls.get(url)
+        if host is not None:
+            return host
         host = unambiguous_host(url)
         self.check_host(host, redirect=redirect)
+        if len(self._allowed_urls) >= self.ALLOWED_URLS_KEPT:
+            self._allowed_urls.clear()  # dict operations are atomic: no lock needed
+        self._allowed_urls[url] = host
         return host
 
     def check_host(self, host: str, *, redirect: bool = False) -> bool:
@@ -285,6 +304,10 @@ def normalise_host(host: str) -> str:
     return host.rstrip(".").split("%", 1)[0]
 
 
+#: a backslash, a space or a control character: parsers read URLs with them differently
+_UNSAFE_URL_CHAR = re.compile(r"[\\ \x00-\x1f\x7f]")
+
+
 def unambiguous_host(url: str) -> str:
     """The host of an http(s) ``url`` when urllib.parse and urllib3 agree on
     scheme, host and port; otherwise ``TargetDenied``.
@@ -305,7 +328,7 @@ def unambiguous_host(url: str) -> str:
     scheme = (split.scheme or "").lower()
     if scheme not in ("http", "https"):
         raise TargetDenied(f"url scheme must be http or https, got {scheme or 'none'!r}")
-    if any(c in url for c in "\\\r\n\t ") or any(ord(c) < 32 or ord(c) == 127 for c in url):
+    if _UNSAFE_URL_CHAR.search(url):
         raise TargetDenied("invalid url: backslash, whitespace or control characters")
     host = split.hostname or ""
     if not host:

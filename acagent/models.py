@@ -252,15 +252,14 @@ class Result:
         raw = task.raw if isinstance(task, Task) else task
         if key is None and isinstance(task, Task):
             key = task.key  # a journaled task's answer replaces its journal record
-        result = cls(
+        return cls(
             fields=echo_fields(raw),
             status_code=500,
             error=reason,
             failure=failure,
+            # a new key only when none is given (a uuid4 costs a system call)
+            key=key if key is not None else new_result_key(),
         )
-        if key is not None:
-            result.key = key
-        return result
 
     # -- spool records ---------------------------------------------------
     def to_record(self) -> Dict[str, Any]:

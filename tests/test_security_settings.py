@@ -13,6 +13,7 @@ import pytest
 from helpers import WAIT, make_config, make_pipeline, running, wait_until
 from prometheus_client import CollectorRegistry
 
+from acagent import allowlist
 from acagent.allowlist import DEFAULT_DENIED, TargetDenied, TargetPolicy
 from acagent.cli import config_from_args
 from acagent.config import parse_host_port
@@ -60,6 +61,38 @@ def test_policy_flags_parse_and_the_default_deny_list_can_be_cleared() -> None:
     policy = TargetPolicy(cleared.allowed_targets, cleared.denied_targets)
     assert policy.deny.describe() == ()
     assert policy.check_host("169.254.169.254") is False  # allowed; the address is checked too
+
+
+def test_a_url_allowed_once_is_not_parsed_again_and_a_refusal_is_never_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The executor checks a task's URL and the adapter checks the URL it sends:
+    the same string is parsed once. Refusals are checked every time; the
+    memory is bounded."""
+    parsed: list = []
+    real = allowlist.unambiguous_host
+
+    def counting(url: str) -> str:
+        parsed.append(url)
+        return real(url)
+
+    monkeypatch.setattr(allowlist, "unambiguous_host", counting)
+    policy = TargetPolicy(("tool.corp",))
+    url = "https://tool.corp/api?page=1"
+    assert policy.check_url(url) == policy.check_url(url) == "tool.corp"
+    assert parsed == [url]
+    for _ in range(2):
+        with pytest.raises(TargetDenied):
+            policy.check_url("https://other.corp/")
+        with pytest.raises(TargetDenied):
+            policy.check_url("http://tool.corp\\@other.corp/")
+    assert len(parsed) == 5
+    kept = TargetPolicy.ALLOWED_URLS_KEPT
+    for i in range(kept * 2):
+        policy.check_url(f"https://tool.corp/item/{i}")
+    assert len(parsed) == 5 + kept * 2
+    policy.check_url("https://tool.corp/item/0")  # long forgotten: parsed again
+    assert len(parsed) == 6 + kept * 2
 
 
 @pytest.mark.parametrize(
