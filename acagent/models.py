@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -172,6 +173,10 @@ class Task:
         return self.seconds_left(now) <= 0
 
 
+#: a space or an ASCII control character (tab, CR and LF among them)
+_URL_SPACE_OR_CONTROL = re.compile(r"[\x00-\x20]")
+
+
 def _check_url(url: str, bad: Any) -> None:
     try:
         parts = urlsplit(url)
@@ -184,7 +189,7 @@ def _check_url(url: str, bad: Any) -> None:
         raise bad("url has no host")
     if port == 0:
         raise bad("url has port 0")
-    if any(c in url for c in "\r\n\t ") or any(ord(c) < 32 for c in url):
+    if _URL_SPACE_OR_CONTROL.search(url):
         raise bad("url contains whitespace or control characters")
 
 
