@@ -986,11 +986,16 @@ def _compile_agent(agent_env: Dict[str, str]) -> None:
     an installed agent never pays.
     """
     code = (
-        "import acagent, compileall, os, sys; "
-        "sys.exit(0 if compileall.compile_dir(os.path.dirname(acagent.__file__), quiet=1) else 1)"
+        "import acagent, compileall, os, sys; where = os.path.dirname(acagent.__file__); "
+        "print('agent package (compiled to bytecode):', where); "
+        "sys.exit(0 if compileall.compile_dir(where, quiet=1) else 1)"
     )
     env = dict(os.environ, **agent_env)
-    done = subprocess.run([sys.executable, "-c", code], env=env, timeout=120, check=False)
+    # Not from this folder: a checkout here would win over --agent-env PYTHONPATH,
+    # as it does not for the agent, which runs in a temporary folder.
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tempfile.gettempdir(), timeout=120, check=False
+    )
     if done.returncode != 0:
         raise SystemExit("could not compile the agent package to bytecode")
 
