@@ -49,7 +49,8 @@ class Executor(Stage):
     """Runs tasks on a thread pool.
 
     Hooks (may be overridden): ``execute(task, key=...) -> Result`` (must not
-    raise: a failure is an error result), ``prepare_headers(task)`` (add auth,
+    raise: a failure is an error result; a result the spool cannot record as
+    JSON is answered with an error result too), ``prepare_headers(task)`` (add auth,
     etc.), ``request_target(task, key)``. For subclasses: ``session`` (the
     target session), ``allow`` (the target policy), ``deadline_watch``.
     """

@@ -231,7 +231,25 @@ class Ledger:
         """
         with logs.task_context(result.task_id):
             log.debug("result ready: status=%s bytes=%d", result.status_code, result.body_size)
-        durable = self._save(result)
+        try:
+            durable = self._save(result)
+        except (TypeError, ValueError) as exc:
+            # A result that cannot be written as a record (an Executor
+            # subclass's bug: a value JSON cannot encode). The task must still
+            # be answered once, and its reservation released.
+            log.error(
+                "task %s: its result cannot be recorded (%s: %s); answered with an error result",
+                result.task_id,
+                type(exc).__name__,
+                exc,
+            )
+            result = Result.agent_error(
+                result.fields,
+                f"the agent could not record this result ({type(exc).__name__})",
+                failure="agent_error",
+                key=result.key,
+            )
+            durable = self._save(result)
         with self._cond:
             self._executing -= 1
             self._results += 1

@@ -20,7 +20,7 @@ from acagent.client import ACClient
 from acagent.config import AgentConfig
 from acagent.globalconfig import RuntimeSettings
 from acagent.ledger import Ledger
-from acagent.models import Result, Task
+from acagent.models import Result, Task, echo_fields
 from acagent.observers import Observer, Observers
 from acagent.spool import ResultSpool
 from acagent.stage import StageContext
@@ -208,6 +208,55 @@ def test_the_three_stages_on_one_context_make_a_pipeline(
         (got,) = ac.results[f"p{i}"]
         assert got.body_sha256 == expected_sha256(100 + i, i)
     assert ac.max_inflight <= 2
+
+
+@pytest.mark.parametrize("bug", ["raises", "unrecordable-result"])
+def test_a_buggy_executor_subclass_still_answers_every_task_once(
+    context: StageContext,
+    ac: FakeACServer,
+    target: FakeTarget,
+    caplog: pytest.LogCaptureFixture,
+    bug: str,
+) -> None:
+    """``execute`` must not raise and must return a result the spool can record;
+    a subclass that breaks either rule costs its task an error result, never
+    the task itself or its executor slot."""
+
+    class Buggy(FastExecutor):
+        def execute(self, task: Task, *, key: str) -> Result:
+            if bug == "raises":
+                raise RuntimeError("subclass bug")
+            return Result(
+                fields=echo_fields(task.raw),
+                status_code=200,
+                response_headers={"X-Odd": object()},  # type: ignore[dict-item]
+                key=key,
+            )
+
+    ac.add_tasks(
+        {"taskId": f"b{i}", "method": "GET", "url": f"{target.url}/bytes/10"} for i in range(3)
+    )
+    stages = [FastUploader(context), Buggy(context), FastFetcher(context)]
+    for stage in stages:
+        stage.start()
+    try:
+        assert ac.wait_for_results(3, WAIT)
+        assert wait_until(lambda: context.ledger.outstanding() == 0, WAIT)
+    finally:
+        for stage in reversed(stages):
+            stage.stop()
+        for stage in stages:
+            assert stage.join(WAIT)
+    expected = {
+        "raises": "Agent Side Error: RuntimeError: subclass bug",
+        "unrecordable-result": "Agent Side Error: the agent could not record this result (TypeError)",
+    }[bug]
+    for i in range(3):
+        (got,) = ac.results[f"b{i}"]
+        assert got.via == "error" and got.fields["output"] == expected
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 3 and all(r.name in ("acagent.executor", "acagent.ledger") for r in errors)
+    assert context.spool.size() == 0
 
 
 def test_a_failing_observer_is_logged_and_the_others_still_hear(
