@@ -182,6 +182,12 @@ class Executor(Stage):
                 # A replaced pool with no task left is shut down already: forget it.
                 busy = set(self._futures.values())
                 self._old_pools = [p for p in self._old_pools if p in busy]
+        # _run handles every failure it expects; anything else would stay in
+        # the future, unseen. Say it (a bug), as a stage loop does.
+        error = None if future.cancelled() else future.exception()
+        if isinstance(error, Exception):
+            log.error("a task's run failed unexpectedly", exc_info=error)
+            self.ctx.observers.emit("on_stage_failure", self.name, error)
 
     def _run(self, task: Task, key: str) -> None:
         started = time.monotonic()

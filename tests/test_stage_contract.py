@@ -259,6 +259,37 @@ def test_a_buggy_executor_subclass_still_answers_every_task_once(
     assert context.spool.size() == 0
 
 
+def test_an_unexpected_error_in_a_task_run_is_logged_not_lost_in_its_future(
+    context: StageContext,
+    target: FakeTarget,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    failures: List[str] = []
+
+    class Failures(Observer):
+        def on_stage_failure(self, stage: str, exc: BaseException) -> None:
+            failures.append(f"{stage}: {exc}")
+
+    context.observers.add(Failures())
+
+    def broken(result: Result) -> None:
+        raise RuntimeError("ledger bug")
+
+    monkeypatch.setattr(context.ledger, "finished", broken)
+    executor = FastExecutor(context)
+    executor.start()
+    try:
+        assert context.ledger.reserve(timeout=1.0)
+        context.ledger.fetched(Task.parse({"taskId": "x1", "method": "GET", "url": target.url}))
+        assert wait_until(lambda: failures == ["executor: ledger bug"], WAIT), failures
+    finally:
+        executor.stop()
+        assert executor.join(WAIT)
+    logged = [r for r in caplog.records if r.name == "acagent.executor" and r.levelname == "ERROR"]
+    assert len(logged) == 1 and logged[0].exc_info is not None
+
+
 def test_a_failing_observer_is_logged_and_the_others_still_hear(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
