@@ -439,17 +439,16 @@ def run(argv: Sequence[str]) -> int:
     signals_seen = 0
 
     def on_stop_signal(signum: int, _frame: Any) -> None:
+        # Flags only (Pipeline.signal_stop): a handler that takes a lock can
+        # hang the process when the main thread holds that lock right now.
         nonlocal signals_seen
         signals_seen += 1
-        if signals_seen == 1:
-            pipeline.request_stop()
-        else:
-            pipeline.stop_now()
+        pipeline.signal_stop(hurry=signals_seen > 1)
 
     signal.signal(signal.SIGTERM, on_stop_signal)
     signal.signal(signal.SIGINT, on_stop_signal)
     if hasattr(signal, "SIGUSR1"):
-        signal.signal(signal.SIGUSR1, lambda *_: pipeline.request_status())
+        signal.signal(signal.SIGUSR1, lambda *_: pipeline.signal_status())
     try:
         drained = pipeline.run_forever()
     except SpoolLockedError as exc:

@@ -61,6 +61,9 @@ log = logging.getLogger("acagent.pipeline")
 #: how long threads get to end after the drain deadline passed
 JOIN_GRACE = 5.0
 
+#: seconds between two looks at what signal handlers asked for (``signal_stop``)
+SIGNAL_POLL = 0.2
+
 #: a stage factory: a Stage subclass, or any callable taking the context
 StageFactory = Callable[[StageContext], Stage]
 
@@ -68,8 +71,9 @@ StageFactory = Callable[[StageContext], Stage]
 class Pipeline:
     """The agent. ``start()``, then ``stop()``; or ``run_forever()``; or ``with Pipeline(...)``.
 
-    For callers: ``start``, ``stop``, ``run_forever``, ``request_stop`` and
-    ``stop_now`` (signal-safe), ``request_status``, ``liveness``,
+    For callers: ``start``, ``stop``, ``run_forever``, ``request_stop``,
+    ``stop_now`` and ``request_status`` (from any thread), ``signal_stop`` and
+    ``signal_status`` (from a signal handler), ``liveness``,
     ``readiness``, ``fatal_reason``. Wired parts, read-only: ``config``,
     ``client``, ``ledger``, ``spool``, ``settings``, ``metrics``,
     ``observers``, ``fetcher``, ``executor``, ``uploader``, ``health``.
@@ -148,6 +152,10 @@ class Pipeline:
         self._hurry = threading.Event()
         self._wake = threading.Event()  # wakes the monitor (stop, or a status line asked for)
         self._stopped = threading.Event()
+        # What signal handlers asked for: plain flags, set without a lock (see signal_stop).
+        self._signalled_stop = False
+        self._signalled_hurry = False
+        self._signalled_status = False
         self._started = False
         self._stop_lock = threading.Lock()
         self._monitor = threading.Thread(
@@ -297,24 +305,60 @@ class Pipeline:
         self.stop()
 
     def request_stop(self) -> None:
-        """Ask ``run_forever`` to stop gracefully. Safe from a signal handler."""
+        """Ask ``run_forever`` to stop gracefully. From any thread; from a
+        signal handler, use ``signal_stop``."""
         self._stop_requested.set()
         self._wake.set()
 
     def stop_now(self) -> None:
-        """Cut the graceful stop short (a second signal). Safe from a signal handler."""
+        """Cut the graceful stop short. From any thread; from a signal
+        handler, use ``signal_stop(hurry=True)``."""
         self._hurry.set()
         self.request_stop()
 
     def request_status(self) -> None:
-        """Have the monitor thread log a status line now (SIGUSR1). Signal-safe."""
+        """Have the monitor thread log a status line now. From any thread;
+        from a signal handler, use ``signal_status``."""
         self._wake.set()
 
+    def signal_stop(self, *, hurry: bool = False) -> None:
+        """From a signal handler: stop gracefully (``hurry``: cut a stop short).
+
+        It only sets flags. A handler runs on the main thread between two of
+        its bytecodes, maybe while that thread holds the very lock an
+        ``Event.set`` takes (it does, for an instant, each time its wait in
+        ``run_forever`` ends): taking it again there would hang the process
+        for good. ``run_forever`` and a running ``stop`` act on the flags
+        within ``SIGNAL_POLL`` seconds.
+        """
+        if hurry:
+            self._signalled_hurry = True
+        self._signalled_stop = True
+
+    def signal_status(self) -> None:
+        """From a signal handler (SIGUSR1): a status line soon. Sets a flag only."""
+        self._signalled_status = True
+
+    def _take_signals(self) -> bool:
+        """Act on what signal handlers asked for (never from a handler); True
+        once a stop was asked."""
+        if self._signalled_status:
+            self._signalled_status = False
+            self._wake.set()
+        if self._signalled_hurry:
+            self._hurry.set()
+        if self._signalled_stop:
+            self.request_stop()
+            return True
+        return False
+
     def run_forever(self) -> bool:
-        """Start, run until ``request_stop()``, then stop. Returns ``stop()``'s answer."""
+        """Start, run until ``request_stop()`` or ``signal_stop()``, then stop.
+        Returns ``stop()``'s answer."""
         self.start()
-        while not self._stop_requested.wait(1.0):
-            pass
+        while not self._stop_requested.wait(SIGNAL_POLL):
+            if self._take_signals():
+                break
         return self.stop()
 
     @property
@@ -366,6 +410,7 @@ class Pipeline:
         """Wait until every fetched task's result is delivered, or time is up."""
         while True:
             left = deadline - time.monotonic()
+            self._take_signals()  # a second signal may cut the drain short
             if left <= 0 or self._hurry.is_set():
                 return False
             # Results adopted from earlier runs are not counted: they simply

@@ -15,13 +15,18 @@ record in the spool.
 from __future__ import annotations
 
 import signal
+import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Dict, List
 
 import pytest
-from helpers import WAIT, AgentProcess, spool_records, wait_until
+from helpers import WAIT, AgentProcess, make_config, make_pipeline, spool_records, wait_until
 
+from acagent import Pipeline
 from acagent.testing import FakeACServer, FakeTarget, expected_sha256
 
 
@@ -151,3 +156,66 @@ def test_second_sigterm_exits_at_once_and_spools_the_rest(tmp_path: Path) -> Non
             assert got[0].via == "error"
             assert got[0].fields["output"] == "Agent Side Error: agent shutting down"
             assert got[0].fields["statusCode"] == 500
+
+
+def test_the_signal_path_takes_no_lock_and_run_forever_acts_on_it(tmp_path: Path) -> None:
+    """A signal handler runs on the main thread between two of its bytecodes,
+    maybe while it holds the lock an ``Event.set`` takes (each time
+    ``run_forever``'s wait ends): a handler that locks can hang the agent for
+    good (seen once in CI: no "stopping" line 30 s after SIGTERM). So
+    ``signal_stop``/``signal_status`` may call nothing in ``threading``; the
+    main loop acts on them."""
+    with FakeACServer() as ac:
+        pipeline = make_pipeline(make_config(ac.url, tmp_path / "spool"))
+        entered: List[str] = []
+
+        def profile(frame: FrameType, event: str, arg: object) -> None:
+            if event == "call" and frame.f_code.co_filename == threading.__file__:
+                entered.append(frame.f_code.co_name)
+            elif event == "c_call" and getattr(arg, "__name__", "") in ("acquire", "__enter__"):
+                entered.append(str(arg))
+
+        sys.setprofile(profile)
+        try:
+            pipeline.signal_status()
+            pipeline.signal_stop()
+            pipeline.signal_stop(hurry=True)
+        finally:
+            sys.setprofile(None)
+        assert entered == []
+
+        # run_forever acts on the flags: a stop, hurried by the second call
+        # (a hurried stop reports "not drained" even with nothing to drain).
+        assert _run_forever(pipeline) == [False]
+        calm = make_pipeline(make_config(ac.url, tmp_path / "spool-2"))
+        calm.signal_stop()
+        assert _run_forever(calm) == [True]  # nothing fetched: everything delivered
+
+
+def _run_forever(pipeline: Pipeline) -> List[bool]:
+    """Run ``pipeline.run_forever()`` on a thread; its answer once it returned."""
+    outcome: List[bool] = []
+    runner = threading.Thread(target=lambda: outcome.append(pipeline.run_forever()))
+    runner.start()
+    runner.join(WAIT)
+    assert not runner.is_alive() and pipeline.wait_stopped(0)
+    return outcome
+
+
+def test_request_stop_would_take_a_lock_from_a_handler() -> None:
+    """The control for the test above: the thread-safe ``request_stop`` does
+    enter ``threading`` (an ``Event.set``), which is why handlers must not call it."""
+    with FakeACServer() as ac, tempfile.TemporaryDirectory() as spool:
+        pipeline = make_pipeline(make_config(ac.url, Path(spool)))
+        entered: List[str] = []
+
+        def profile(frame: FrameType, event: str, arg: object) -> None:
+            if event == "call" and frame.f_code.co_filename == threading.__file__:
+                entered.append(frame.f_code.co_name)
+
+        sys.setprofile(profile)
+        try:
+            pipeline.request_stop()
+        finally:
+            sys.setprofile(None)
+        assert "set" in entered
