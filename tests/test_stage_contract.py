@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 import threading
 from pathlib import Path
-from typing import Iterator, List
+from typing import Iterator, List, Type
 
 import pytest
 from helpers import WAIT, FastExecutor, FastFetcher, FastUploader, fast_policy, wait_until
@@ -25,6 +25,7 @@ from acagent.observers import Observer, Observers
 from acagent.spool import ResultSpool
 from acagent.stage import StageContext
 from acagent.testing import FakeACServer, FakeTarget, expected_sha256
+from acagent.uploader import Uploader
 
 
 class Events(Observer):
@@ -135,9 +136,11 @@ def test_executor_alone_runs_queued_tasks_into_the_ledger(
         assert delivery.result.body_size == 1000
 
 
-def _deliver_one(context: StageContext, ac: FakeACServer) -> None:
+def _deliver_one(
+    context: StageContext, ac: FakeACServer, uploader_class: Type[Uploader] = FastUploader
+) -> None:
     """Run an Uploader alone until the one result the Ledger holds is delivered."""
-    uploader = FastUploader(context)
+    uploader = uploader_class(context)
     uploader.start()
     try:
         assert ac.wait_for_results(1, WAIT)
@@ -165,6 +168,35 @@ def test_uploader_alone_delivers_what_the_ledger_holds(
     (got,) = ac.results["u1"]
     assert got.via == "inline" and got.body == b"hello"
     assert _events(context).seen == ["delivered u1 via inline"]
+
+
+def test_a_body_that_cannot_be_compressed_is_uploaded_raw(
+    context: StageContext, ac: FakeACServer, tmp_path: Path
+) -> None:
+    """upload-result with the body as it is (``responseZipped`` false) when its
+    gzip cannot be written (a full work folder, say)."""
+
+    class NoRoomToCompress(FastUploader):
+        def compress(self, source: str, target: str) -> None:
+            raise OSError(28, "No space left on device")
+
+    data = bytes(range(256)) * 2_400  # 614,400 bytes: above the inline limit
+    body = tmp_path / "big.body"
+    body.write_bytes(data)
+    assert context.ledger.reserve(timeout=1.0)
+    context.ledger.finished(
+        Result(
+            fields={"taskId": "raw", "method": "GET", "url": "http://x/"},
+            status_code=200,
+            body_path=str(body),
+            body_size=len(data),
+        )
+    )
+    _deliver_one(context, ac, NoRoomToCompress)
+    (got,) = ac.results["raw"]
+    assert got.via == "upload" and got.fields["responseZipped"] is False
+    assert got.body == data
+    assert list(Path(context.work_dir).iterdir()) == []  # no work file left behind
 
 
 @pytest.mark.parametrize("size", [5, 5_000_000], ids=["inline", "upload-result"])
