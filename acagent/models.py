@@ -234,12 +234,17 @@ class Result:
     def is_error(self) -> bool:
         return self.error is not None
 
+    def kept_body(self) -> Optional[bytes]:
+        """The bytes of a body kept in the result itself (``body_base64``), or None."""
+        return None if self.body_base64 is None else base64.b64decode(self.body_base64)
+
     def open_body(self) -> BinaryIO:
         """The body's bytes, readable wherever they are kept: the body file,
         or (a small body) the result itself; empty if there is no body. The
         caller closes it. Raises ``OSError`` if the body file is gone."""
-        if self.body_base64 is not None:
-            return io.BytesIO(base64.b64decode(self.body_base64))
+        kept = self.kept_body()
+        if kept is not None:
+            return io.BytesIO(kept)
         if self.body_path is not None:
             return open(self.body_path, "rb")
         return io.BytesIO()

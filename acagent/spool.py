@@ -404,15 +404,10 @@ class ResultSpool:
         record = self._name(key, _RECORD)
         with self._lock:  # invariant: see save()
             self._unlink(record)
-            self._keys.discard(key)
-            self._journaled.discard(key)
-            if key in self._bodiless:  # saved without a body file, none made since
-                self._bodiless.discard(key)
-            else:
+            if key not in self._bodiless:  # saved without a body file, none made since
                 self._unlink(self._name(key, _BODY))
                 self._unlink(self._name(key, _GZ))
-            self._live_bodies.discard(key)
-            self._synced_bodies.discard(key)
+            self._forget(key)
 
     def discard_body(self, key: str) -> None:
         """Remove only the body file of ``key`` (e.g. once it went inline); missing is fine."""
@@ -460,11 +455,7 @@ class ResultSpool:
                 target.mkdir(mode=0o700, parents=True, exist_ok=True)
                 os.replace(source, target / ("record.json" if suffix == _RECORD else "body"))
                 moved = True
-            self._keys.discard(key)
-            self._journaled.discard(key)
-            self._live_bodies.discard(key)
-            self._synced_bodies.discard(key)
-            self._bodiless.discard(key)
+            self._forget(key)
         if not moved:
             return None
         if body is not None and not (target / "body").exists():
@@ -707,6 +698,14 @@ class ResultSpool:
         finally:
             os.close(fd)
         return True
+
+    def _forget(self, key: str) -> None:
+        """Drop ``key`` from every per-key set (lock held): its files are gone."""
+        self._keys.discard(key)
+        self._journaled.discard(key)
+        self._live_bodies.discard(key)
+        self._synced_bodies.discard(key)
+        self._bodiless.discard(key)
 
     def _note_rename(self) -> int:
         """Count a change of the folder's entries (a rename or unlinks; lock held):

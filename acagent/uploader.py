@@ -40,7 +40,6 @@ return how it went). For subclasses: ``breaker``, ``compress(source, target)``.
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import random
@@ -311,8 +310,9 @@ class Uploader(Stage):
         result = delivery.result
         server_reason = exc.body[:300] if isinstance(exc, ACHTTPError) else str(exc)
         status = exc.status if isinstance(exc, ACHTTPError) else 0
-        kept = base64.b64decode(result.body_base64) if result.body_base64 is not None else None
-        where = self.ctx.spool.quarantine(result.key, f"HTTP {status}: {server_reason}", body=kept)
+        where = self.ctx.spool.quarantine(
+            result.key, f"HTTP {status}: {server_reason}", body=result.kept_body()
+        )
         log.error(
             "task %s: the AC server refused the result %d times (HTTP %d: %s); original kept in %s",
             result.task_id,
@@ -399,29 +399,27 @@ class Uploader(Stage):
 
     def _upload_to_ac(self, result: Result) -> None:
         work = os.path.join(self.ctx.work_dir, f"{result.key}.gz")
-        if result.body_base64 is not None:
+        kept = result.kept_body()
+        if kept is not None:
             # A small body kept in the record (the server refused it inline):
             # its gzip goes to a work file; a failure to write it is retried.
-            gzip_bytes(base64.b64decode(result.body_base64), work, self.COMPRESS_LEVEL)
+            gzip_bytes(kept, work, self.COMPRESS_LEVEL)
+            source, zipped = work, True
+        else:
+            assert result.body_path is not None
+            ready = str(self.ctx.spool.compressed_path(result.key))
+            if os.path.exists(ready):
+                # compressed by the executor thread that ran the task: only send it here
+                self._send_upload_result(result, ready, zipped=True)
+                return
             try:
-                self._send_upload_result(result, work, zipped=True)
-            finally:
-                _remove_quietly(work)
-            return
-        assert result.body_path is not None
-        ready = str(self.ctx.spool.compressed_path(result.key))
-        if os.path.exists(ready):
-            # compressed by the executor thread that ran the task: only send it here
-            self._send_upload_result(result, ready, zipped=True)
-            return
-        zipped = True
+                self.compress(result.body_path, work)
+                source, zipped = work, True
+            except OSError as exc:
+                log.warning("task %s: compression failed (%s); sending raw", result.task_id, exc)
+                source, zipped = result.body_path, False
         try:
-            self.compress(result.body_path, work)
-        except OSError as exc:
-            log.warning("task %s: compression failed (%s); sending raw", result.task_id, exc)
-            zipped = False
-        try:
-            self._send_upload_result(result, work if zipped else result.body_path, zipped=zipped)
+            self._send_upload_result(result, source, zipped=zipped)
         finally:
             _remove_quietly(work)
 
