@@ -30,6 +30,8 @@ from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from urllib3.connectionpool import HTTPConnectionPool
 
+from .boundedcache import remember
+
 __all__ = ["NETWORK_ERRORS", "ACReply", "ACTransport", "is_stale_reset"]
 
 #: what a failed exchange raises, whichever path sent it (urllib3 wraps socket
@@ -201,9 +203,8 @@ class ACTransport:
                 HTTPConnectionPool,
                 adapter.get_connection_with_tls_context(prepared, verify, proxies=proxies),
             )
-            if len(self._pools) >= 64:  # AC calls name one origin; a bound all the same
-                self._pools.clear()
-            self._pools[key] = pool
+            # AC calls name one origin; a bound all the same
+            remember(self._pools, key, pool, 64)
         return pool
 
     def close(self) -> None:

@@ -41,6 +41,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 
+from .boundedcache import remember
 from .errors import AgentError
 
 _Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -152,9 +153,7 @@ class TargetPolicy:
             return host
         host = unambiguous_host(url)
         self.check_host(host, redirect=redirect)
-        if len(self._allowed_urls) >= self.ALLOWED_URLS_KEPT:
-            self._allowed_urls.clear()  # dict operations are atomic: no lock needed
-        self._allowed_urls[url] = host
+        remember(self._allowed_urls, url, host, self.ALLOWED_URLS_KEPT)
         return host
 
     def check_host(self, host: str, *, redirect: bool = False) -> bool:

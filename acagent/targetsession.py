@@ -40,6 +40,7 @@ from requests.structures import CaseInsensitiveDict
 from requests.utils import check_header_validity, get_auth_from_url, get_netrc_auth
 
 from .allowlist import GuardedAdapter, TargetPolicy
+from .boundedcache import remember
 from .client import EnvCachedSession
 
 if TYPE_CHECKING:  # the argument types of requests.Session.request, from types-requests
@@ -272,7 +273,7 @@ class TargetSession(EnvCachedSession):
             # the result depends on the URL string only
             prep.prepare_url(url, None)
             prepared_url = cast(str, prep.url)
-            _remember(self._prepared_urls, url, prepared_url)
+            remember(self._prepared_urls, url, prepared_url, _FAST_CACHE_MAX)
         else:
             prep.url = prepared_url
 
@@ -327,7 +328,7 @@ class TargetSession(EnvCachedSession):
             url_auth = self._url_auth.get(prepared_url)
             if url_auth is None:
                 url_auth = get_auth_from_url(prepared_url)
-                _remember(self._url_auth, prepared_url, url_auth)
+                remember(self._url_auth, prepared_url, url_auth, _FAST_CACHE_MAX)
             if any(url_auth):
                 auth = url_auth
         if auth:
@@ -355,14 +356,8 @@ class TargetSession(EnvCachedSession):
         if host in cache:
             return cache[host]
         found = get_netrc_auth(url)
-        _remember(cache, host, found)
+        remember(cache, host, found, _FAST_CACHE_MAX)
         return found
-
-
-def _remember(cache: Dict[Any, Any], key: Any, value: Any) -> None:
-    if len(cache) >= _FAST_CACHE_MAX:
-        cache.clear()
-    cache[key] = value
 
 
 def build_target_session(
