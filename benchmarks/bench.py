@@ -1033,7 +1033,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--check-targets", action="store_true", help="exit 3 if a target is missed")
     args = parser.parse_args(argv)
     names = ["short"] if args.short else (ISSUE13 if args.issue13 else args.scenario or FULL)
-    _compile_agent(dict(e.split("=", 1) for e in args.agent_env))
+    agent_env = dict(e.split("=", 1) for e in args.agent_env)
+    _compile_agent(agent_env)
     idle: Optional[Dict[str, Any]] = None
     outcomes: List[Outcome] = []
     by_name: Dict[str, Outcome] = {}
@@ -1066,7 +1067,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 s,
                 profile_dir=args.profile,
                 profile_args=(args.profile_args or "").split(),
-                agent_env=[tuple(e.split("=", 1)) for e in args.agent_env],  # type: ignore[misc]
+                agent_env=list(agent_env.items()),
             )
         except BenchFailure as exc:
             print(f"FAILED: {exc}", file=sys.stderr, flush=True)
