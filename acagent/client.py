@@ -243,6 +243,13 @@ class MultipartBody(io.RawIOBase):
 class ACClient:
     """Speaks the http-teleport protocol to the AC server (PROTOCOL.md)."""
 
+    #: after an AC request failed on the network (a reset, above all), how long
+    #: its permit stays held before a re-send or another call may use it: the
+    #: server may finish counting that request in flight only after the client
+    #: saw its connection go, and a request at once on a new connection would
+    #: be a third one at the server (seen in the soak test: 3 in flight)
+    RESET_SETTLE_SECONDS = 0.05
+
     def __init__(
         self,
         config: AgentConfig,
@@ -442,6 +449,10 @@ class ACClient:
                         break
                     except NETWORK_ERRORS as exc:
                         self._report(endpoint, "error", started)
+                        # The server may still count this request in flight
+                        # for a moment after its connection went: the permit
+                        # is neither reused nor given back before that.
+                        self.abort.wait(self.RESET_SETTLE_SECONDS)
                         if fresh_try or not is_stale_reset(exc) or self._gave_up(endpoint):
                             raise ACConnectionError(
                                 f"{endpoint}: {type(exc).__name__}: {exc}"

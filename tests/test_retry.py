@@ -402,6 +402,38 @@ def test_budget_exhausted_raises_the_last_error(ac: FakeACServer) -> None:
     assert "t1" not in ac.results
 
 
+@pytest.mark.parametrize("settle", [ACClient.RESET_SETTLE_SECONDS, 0.0], ids=["settled", "control"])
+def test_a_reset_request_still_counted_by_the_server_never_makes_a_third(
+    ac: FakeACServer, settle: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server resets a put-result and counts it in flight 20 ms more, while
+    a get-task holds the other permit: the client's retry (no backoff here)
+    waits its settle time with the permit held, so the server never sees 3
+    requests. The control (no settle) shows the third request, proving the
+    setup can catch it."""
+    monkeypatch.setattr(ACClient, "RESET_SETTLE_SECONDS", settle)
+    ac.reset_counted_for = 0.02
+    held = ac.stall("get-task")
+    ac.inject("put-result", reset=True)
+    at_once = RetryPolicy(backoff_base=0.0, backoff_max=0.0, jitter=0.0, concurrency_wait_max=0.05)
+    with make_client(ac, at_once) as client:
+        fetching = threading.Thread(target=client.get_task, name="test-fetch")
+        fetching.start()
+        try:
+            assert ac.wait_for(lambda: ac.inflight == 1, 10.0)  # the get-task is held
+            client.put_result(result("t1"))
+        finally:
+            held.set()
+            fetching.join(10.0)
+        assert not fetching.is_alive()
+    if settle:
+        assert [r.status for r in records(ac, "put-result")] == [0, 200]
+        assert ac.max_inflight == 2 and ac.rejected_concurrent == 0
+    else:
+        assert ac.max_inflight == 3 and ac.rejected_concurrent >= 1
+    assert len(ac.results["t1"]) == 1
+
+
 def test_resets_exhaust_the_budget_as_a_connection_error(ac: FakeACServer) -> None:
     policy = RetryPolicy(error_retries=1, backoff_base=0.02, jitter=0.0)
     ac.inject("put-result", reset=True, times=2)

@@ -97,6 +97,9 @@ class FakeACServer(_FakeBase):
     - ``latency``: added to every AC request (it counts in flight meanwhile).
     - ``connection_cost``: delay before the first request of each new TCP
       connection (models TCP+TLS handshakes; not counted in flight).
+    - ``reset_counted_for``: seconds a request the server resets still counts
+      in flight after the reset (a real server's handler may end after its
+      client saw the connection go; a settable attribute too).
     - ``ssl_context``: serve https (both AC and S3 listeners).
     - ``keep_bodies_up_to``: decoded bodies up to this size are kept as bytes;
       larger ones only as sha256 + length.
@@ -124,6 +127,7 @@ class FakeACServer(_FakeBase):
         connection_cost: float = 0.0,
         ssl_context: Optional[ssl.SSLContext] = None,
         keep_bodies_up_to: int = 8 * 1024 * 1024,
+        reset_counted_for: float = 0.0,
     ) -> None:
         if empty_reply not in ("null", "204"):
             raise ValueError('empty_reply must be "null" or "204"')
@@ -135,6 +139,7 @@ class FakeACServer(_FakeBase):
         self.latency = latency
         self.connection_cost = connection_cost
         self.keep_bodies_up_to = keep_bodies_up_to
+        self.reset_counted_for = reset_counted_for
         self._s3: Optional[_Server] = None
         self._queue: Deque[Union[Dict[str, Any], _Raw]] = deque()
         self._results: Dict[str, List[ReceivedResult]] = {}
@@ -545,6 +550,8 @@ class FakeACServer(_FakeBase):
             recorded = True
             if reply is None:
                 h.abort()
+                if ac:
+                    self._sleep(self.reset_counted_for)  # still in flight meanwhile
             else:
                 try:
                     h.send_reply(reply)
