@@ -136,6 +136,19 @@ def test_executor_alone_runs_queued_tasks_into_the_ledger(
         assert delivery.result.body_size == 1000
 
 
+def _queue_result(context: StageContext, task_id: str, body_path: str, size: int) -> None:
+    """Hand the Ledger a result with its body in a file, as an executor would."""
+    assert context.ledger.reserve(timeout=1.0)
+    context.ledger.finished(
+        Result(
+            fields={"taskId": task_id, "method": "GET", "url": "http://x/"},
+            status_code=200,
+            body_path=body_path,
+            body_size=size,
+        )
+    )
+
+
 def _deliver_one(
     context: StageContext, ac: FakeACServer, uploader_class: Type[Uploader] = FastUploader
 ) -> None:
@@ -155,15 +168,7 @@ def test_uploader_alone_delivers_what_the_ledger_holds(
 ) -> None:
     body = tmp_path / "body"
     body.write_bytes(b"hello")
-    assert context.ledger.reserve(timeout=1.0)
-    context.ledger.finished(
-        Result(
-            fields={"taskId": "u1", "method": "GET", "url": "http://x/"},
-            status_code=200,
-            body_path=str(body),
-            body_size=5,
-        )
-    )
+    _queue_result(context, "u1", str(body), 5)
     _deliver_one(context, ac)
     (got,) = ac.results["u1"]
     assert got.via == "inline" and got.body == b"hello"
@@ -183,15 +188,7 @@ def test_a_body_that_cannot_be_compressed_is_uploaded_raw(
     data = bytes(range(256)) * 2_400  # 614,400 bytes: above the inline limit
     body = tmp_path / "big.body"
     body.write_bytes(data)
-    assert context.ledger.reserve(timeout=1.0)
-    context.ledger.finished(
-        Result(
-            fields={"taskId": "raw", "method": "GET", "url": "http://x/"},
-            status_code=200,
-            body_path=str(body),
-            body_size=len(data),
-        )
-    )
+    _queue_result(context, "raw", str(body), len(data))
     _deliver_one(context, ac, NoRoomToCompress)
     (got,) = ac.results["raw"]
     assert got.via == "upload" and got.fields["responseZipped"] is False
@@ -204,15 +201,7 @@ def test_a_body_gone_from_the_spool_is_answered_as_lost(
     context: StageContext, ac: FakeACServer, tmp_path: Path, size: int
 ) -> None:
     """Inline or not, a missing body file reaches the server as an error result, once."""
-    assert context.ledger.reserve(timeout=1.0)
-    context.ledger.finished(
-        Result(
-            fields={"taskId": "gone", "method": "GET", "url": "http://x/"},
-            status_code=200,
-            body_path=str(tmp_path / "no-such-body"),
-            body_size=size,
-        )
-    )
+    _queue_result(context, "gone", str(tmp_path / "no-such-body"), size)
     _deliver_one(context, ac)
     (got,) = ac.results["gone"]
     assert got.via == "error"
