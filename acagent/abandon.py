@@ -1,23 +1,65 @@
-"""Shutting another thread's in-flight request: how a stop abandons a long poll.
+"""How a stop ends fetching: ``FetchStop`` (no new get-task) and shutting a long poll.
 
-The AC server may hold get-task open for up to the read timeout (100 s). A
-stop must not wait that long, and closing the session does not help: the
-connection in use is checked out of its pool. ``TrackingAdapter`` makes every
-connection note, as it sends a request, which thread is using it; the
-client can then ``shut`` that thread's socket from the stopping thread. The
-blocked read ends at once with a connection error, and the server sees the
-connection close before it hands out a task on it.
+Once a stop begins no new get-task may start: ``FetchStop`` is the flag the
+client looks at right before it sends one, and it can be raised from a
+signal handler (a plain attribute, no lock). A get-task already in flight is
+left to end by itself: an HTTP server holding a request open does not read
+its socket, so it does not see the client close it, and it may hand out a
+task on that request and count it delivered after the client went away.
+
+Only at the shutdown deadline (less the time kept to answer what the poll
+brings) or on a second signal is the long poll cut. Closing the session does
+not do that: the connection in use is checked out of its pool.
+``TrackingAdapter`` makes every connection note, as it sends a request,
+which thread is using it; the client can then ``shut`` that thread's socket
+from the stopping thread, and the blocked read ends at once.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
-from typing import Any, Dict, Optional, Type
+import time
+from typing import Any, Callable, Dict, Optional, Type
 
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+
+class FetchStop(threading.Event):
+    """Set once no new get-task may start; also set while ``abort`` is.
+
+    ``signal()`` is for signal handlers: it sets a plain attribute, because
+    ``Event.set`` takes a lock the interrupted thread may hold. ``is_set`` sees
+    it at once; ``wait`` sees it within ``SLICE`` seconds. The rate limiter's
+    and the permits' waits take this for their stop event, so a get-task
+    waiting for a token or a permit gives up instead of being sent late.
+    """
+
+    #: longest single wait before the signal flag and ``abort`` are looked at again
+    SLICE = 0.1
+
+    def __init__(self, abort: Callable[[], bool]) -> None:
+        super().__init__()
+        self._abort = abort
+        self._signalled = False
+
+    def signal(self) -> None:
+        """Raise the flag from a signal handler (takes no lock)."""
+        self._signalled = True
+
+    def is_set(self) -> bool:
+        return self._signalled or super().is_set() or self._abort()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.is_set():
+            left = self.SLICE if deadline is None else min(self.SLICE, deadline - time.monotonic())
+            if left <= 0:
+                return False
+            super().wait(left)
+        return True
 
 
 class ConnectionTracker:

@@ -178,6 +178,14 @@ _OPTIONS: List[tuple[str, str, Any, tuple[str, ...], str]] = [
         "on SIGTERM: seconds to finish running tasks and upload (default 30)",
     ),
     (
+        "--shutdownPollReserve",
+        "shutdown_poll_reserve",
+        _seconds_or_zero,
+        (),
+        "on SIGTERM: an open long poll is cut this many s before the shutdown deadline,"
+        " kept to run what it brings (default 10)",
+    ),
+    (
         "--pollInterval",
         "poll_interval",
         _seconds_or_zero,

@@ -37,7 +37,7 @@ import urllib3.util.connection
 from requests.adapters import HTTPAdapter
 
 from ._version import __version__
-from .abandon import ConnectionTracker, TrackingAdapter
+from .abandon import ConnectionTracker, FetchStop, TrackingAdapter
 from .actransport import NETWORK_ERRORS, ACReply, ACTransport, is_stale_reset
 from .allowlist import GuardedAdapter, TargetDenied, UploadPolicy, unambiguous_host
 from .config import AgentConfig
@@ -299,9 +299,10 @@ class ACClient:
         self.verify: Union[bool, str] = config.tls_verify
         user_agent = f"acagent/{version}"
         self._tracker = ConnectionTracker()
-        #: the thread in get-task right now, and whether a stop abandoned it
+        #: the thread in get-task right now
         self._fetching_thread: Optional[int] = None
-        self._fetch_abandoned = False
+        #: set once no new get-task may start (``stop_fetching``), or on abort
+        self.fetch_stop = FetchStop(lambda: self.abort.is_set())
         #: AC calls re-sent at once after a reset on a reused connection
         self.resends = 0
         self.session = build_session(
@@ -349,16 +350,27 @@ class ACClient:
         """globalConfig ``verifyCert``: keep the CA bundle when turning verification on."""
         self.verify = self.config.tls_verify_for(verify)
 
-    def abandon_fetch(self) -> bool:
-        """Shut the connection of a get-task in flight (a stop during a long poll).
+    def stop_fetching(self, *, from_signal: bool = False) -> None:
+        """No new get-task from now on; one in flight is left to end (see ``abandon.py``).
 
-        No get-task is re-sent after this: the Fetcher is stopping.
+        ``from_signal``: called from a signal handler, so no lock is taken.
         """
-        self._fetch_abandoned = True
+        if from_signal:
+            self.fetch_stop.signal()
+        else:
+            self.fetch_stop.set()
+
+    def abandon_fetch(self) -> bool:
+        """Shut the connection of a get-task in flight (a stop's last resort).
+
+        A task the server hands out on it from now on is lost unless the
+        server notices the closed connection first: see ``abandon.py``.
+        """
+        self.fetch_stop.set()
         return self._tracker.shut(self._fetching_thread)
 
     def _gave_up(self, endpoint: str) -> bool:
-        return self.abort.is_set() or (endpoint == "get-task" and self._fetch_abandoned)
+        return self.abort.is_set() or (endpoint == "get-task" and self.fetch_stop.is_set())
 
     # -- the permit ----------------------------------------------------
     @property
@@ -368,13 +380,14 @@ class ACClient:
 
     @contextlib.contextmanager
     def _permit(self, op_class: str) -> Iterator[None]:
-        # The wait ends on abort even while all permits are taken by slow calls.
+        # The wait ends on abort even while all permits are taken by slow calls
+        # (a get-task's wait also ends when fetching stops).
         fetch = op_class == FETCH
         if fetch:
             with self._count_lock:
                 self._fetch_waiting += 1
         try:
-            lease = self.permits.acquire(self.abort)
+            lease = self.permits.acquire(self.fetch_stop if fetch else self.abort)
         finally:
             if fetch:
                 with self._count_lock:
@@ -428,7 +441,8 @@ class ACClient:
         body_factory: Optional[Callable[[], MultipartBody]] = None,
     ) -> ACReply:
         """One attempt: rate token, permit, request, reply read, permit back."""
-        if not self.rate_limits[op_class].acquire(stop=self.abort):
+        fetch = op_class == FETCH
+        if not self.rate_limits[op_class].acquire(stop=self.fetch_stop if fetch else self.abort):
             raise AgentStopping("stopped while waiting for the rate limiter")
         headers: Dict[str, str] = {}
         data: Any = None
@@ -444,6 +458,10 @@ class ACClient:
             with self._permit(op_class):
                 for fresh_try in (False, True):
                     started = time.monotonic()
+                    if fetch and self.fetch_stop.is_set():
+                        # Looked at last, right before sending: a stop that
+                        # came during the waits above sends no get-task.
+                        raise AgentStopping("stopping: no new get-task")
                     try:
                         reply = self._send(endpoint, params, data, headers, timeout)
                         break

@@ -80,6 +80,10 @@ class AgentConfig:
     default_task_ttl: float = 300.0
     #: on stop: time running tasks get to finish and results to upload
     shutdown_timeout: float = 30.0
+    #: on stop: a get-task the server holds open may end by itself until this
+    #: long before the shutdown deadline (the time kept to run and answer what
+    #: it brings); then its connection is shut
+    shutdown_poll_reserve: float = 10.0
 
     # -- TLS and proxies ------------------------------------------------------
     #: verify TLS certificates of the AC server, S3 and targets
@@ -167,7 +171,7 @@ class AgentConfig:
                 raise ConfigError(
                     "coordination_url", "must be a redis:// or rediss:// URL with a host"
                 )
-        for name in ("poll_interval", "poll_jitter", "shutdown_timeout"):
+        for name in ("poll_interval", "poll_jitter", "shutdown_timeout", "shutdown_poll_reserve"):
             _positive_float(self, name, allow_zero=True)
         if self.log_format not in ("text", "json"):
             raise ConfigError("log_format", f"must be 'text' or 'json', got {self.log_format!r}")

@@ -17,10 +17,11 @@ after each kind of reply:
   minute, ``/readyz`` says why (the readiness observer sees the status), and
   waits from ``AUTH_MIN`` doubling to ``AUTH_MAX`` (5 min) until it accepts.
 
-Every wait ends when the stage stops. On stop, a get-task held open by the
-server (long poll) is abandoned: its connection is shut, so the stop does not
-wait up to the read timeout, and a task the server hands out in that instant
-is answered "agent shutting down" by the Ledger.
+Every wait ends when the stage stops. Once a stop begins no new get-task is
+sent (``ACClient.stop_fetching``, looked at right before each send); one the
+server holds open (long poll) is left to end by itself, so a task it hands
+out is run and answered. The Pipeline cuts it only at the shutdown deadline,
+less ``shutdown_poll_reserve``, or on a second signal.
 
 Hooks (may be overridden): ``fetch_one() -> Optional[Task]`` (take tasks from
 elsewhere: see ``examples/jsonl_fetcher.py``), ``idle_wait() -> float``.
@@ -84,20 +85,22 @@ class Fetcher(Stage):
         self.spawn(lambda: self.run_loop(self.fetch_step), "acagent-fetcher")
 
     def on_stop(self) -> None:
-        # Abandon a get-task the server holds open: its task would be answered
-        # "shutting down" anyway, and the stop must not wait for the long poll.
-        self.ctx.client.abandon_fetch()
+        # No new get-task; one in flight ends by itself (the Pipeline may cut it).
+        self.ctx.client.stop_fetching()
 
     # ------------------------------------------------------------ one step
     def fetch_step(self) -> None:
         """Reserve room, ask for one task, hand it to the Ledger; then wait as the reply says."""
         ledger = self.ctx.ledger
+        if self.ctx.client.fetch_stop.is_set():
+            self.wait(self.CAPACITY_POLL)  # a signal came: the stop itself follows
+            return
         if not ledger.reserve(timeout=self.CAPACITY_POLL):
             return
         pause = 0.0
         reserved = True
         try:
-            if self.stopping.is_set():
+            if self.stopping.is_set() or self.ctx.client.fetch_stop.is_set():
                 return
             started = time.monotonic()
             try:

@@ -15,10 +15,13 @@ Start is all-or-nothing: the spool folder is locked and the health port
 bound before any stage starts; if a step fails, what started is stopped and
 nothing is fetched.
 
-Stop order (``stop``): stop intake (the Fetcher stops asking, a long poll is
-abandoned, tasks fetched but not started are answered "agent shutting
-down"), let running tasks finish and keep the Uploader delivering while the
-results drain, all within ``shutdown_timeout``. At the deadline, or on
+Stop order (``stop``): the Fetcher sends no new get-task; one the server
+holds open (long poll) is left to end by itself, so a task it brings is run,
+until ``shutdown_poll_reserve`` seconds before the deadline (then, or on a
+second signal, its connection is shut). Then intake closes (tasks fetched
+but not started are answered "agent shutting down"), running tasks finish
+and the Uploader keeps delivering while the results drain, all within
+``shutdown_timeout``. At the deadline, or on
 ``stop_now()`` (a second signal), abort: running requests are cut, their
 tasks are answered "agent shutting down" in the spool, pending results stay
 in the spool, and the threads are joined with a short timeout. The library
@@ -307,6 +310,7 @@ class Pipeline:
     def request_stop(self) -> None:
         """Ask ``run_forever`` to stop gracefully. From any thread; from a
         signal handler, use ``signal_stop``."""
+        self.client.stop_fetching()
         self._stop_requested.set()
         self._wake.set()
 
@@ -330,7 +334,10 @@ class Pipeline:
         ``run_forever`` ends): taking it again there would hang the process
         for good. ``run_forever`` and a running ``stop`` act on the flags
         within ``SIGNAL_POLL`` seconds.
+        No new get-task is sent from the moment this returns (the client's
+        ``fetch_stop`` flag, set without a lock too).
         """
+        self.client.stop_fetching(from_signal=True)
         if hurry:
             self._signalled_hurry = True
         self._signalled_stop = True
@@ -375,8 +382,9 @@ class Pipeline:
             deadline = time.monotonic() + budget
             log.info("stopping: intake closed, draining for up to %.0fs", budget)
             self.request_stop()
-            self.ledger.close_intake()
             self.fetcher.stop()
+            self._end_fetching(deadline - self.config.shutdown_poll_reserve)
+            self.ledger.close_intake()
             self.executor.stop()
             drained = self._drain(deadline)
             if not drained:
@@ -405,6 +413,20 @@ class Pipeline:
                 self.spool.size(),
             )
             return drained
+
+    def _end_fetching(self, cut_at: float) -> None:
+        """Let a get-task in flight end by itself until ``cut_at`` (or a second
+        signal); then shut its connection. The Executor still runs meanwhile,
+        so a task the poll brings is run, not answered "shutting down"."""
+        while self.fetcher.is_alive():
+            self._take_signals()
+            left = cut_at - time.monotonic()
+            if left <= 0 or self._hurry.is_set():
+                if self.client.abandon_fetch():
+                    log.info("stopping: the open get-task was cut")
+                self.fetcher.join(1.0)
+                return
+            self.fetcher.join(min(left, SIGNAL_POLL))
 
     def _drain(self, deadline: float) -> bool:
         """Wait until every fetched task's result is delivered, or time is up."""

@@ -266,9 +266,12 @@ def test_a_trickling_target_is_cut_at_the_task_expiry(tmp_path: Path) -> None:
         assert answered_ms <= expiry_ms + 2_000, answered_ms - expiry_ms
 
 
-def test_stop_during_a_long_poll_does_not_wait_for_it(tmp_path: Path) -> None:
+def test_a_stop_whose_reserve_is_its_whole_budget_cuts_a_long_poll_at_once(
+    tmp_path: Path,
+) -> None:
     with FakeACServer(hold_poll=60.0) as ac:
-        pipeline = make_pipeline(make_config(ac.url, tmp_path / "spool"))
+        config = make_config(ac.url, tmp_path / "spool", shutdown_poll_reserve=20.0)
+        pipeline = make_pipeline(config)
         pipeline.start()
         try:
             assert ac.wait_for(lambda: ac.inflight >= 1, WAIT)  # get-task held by the server

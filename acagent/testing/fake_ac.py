@@ -94,6 +94,12 @@ class FakeACServer(_FakeBase):
     - ``api_key``: if set, AC requests without ``Authorization: Bearer <key>`` get 401.
     - ``empty_reply``: ``"null"`` (200 ``{"data": null}``) or ``"204"`` for an empty get-task.
     - ``hold_poll``: long poll; an empty get-task waits up to this long for a task.
+    - ``handout``: when a task counts as handed out. ``"written"`` (default):
+      once its reply was written; a reply that cannot be written puts the task
+      back. ``"decided"``: once a get-task takes it from the queue, as a real
+      server does, which writes its reply even after the client closed the
+      connection and never hands that task out again. Stop tests use
+      ``"decided"``: ``"written"`` hides a task lost on a closed long poll.
     - ``latency``: added to every AC request (it counts in flight meanwhile).
     - ``connection_cost``: delay before the first request of each new TCP
       connection (models TCP+TLS handshakes; not counted in flight).
@@ -123,6 +129,7 @@ class FakeACServer(_FakeBase):
         api_key: Optional[str] = None,
         empty_reply: str = "null",
         hold_poll: float = 0.0,
+        handout: str = "written",
         latency: float = 0.0,
         connection_cost: float = 0.0,
         ssl_context: Optional[ssl.SSLContext] = None,
@@ -131,11 +138,14 @@ class FakeACServer(_FakeBase):
     ) -> None:
         if empty_reply not in ("null", "204"):
             raise ValueError('empty_reply must be "null" or "204"')
+        if handout not in ("written", "decided"):
+            raise ValueError('handout must be "written" or "decided"')
         super().__init__(ssl_context)
         self.max_concurrent = max_concurrent
         self.api_key = api_key
         self.empty_reply = empty_reply
         self.hold_poll = hold_poll
+        self.handout = handout
         self.latency = latency
         self.connection_cost = connection_cost
         self.keep_bodies_up_to = keep_bodies_up_to
@@ -151,6 +161,7 @@ class FakeACServer(_FakeBase):
         self._count_429 = 0
         self._rejected_concurrent = 0
         self._tasks_handed_out = 0
+        self._handed_out_ids: List[str] = []
         self._generated_task_ids = 0
         self._rate_p = 0.0
         self._rate_rng = random.Random(0)
@@ -303,14 +314,20 @@ class FakeACServer(_FakeBase):
 
     @property
     def tasks_handed_out(self) -> int:
-        """Tasks whose get-task reply was written to the socket.
+        """Tasks handed out (see ``handout``): by default, whose get-task reply
+        was written to the socket.
 
-        A reply that cannot be written (the connection was closed by
-        ``set_down``/``stop``) puts its task back at the front of the queue
+        By default a reply that cannot be written (the connection was closed
+        by ``set_down``/``stop``) puts its task back at the front of the queue
         instead; a task lost on purpose (``inject(..., process=True)``) counts.
         """
         with self._cond:
             return self._tasks_handed_out
+
+    def handed_out_ids(self) -> List[str]:
+        """The taskIds of the tasks handed out, in order (see ``tasks_handed_out``)."""
+        with self._cond:
+            return list(self._handed_out_ids)
 
     # -- results -----------------------------------------------------------
 
@@ -360,6 +377,7 @@ class FakeACServer(_FakeBase):
             self._count_429 = 0
             self._rejected_concurrent = 0
             self._tasks_handed_out = 0
+            self._handed_out_ids = []
 
     def _after_record(self, record: RecordedRequest) -> None:
         if record.status == 429:
@@ -644,6 +662,8 @@ class FakeACServer(_FakeBase):
                     break
                 self._cond.wait(remaining)
             item = self._queue.popleft() if self._queue else None
+            if isinstance(item, dict) and self.handout == "decided":
+                self._count_handed_out(item)
         if item is None:
             if self.empty_reply == "204":
                 return _Reply(204)
@@ -652,16 +672,23 @@ class FakeACServer(_FakeBase):
             return _Reply(item.status, item.body, dict(item.headers), item=item)
         return _Reply(200, json.dumps({"data": item}).encode(), item=item)
 
+    def _count_handed_out(self, item: Dict[str, Any]) -> None:
+        # Under self._cond.
+        self._tasks_handed_out += 1
+        self._handed_out_ids.append(str(item.get("taskId")))
+        self._cond.notify_all()
+
     def _delivered(self, item: Union[Dict[str, Any], _Raw, None]) -> None:
-        # A task counts as handed out once its reply was written (or deliberately lost).
-        if isinstance(item, dict):
+        # By default a task counts as handed out once its reply was written
+        # (or deliberately lost); "decided" counted it when it was taken.
+        if isinstance(item, dict) and self.handout == "written":
             with self._cond:
-                self._tasks_handed_out += 1
-                self._cond.notify_all()
+                self._count_handed_out(item)
 
     def _undeliverable(self, item: Union[Dict[str, Any], _Raw, None]) -> None:
-        # The reply could not be written (connection gone): the item goes back in front.
-        if item is not None:
+        # The reply could not be written (connection gone): by default the
+        # item goes back in front; a real server ("decided") has lost it.
+        if item is not None and not (isinstance(item, dict) and self.handout == "decided"):
             with self._cond:
                 self._queue.appendleft(item)
                 self._cond.notify_all()
