@@ -163,7 +163,14 @@ class Ledger:
             self._cond.notify_all()
 
     def fetched(self, task: Task) -> None:
-        """A reserved get-task handed out ``task``: queue it, or answer it at once."""
+        """A reserved get-task handed out ``task``: journal it, then queue it or
+        answer it at once.
+
+        The journal is written here, on the thread that read the reply, before
+        anything else: a kill at any later moment leaves the task's answer for
+        the next start.
+        """
+        task = self._journal(task)
         self.observers.emit("on_task_fetched", task)
         with logs.task_context(task.task_id):
             log.debug("task fetched: %s", task.method)
@@ -198,19 +205,11 @@ class Ledger:
 
     # ------------------------------------------------------------ the Executor's side
     def take_task(self, timeout: float) -> Optional[Task]:
-        """The next fetched task, journaled (``_journal``), or None after ``timeout``.
-
-        The journal is written here, on the Executor's dispatching thread, not
-        in ``fetched``: file writes there waited behind other threads' fsyncs
-        on the Fetcher's thread, which is the one that keeps the AC link busy.
-        A task is journaled a queue hand-off after its reply arrived, before
-        it waits for or takes an executor thread.
-        """
+        """The next fetched task (journaled by ``fetched``), or None after ``timeout``."""
         try:
-            task = self.tasks.get(timeout=timeout)
+            return self.tasks.get(timeout=timeout)
         except queue.Empty:
             return None
-        return self._journal(task)
 
     def take_queued_tasks(self) -> List[Task]:
         """Every task still waiting for a thread (the executor answers them at stop)."""
