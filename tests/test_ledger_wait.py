@@ -14,8 +14,8 @@ from typing import Any, Callable, List
 
 from helpers import WAIT
 
-from acagent.ledger import Ledger
-from acagent.models import Result
+from acagent.ledger import INTERRUPTED, Ledger
+from acagent.models import Result, Task
 from acagent.spool import ResultSpool
 
 
@@ -100,3 +100,20 @@ def test_wake_remover_ends_the_cleanup_wait(tmp_path: Path) -> None:
     ledger.wake_remover()
     thread.join(WAIT)
     assert not thread.is_alive() and out == [0]
+
+
+def test_fetched_journals_the_task_before_it_is_queued(tmp_path: Path) -> None:
+    # A kill at any moment after get-task's reply was read must leave the
+    # task's answer: the journal is on disk when ``fetched`` returns, before
+    # any Executor thread has taken the task.
+    spool = ResultSpool(str(tmp_path / "spool"))
+    ledger = Ledger(slots=2, threshold=2, spool=spool)
+    task = Task.parse({"taskId": "j1", "method": "GET", "url": "http://t.example/"})
+    assert ledger.reserve(timeout=WAIT)
+    ledger.fetched(task)
+    (key, record), *others = spool.pending()
+    assert others == []
+    assert record["fields"]["taskId"] == "j1"
+    assert record["error"] == INTERRUPTED
+    queued = ledger.take_task(timeout=WAIT)
+    assert queued is not None and queued.key == key

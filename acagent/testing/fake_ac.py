@@ -307,6 +307,19 @@ class FakeACServer(_FakeBase):
             self._queue.append(_Raw(status, bytes(body), dict(headers or {})))
             self._cond.notify_all()
 
+    def withdraw_tasks(self) -> List[Union[Dict[str, Any], _Raw]]:
+        """Take back every queued item not yet handed out (to queue it again later)."""
+        with self._cond:
+            items = list(self._queue)
+            self._queue.clear()
+            return items
+
+    def requeue(self, items: Iterable[Union[Dict[str, Any], _Raw]]) -> None:
+        """Put withdrawn items back, at the end of the queue, in their order."""
+        with self._cond:
+            self._queue.extend(items)
+            self._cond.notify_all()
+
     def pending_tasks(self) -> int:
         """Queued items (tasks and raw replies) not yet handed out."""
         with self._cond:
