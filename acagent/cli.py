@@ -214,14 +214,14 @@ _OPTIONS: List[tuple[str, str, Any, tuple[str, ...], str]] = [
         "enable_file_logging",
         str2bool,
         (),
-        "also write <tmp>/armorcode/log/app_log<index>.log (default true)",
+        "also write <state>/log/app_log<index>.log, 0600 (default true)",
     ),
     (
         "--logDir",
         "log_dir",
         str,
         (),
-        "folder of app_log<index>.log and metrics/ (default <tmp>/armorcode/log)",
+        "folder of app_log<index>.log and metrics/ (default <state>/log)",
     ),
     (
         "--metricsFile",
@@ -254,7 +254,8 @@ _OPTIONS: List[tuple[str, str, Any, tuple[str, ...], str]] = [
         "spool_dir",
         str,
         (),
-        "durable result spool (default <tmp>/armorcode/spool<index>)",
+        "durable result spool (default <state>/spool<index>; <state> is"
+        " $XDG_STATE_HOME/acagent, else ~/.local/state/acagent, as root /var/lib/acagent)",
     ),
     (
         "--allowedTargets",

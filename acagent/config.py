@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import ssl
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
+from . import folders
 from .errors import ConfigError
 
 #: Largest body that goes inline (base64) in put-result; larger ones are uploaded.
@@ -31,8 +32,12 @@ RECORD_BODY_LIMIT = 16 * 1024
 
 
 def default_base_dir() -> str:
-    """The folder today's agent uses for logs and files: ``<tmp>/armorcode``."""
-    return os.path.join(tempfile.gettempdir(), "armorcode")
+    """The folder of the default spool and log folders (``folders.default_base_dir``)."""
+    return folders.default_base_dir()
+
+
+#: what ``index`` may hold: it becomes part of file and folder names
+_INDEX_RE = re.compile(r"[A-Za-z0-9_-]{0,64}")
 
 
 @dataclass(frozen=True)
@@ -100,7 +105,8 @@ class AgentConfig:
     # -- results --------------------------------------------------------------
     #: bodies above INLINE_BODY_LIMIT go to upload-result (True) or to S3 (False)
     upload_to_ac: bool = True
-    #: folder of the durable result spool; None = ``<tmp>/armorcode/spool<index>``
+    #: folder of the durable result spool; None = ``<state>/spool<index>``, where
+    #: ``<state>`` is ``folders.default_base_dir()`` (per user, kept across reboots)
     spool_dir: Optional[str] = None
     #: a body larger than this is cut off and reported as an error; 0 = no cap
     max_response_bytes: int = 0
@@ -121,7 +127,7 @@ class AgentConfig:
     debug_mode: bool = False
     log_format: str = "text"
     enable_stdout_logging: bool = True
-    #: also write today's rotating log file under ``<tmp>/armorcode/log``
+    #: also write today's rotating log file under ``<state>/log``
     enable_file_logging: bool = False
     metrics_retention_days: int = 7
     #: also write today's JSON-lines metrics file
@@ -144,6 +150,14 @@ class AgentConfig:
             raise ConfigError("server_url", f"must be an http(s) URL, got {self.server_url!r}")
         if not self.api_key:
             raise ConfigError("api_key", "is required")
+        if not _INDEX_RE.fullmatch(self.index):
+            raise ConfigError(
+                "index",
+                f"may hold only letters, digits, '_' and '-' (64 at most), got {self.index!r}",
+            )
+        for name in ("spool_dir", "log_dir"):
+            if getattr(self, name) == "":
+                raise ConfigError(name, "is empty: give a folder, or leave it out for the default")
         _positive_int(self, "executor_pool_size", low=1, high=2000)
         _positive_int(self, "prefetch", low=0, high=10_000)
         _positive_int(self, "response_queue_threshold", low=1, high=1_000_000)
@@ -253,9 +267,17 @@ class AgentConfig:
         writable (they are created here, 0700, as the agent would); the CA
         bundle must be a readable file or folder of PEM certificates.
         """
-        _check_writable_dir("spool_dir", self.resolved_spool_dir())
+        spool = self.resolved_spool_dir()
+        _check_writable_dir("spool_dir", spool)
+        folders.own_folder("spool_dir", os.path.join(spool, "quarantine"), create=False)
         if self.enable_file_logging or self.enable_metrics_file:
             _check_writable_dir("log_dir", self.resolved_log_dir())
+        log_file = self.log_file()
+        if log_file is not None and os.path.islink(log_file):
+            # the file handler would refuse it too (O_NOFOLLOW), less plainly
+            raise ConfigError(
+                "log_dir", f"{log_file} is a symbolic link; the agent never follows one"
+            )
         if self.ca_bundle is not None:
             _check_ca_bundle(self.ca_bundle)
 
@@ -340,12 +362,7 @@ def _check_proxy_url(name: str, value: str) -> None:
 
 
 def _check_writable_dir(name: str, path: str) -> None:
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(name, f"is not a folder: {path}")
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(name, f"cannot create folder {path}: {exc.strerror or exc}") from None
+    folders.own_folder(name, path)
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(name, f"folder is not writable: {path}")
 

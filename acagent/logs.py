@@ -17,20 +17,25 @@ import logging
 import logging.handlers
 import os
 import re
+import stat
 import sys
 import threading
 import zipfile
 from typing import IO, Any, Dict, FrozenSet, Iterator, List, Optional, Pattern, Tuple
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from . import folders
+
 __all__ = [
     "JsonFormatter",
+    "OwnFileHandler",
     "RedactingFilter",
     "TaskContextFilter",
     "TextFormatter",
     "current_task_id",
     "escape_controls",
     "redact",
+    "redact_agent_loggers",
     "register_secret",
     "reset_logging",
     "safe_url",
@@ -43,6 +48,8 @@ __all__ = [
 
 LOGGER_NAME = "acagent"
 MASK = "***"
+
+log = logging.getLogger("acagent.logs")
 
 # ---------------------------------------------------------------------------
 # task context
@@ -92,6 +99,8 @@ _SENSITIVE_NAMES = (
     r"|x-amz-security-token"
     r"|client[-_]?secret"
     r"|password|passwd"
+    # bare or prefixed: token=, secret=, db_password=, github-token: ...
+    r"|(?:[a-z0-9]+[-_])*(?:token|secret|password|passwd|pwd)"
 )
 # 'Name': 'value' / "Name": "value" (dict reprs, JSON), value possibly b'...'
 _QUOTED_RE = re.compile(
@@ -113,7 +122,7 @@ _EQUALS_RE = re.compile(
 _SCHEME_RE = re.compile(r"(?P<head>\b(?:[Bb]earer|BEARER|Basic|BASIC)\s+)[A-Za-z0-9\-._~+/]+=*")
 # cheap pre-check: run the substitutions only when one of these appears
 _TRIGGER_RE = re.compile(
-    r"authori|cookie|api[-_]?key|token|secret|passw|bearer|basic", re.IGNORECASE
+    r"authori|cookie|api[-_]?key|token|secret|passw|pwd|bearer|basic", re.IGNORECASE
 )
 
 
@@ -333,6 +342,21 @@ def error_fields(exc: BaseException, wait: Optional[float] = None) -> Dict[str, 
 # ---------------------------------------------------------------------------
 # setup
 # ---------------------------------------------------------------------------
+class OwnFileHandler(logging.handlers.TimedRotatingFileHandler):
+    """A file of ours rotated at midnight: every open (the first and each
+    rotation's) refuses a symbolic link in its place and leaves the file 0600."""
+
+    def __init__(self, path: str, *, backup_count: int) -> None:
+        super().__init__(path, when="midnight", backupCount=backup_count, encoding="utf-8")
+
+    def _open(self) -> Any:
+        fd = folders.open_own(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        if hasattr(os, "fchmod"):
+            with contextlib.suppress(OSError):
+                os.fchmod(fd, 0o600)  # a file left by an earlier run with another mode
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
 _setup_lock = threading.Lock()
 _installed: List[logging.Handler] = []
 
@@ -360,14 +384,9 @@ def setup_logging(
     if stdout:
         handlers.append(logging.StreamHandler(stream if stream is not None else sys.stdout))
     if file_dir:
-        os.makedirs(file_dir, mode=0o700, exist_ok=True)
+        folders.own_folder("log_dir", file_dir)
         path = os.path.join(file_dir, f"app_log{index}.log")
-        file_handler = logging.handlers.TimedRotatingFileHandler(
-            path, when="midnight", backupCount=7, encoding="utf-8"
-        )
-        with contextlib.suppress(OSError):
-            os.chmod(path, 0o600)
-        handlers.append(file_handler)
+        handlers.append(OwnFileHandler(path, backup_count=7))
     for handler in handlers:
         handler.setFormatter(formatter)
         handler.addFilter(TaskContextFilter())
@@ -399,6 +418,22 @@ def reset_logging() -> None:
         logger.propagate = True
 
 
+_LOGGER_FILTER = RedactingFilter()
+
+
+def redact_agent_loggers() -> None:
+    """Put a ``RedactingFilter`` on every ``acagent`` logger itself, so a
+    library host's own handlers (``logging.basicConfig``, ...) never see a
+    registered secret or a credential-looking value. Idempotent."""
+    names = [LOGGER_NAME] + [
+        name for name in list(logging.Logger.manager.loggerDict) if name.startswith("acagent.")
+    ]
+    for name in names:
+        logger = logging.getLogger(name)
+        if _LOGGER_FILTER not in logger.filters:
+            logger.addFilter(_LOGGER_FILTER)
+
+
 def set_debug(enabled: bool) -> None:
     """Switch DEBUG logging on or off at runtime (globalConfig ``debugMode``)."""
     logging.getLogger(LOGGER_NAME).setLevel(logging.DEBUG if enabled else logging.INFO)
@@ -414,14 +449,18 @@ def zip_logs(log_dir: str, dest_zip: str, *, max_bytes: int = 50 * 1024 * 1024) 
     """
     dest_real = os.path.realpath(dest_zip)
     candidates: List[Tuple[float, int, str]] = []
-    for root, _dirs, files in os.walk(log_dir):
+    for root, _dirs, files in os.walk(log_dir):  # links to folders are not followed
         for name in files:
             path = os.path.join(root, name)
             if name.endswith(".zip") or os.path.realpath(path) == dest_real:
                 continue
             try:
-                st = os.stat(path)
+                st = os.lstat(path)
             except OSError:  # rotated away meanwhile
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                # A link or a device planted among the logs is never sent.
+                log.warning("fetch-logs: skipped %s: not a regular file", path)
                 continue
             candidates.append((st.st_mtime, st.st_size, path))
     candidates.sort(key=lambda c: c[0], reverse=True)
@@ -446,7 +485,8 @@ def _add_file(zf: zipfile.ZipFile, path: str, arcname: str, mtime: float, size: 
     stamp = _dt.datetime.fromtimestamp(max(mtime, 315532800.0))  # zip dates start in 1980
     info = zipfile.ZipInfo(arcname, date_time=stamp.timetuple()[:6])
     info.compress_type = zipfile.ZIP_DEFLATED
-    with open(path, "rb") as src, zf.open(info, "w") as dst:
+    src_fd = folders.open_own(path, os.O_RDONLY)  # swapped for a link since the listing: refused
+    with open(src_fd, "rb") as src, zf.open(info, "w") as dst:
         remaining = size
         while remaining > 0:
             chunk = src.read(min(1024 * 1024, remaining))

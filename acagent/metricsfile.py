@@ -22,8 +22,9 @@ from types import TracebackType
 from typing import Dict, List, Mapping, Optional, Type, Union
 from urllib.parse import urlsplit
 
+from . import folders
 from .config import default_base_dir
-from .logs import safe_url
+from .logs import OwnFileHandler, safe_url
 
 __all__ = ["MetricsFileWriter", "default_metrics_path", "request_tags"]
 
@@ -34,7 +35,7 @@ Number = Union[int, float]
 
 def default_metrics_path(index: str = "_prod", log_dir: Optional[str] = None) -> str:
     """``<log_dir>/metrics/metrics<index>.json``; ``log_dir`` defaults to
-    ``<tmp>/armorcode/log``, as today's agent."""
+    ``<state>/log`` (``folders.default_base_dir``)."""
     base = log_dir or os.path.join(default_base_dir(), "log")
     return os.path.join(base, "metrics", f"metrics{index}.json")
 
@@ -86,10 +87,8 @@ class MetricsFileWriter:
     ) -> None:
         self.path = path
         directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        self._handler = logging.handlers.TimedRotatingFileHandler(
-            path, when="midnight", backupCount=max(0, retention_days), encoding="utf-8"
-        )
+        folders.own_folder("log_dir", directory)
+        self._handler = OwnFileHandler(path, backup_count=max(0, retention_days))
         self._handler.setFormatter(logging.Formatter("%(message)s"))
         self._buffer: List[str] = []
         self._buffer_lock = threading.Lock()

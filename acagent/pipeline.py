@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 import threading
 import time
 from typing import Any, Callable, Optional, Sequence, Tuple
 
+from . import folders, logs
 from ._version import __version__
 from .client import ACClient, force_ipv4
 from .config import AgentConfig, parse_host_port
@@ -95,6 +97,9 @@ class Pipeline:
         observers: Sequence[Observer] = (),
     ) -> None:
         self.config = config
+        # A library host's own logging sees no API key or credential either.
+        logs.register_secret(config.api_key)
+        logs.redact_agent_loggers()
         #: the one stop signal of the stages: set when the agent must stop at once
         self.abort = threading.Event()
         self.metrics = metrics if metrics is not None else AgentMetrics()
@@ -118,6 +123,9 @@ class Pipeline:
             pool_size=config.executor_pool_size,
             verify_for=config.tls_verify_for,
         )
+        # The folders must be the agent's own (folders.py) before anything
+        # touches them: ConfigError otherwise.
+        config.check_paths()
         self.spool = ResultSpool(config.resolved_spool_dir())
         self.ledger = Ledger(
             slots=config.executor_slots,
@@ -202,6 +210,7 @@ class Pipeline:
         started: list[Stage] = []
         try:
             self.spool.lock()  # one agent per spool folder, before anything reads it
+            self._mention_legacy_spool()
             self._recover_spool()
             if self.config.health_addr:
                 host, port = parse_host_port(self.config.health_addr)
@@ -280,6 +289,27 @@ class Pipeline:
                 len(quarantined),
                 self.spool.directory,
                 ", ".join(quarantined[:10]) + (" ..." if len(quarantined) > 10 else ""),
+            )
+
+    def _mention_legacy_spool(self) -> None:
+        """Results an earlier version left in its default spool (under the temp
+        folder) are not picked up by themselves: say where they are and how."""
+        if self.config.spool_dir is not None:
+            return
+        legacy = os.path.join(folders.legacy_base_dir(), f"spool{self.config.index}")
+        try:
+            names = os.listdir(legacy)
+        except OSError:
+            return
+        records = sum(name.endswith(".json") for name in names)
+        if records:
+            log.warning(
+                "%d result(s) from an earlier version wait in %s, its default spool; the "
+                "default is now %s: run once with --spoolDir %s to deliver them",
+                records,
+                legacy,
+                self.spool.directory,
+                legacy,
             )
 
     def _undo_start(self, started: list[Stage]) -> None:

@@ -115,6 +115,7 @@ def agent_env(tmp_path: Path) -> Dict[str, str]:
     tmp.mkdir()
     env = dict(os.environ)
     env["TMPDIR"] = str(tmp)
+    env["XDG_STATE_HOME"] = str(tmp_path / "state")
     for name in ("server_url", "api_key", "EXECUTOR_POOL_SIZE", "timeout", "verify"):
         env.pop(name, None)
     return env
@@ -317,13 +318,13 @@ def test_file_logging_and_metrics_file_under_log_dir(
     assert sorted(x["tags"]["task_id"] for x in uploads) == ["file-0", "file-1"]
     assert all(list(x) == ["@timestamp", "metric_name", "value", "tags"] for x in lines)
 
-    # nothing went to the default folder under <tmp>
-    default_log = Path(agent_env["TMPDIR"]) / "armorcode" / "log"
+    # nothing went to the default folder
+    default_log = Path(agent_env["XDG_STATE_HOME"]) / "acagent" / "log"
     assert not (default_log / "app_log_ops.log").exists()
     assert not (default_log / "metrics" / "metrics_ops.json").exists()
 
 
-def test_default_file_logging_goes_to_tmp_armorcode_log(
+def test_default_file_logging_goes_to_the_state_folder(
     ac: FakeACServer,
     tmp_path: Path,
     agent_env: Dict[str, str],
@@ -336,6 +337,6 @@ def test_default_file_logging_goes_to_tmp_armorcode_log(
     agent.send(signal.SIGTERM)
     assert agent.finish() == 0, agent.output()
     assert time.monotonic() - start < WAIT
-    default_log = Path(agent_env["TMPDIR"]) / "armorcode" / "log"
+    default_log = Path(agent_env["XDG_STATE_HOME"]) / "acagent" / "log"
     assert (default_log / "app_log_dflt.log").is_file()
     assert (default_log / "metrics" / "metrics_dflt.json").is_file()

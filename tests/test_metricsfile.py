@@ -126,4 +126,4 @@ def test_request_tags_strip_query_and_credentials() -> None:
 
 def test_default_metrics_path() -> None:
     path = default_metrics_path("_prod")
-    assert path.endswith(os.path.join("armorcode", "log", "metrics", "metrics_prod.json"))
+    assert path.endswith(os.path.join("acagent", "log", "metrics", "metrics_prod.json"))

@@ -66,3 +66,39 @@ def test_snippet_runs_verbatim_and_delivers_its_task(tmp_path: Path) -> None:
     assert results[0].fields["statusCode"] == 200 and results[0].body_len == 4096
     assert results[0].via == "inline"
     assert (tmp_path / "my-service" / "acagent-spool").is_dir()
+
+
+def test_snippet_with_the_host_logging_at_debug_logs_no_secret(tmp_path: Path) -> None:
+    # The host's own logging (not the agent's setup_logging) at DEBUG, and a
+    # server whose error text echoes the API key and a token: masked anyway.
+    code = "import logging\nlogging.basicConfig(level=logging.DEBUG)\n" + library_snippet()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACAGENT_")}
+    with FakeTarget() as target, FakeACServer(api_key="readme-key") as ac:
+        ac.inject(
+            "get-task",
+            status=503,
+            body=b"upstream said: key readme-key rejected; token=tok-zzz9 password=pw-zzz9",
+        )
+        ac.add_task({"taskId": "debug-1", "method": "GET", "url": f"{target.url}/bytes/64"})
+        env.update(ACAGENT_SERVER_URL=ac.url, ACAGENT_API_KEY="readme-key", HOME=str(tmp_path))
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            delivered = ac.wait_for_results(1, timeout=TIMEOUT)
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=TIMEOUT)
+    assert delivered, err
+    assert proc.returncode == 0, err
+    assert "DEBUG:acagent." in err  # the host's handler printed the agent's records
+    assert "upstream said" in err  # the line with the server's text is there, masked
+    for secret in ("readme-key", "tok-zzz9", "pw-zzz9"):
+        assert secret not in err + out, secret

@@ -180,7 +180,7 @@ def test_no_secret_in_any_log_line(
 def test_cli_debug_logs_and_log_file_have_no_secrets_and_cap_applies(tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     spool.mkdir()
-    home = tmp_path / "tmp"  # the CLI writes <tmp>/armorcode/log/app_log<index>.log
+    home = tmp_path / "state"  # the CLI writes <state>/acagent/log/app_log<index>.log
     home.mkdir()
     with FakeTarget() as target, FakeACServer(api_key=SECRET5) as ac:
         # a retried upload (the server's wait is 0 s, so the test stays short)
@@ -207,7 +207,7 @@ def test_cli_debug_logs_and_log_file_have_no_secrets_and_cap_applies(tmp_path: P
                 "--timeout",
                 "0.5",
             ],
-            env={"TMPDIR": str(home)},
+            env={"XDG_STATE_HOME": str(home)},
             api_key=SECRET5,
         ) as agent:
             assert ac.wait_for_results(len(tasks), WAIT), agent.output()
