@@ -65,7 +65,7 @@ def test_kill_9_at_random_moments_loses_no_task(tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     spool.mkdir()
     flags = ["--executorPoolSize", "4", "--shutdownTimeout", "20"]
-    with FakeTarget() as target, FakeACServer(hold_poll=0.3) as ac:
+    with FakeTarget() as target, FakeACServer(hold_poll=0.3, handout="decided") as ac:
         tasks, sizes = _tasks(target, rng)
         ac.add_tasks(tasks)
         for kill in range(KILLS):

@@ -9,7 +9,9 @@
   the next start delivers what was spooled.
 
 Every task the server handed out must end with a result at the server or a
-record in the spool.
+record in the spool. The fake server counts a task handed out once it takes
+it from its queue (``handout="decided"``), as a real server does: a reply
+that could not be written is not put back for the next poll.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def _spooled(spool: Path) -> Dict[str, dict]:
 def test_one_signal_mid_run_finishes_running_tasks_and_exits_0(tmp_path: Path, signum: int) -> None:
     spool = tmp_path / "spool"
     spool.mkdir()
-    with FakeTarget() as target, FakeACServer() as ac:
+    with FakeTarget() as target, FakeACServer(handout="decided") as ac:
         # 4 threads and the default prefetch of 1, 10 tasks of ~1 s: 4 run
         # and 1 waits for a thread when the signal comes; 5 are never fetched.
         ac.add_tasks(_tasks(target, "graceful", 10, latency=1.0))
@@ -86,7 +88,7 @@ def test_one_signal_mid_run_finishes_running_tasks_and_exits_0(tmp_path: Path, s
 def test_deadline_passes_with_tasks_running_rest_is_spooled(tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     spool.mkdir()
-    with FakeTarget() as target, FakeACServer() as ac:
+    with FakeTarget() as target, FakeACServer(handout="decided") as ac:
         fast = _tasks(target, "fast", 2, latency=0.0)
         slow = _tasks(target, "slow", 3, latency=30.0)
         ac.add_tasks(fast + slow)
@@ -118,7 +120,7 @@ def test_deadline_passes_with_tasks_running_rest_is_spooled(tmp_path: Path) -> N
 def test_second_sigterm_exits_at_once_and_spools_the_rest(tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     spool.mkdir()
-    with FakeTarget() as target, FakeACServer() as ac:
+    with FakeTarget() as target, FakeACServer(handout="decided") as ac:
         # Targets that take 30 s: the running tasks cannot finish.
         ac.add_tasks(_tasks(target, "stuck", 3, latency=30.0))
         with AgentProcess(
@@ -165,7 +167,7 @@ def test_the_signal_path_takes_no_lock_and_run_forever_acts_on_it(tmp_path: Path
     good (seen once in CI: no "stopping" line 30 s after SIGTERM). So
     ``signal_stop``/``signal_status`` may call nothing in ``threading``; the
     main loop acts on them."""
-    with FakeACServer() as ac:
+    with FakeACServer(handout="decided") as ac:
         pipeline = make_pipeline(make_config(ac.url, tmp_path / "spool"))
         entered: List[str] = []
 
