@@ -26,6 +26,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from .connage import ConnectionAges
+
 
 class FetchStop(threading.Event):
     """Set once no new get-task may start; also set while ``abort`` is.
@@ -113,11 +115,15 @@ def _pool_classes(tracker: ConnectionTracker) -> Dict[str, Type[HTTPConnectionPo
 
 
 class TrackingAdapter(HTTPAdapter):
-    """An ``HTTPAdapter`` whose connections report to a ``ConnectionTracker``."""
+    """An ``HTTPAdapter`` whose connections report to a ``ConnectionTracker``
+    (and, given ``ages``, are retired when old: ``connage.py``)."""
 
-    def __init__(self, tracker: ConnectionTracker, **kwargs: Any) -> None:
+    def __init__(
+        self, tracker: ConnectionTracker, ages: Optional[ConnectionAges] = None, **kwargs: Any
+    ) -> None:
         self.tracker = tracker
-        self._classes = _pool_classes(tracker)
+        classes = _pool_classes(tracker)
+        self._classes = ages.pool_classes(classes) if ages is not None else classes
         super().__init__(**kwargs)
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:

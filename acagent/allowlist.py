@@ -42,6 +42,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 
 from .boundedcache import remember
+from .connage import ConnectionAges
 from .errors import AgentError
 
 _Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -495,9 +496,13 @@ class GuardedAdapter(HTTPAdapter):
     """An ``HTTPAdapter`` whose pools (direct and through HTTP proxies) use guarded
     connections, and whose ``send`` refuses ambiguous URLs and denied hosts."""
 
-    def __init__(self, policy: TargetPolicy, **kwargs: Any) -> None:
+    def __init__(
+        self, policy: TargetPolicy, ages: Optional[ConnectionAges] = None, **kwargs: Any
+    ) -> None:
         self.policy = policy
-        self._classes = _pool_classes(policy)
+        classes = _pool_classes(policy)
+        # given ``ages``, old connections are retired between requests (connage.py)
+        self._classes = ages.pool_classes(classes) if ages is not None else classes
         super().__init__(**kwargs)
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:

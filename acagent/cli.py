@@ -171,6 +171,14 @@ _OPTIONS: List[tuple[str, str, Any, tuple[str, ...], str]] = [
     ),
     ("--uploadTimeout", "upload_timeout", _seconds, (), "upload read timeout in s (default 300)"),
     (
+        "--acConnectionMaxAge",
+        "ac_connection_max_age",
+        _seconds_or_zero,
+        (),
+        "replace an AC or S3 connection older than this before its next request, s"
+        " (default 900; 0 = never)",
+    ),
+    (
         "--shutdownTimeout",
         "shutdown_timeout",
         _seconds_or_zero,

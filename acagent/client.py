@@ -41,6 +41,7 @@ from .abandon import ConnectionTracker, FetchStop, TrackingAdapter
 from .actransport import NETWORK_ERRORS, ACReply, ACTransport, is_stale_reset
 from .allowlist import GuardedAdapter, TargetDenied, UploadPolicy, unambiguous_host
 from .config import AgentConfig
+from .connage import ConnectionAges
 from .errors import (
     ACConnectionError,
     ACHTTPError,
@@ -143,18 +144,22 @@ def build_session(
     user_agent: Optional[str] = None,
     session: Optional[requests.Session] = None,
     tracker: Optional[ConnectionTracker] = None,
+    ages: Optional[ConnectionAges] = None,
 ) -> requests.Session:
     """A keep-alive session whose pool keeps ``pool_size`` connections per host.
 
     ``session`` (default: a new ``EnvCachedSession``) gets the pooled
     adapters; ``user_agent`` replaces requests' own when given; with
-    ``tracker``, connections note which thread uses them (see ``abandon.py``).
+    ``tracker``, connections note which thread uses them (see ``abandon.py``),
+    and with ``ages`` too, old ones are retired between requests (``connage.py``).
     """
     session = session if session is not None else EnvCachedSession()
     adapter = (
         HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
         if tracker is None
-        else TrackingAdapter(tracker, pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+        else TrackingAdapter(
+            tracker, ages, pool_connections=4, pool_maxsize=pool_size, max_retries=0
+        )
     )
     session.mount("http://", adapter)
     session.mount("https://", adapter)
@@ -305,8 +310,14 @@ class ACClient:
         self.fetch_stop = FetchStop(lambda: self.abort.is_set())
         #: AC calls re-sent at once after a reset on a reused connection
         self.resends = 0
+        #: AC and S3 connections older than ac_connection_max_age are replaced
+        self.ac_ages = ConnectionAges(config.ac_connection_max_age, "AC server")
+        self.s3_ages = ConnectionAges(config.ac_connection_max_age, "upload storage")
         self.session = build_session(
-            config.ac_max_concurrent, user_agent=user_agent, tracker=self._tracker
+            config.ac_max_concurrent,
+            user_agent=user_agent,
+            tracker=self._tracker,
+            ages=self.ac_ages,
         )
         self.session.headers["Authorization"] = f"Bearer {config.api_key}"
         self._fetch_waiting = 0
@@ -319,7 +330,7 @@ class ACClient:
         )
         self.s3_session = build_session(2, user_agent=user_agent)
         s3_adapter = GuardedAdapter(
-            self.upload_policy, pool_connections=4, pool_maxsize=2, max_retries=0
+            self.upload_policy, self.s3_ages, pool_connections=4, pool_maxsize=2, max_retries=0
         )
         self.s3_session.mount("http://", s3_adapter)
         self.s3_session.mount("https://", s3_adapter)

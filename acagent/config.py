@@ -81,6 +81,9 @@ class AgentConfig:
     read_timeout_seconds: float = 100.0
     #: read timeout of upload-result, upload-logs and the S3 PUT
     upload_timeout: float = 300.0
+    #: an AC or S3 connection older than this is replaced before its next
+    #: request (a rotated certificate or a moved server is picked up); 0 = never
+    ac_connection_max_age: float = 900.0
     #: default task lifetime when a task has no ``expiryTsMs``
     default_task_ttl: float = 300.0
     #: on stop: time running tasks get to finish and results to upload
@@ -185,7 +188,13 @@ class AgentConfig:
                 raise ConfigError(
                     "coordination_url", "must be a redis:// or rediss:// URL with a host"
                 )
-        for name in ("poll_interval", "poll_jitter", "shutdown_timeout", "shutdown_poll_reserve"):
+        for name in (
+            "poll_interval",
+            "poll_jitter",
+            "shutdown_timeout",
+            "shutdown_poll_reserve",
+            "ac_connection_max_age",
+        ):
             _positive_float(self, name, allow_zero=True)
         if self.log_format not in ("text", "json"):
             raise ConfigError("log_format", f"must be 'text' or 'json', got {self.log_format!r}")
