@@ -53,6 +53,7 @@ def test_connections_older_than_the_max_age_are_replaced_without_a_failed_reques
         opened = ac.connections_opened
         failed = [r for r in ac.requests if r.status == 0 or r.status >= 400]
         results = ac.results
+    print(f"\n{RUN:.0f} s, max age {MAX_AGE:.0f} s: {len(ids)} tasks, {retired} retired, {opened} opened")
     # at least one replacement per MAX_AGE of the run, on each of 2 connections or fewer
     assert retired >= RUN / MAX_AGE - 2, retired
     assert opened >= retired, (opened, retired)
