@@ -17,10 +17,23 @@ On-disk layout (one flat folder, mode 0700, every file mode 0600)::
     <key>.body.gz       its gzip copy for upload-result, made by the executor (derived)
     <key>.body.gz.tmp   a gzip copy being written; a leftover one is a crash's debris
     <key>.json.tmp      a record being written; a leftover one is a crash's debris
-    <key>.json.corrupt  a record that did not parse, moved aside for a human
+    <key>.json.corrupt  a record that did not parse, moved aside (``recover`` answers
+                        it when its taskId can still be read, then quarantines it)
 
 ``<key>`` is a uuid4 hex string made by the caller (32 lowercase hex digits);
 any other name in the folder is never read, changed or removed by the spool.
+
+**Where a record belongs and what it holds.** Once ``set_origin`` was called,
+every record and journal carries, under its ``"spool"`` field, the AC server
+it was taken from and a digest of the API key (``Origin``; never the key), and
+a record whose body was streamed through ``open_body`` the sha256 of that
+body. ``recover`` sorts the records at start: this origin's are delivered;
+another origin's are left in place, untouched, for the agent they belong to;
+a record without an origin (written before origins were recorded) is adopted
+and stamped with this origin, since the agent that wrote it would have sent
+it to whichever server it was next started for, and set aside it would have
+no agent to deliver it. ``check_body`` tells whether a body file is still the
+one saved: its length, and its sha256 where one was recorded.
 """
 
 from __future__ import annotations
@@ -28,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import io
 import json
 import logging
@@ -35,6 +49,7 @@ import os
 import re
 import stat
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import (
     Any,
@@ -51,15 +66,22 @@ from typing import (
     cast,
 )
 
+from .config import safe_url
 from .errors import SpoolLockedError
 
 __all__ = [
     "QUARANTINE_DIR",
     "SPOOL_ERRNOS",
+    "Origin",
     "Record",
+    "Recovery",
     "ResultSpool",
+    "SpoolSurvey",
+    "origin_verdict",
     "read_head",
     "spool_error_reason",
+    "survey_spool",
+    "task_id_in_text",
 ]
 
 log = logging.getLogger("acagent.spool")
@@ -76,6 +98,12 @@ _CORRUPT: Final = ".json.corrupt"
 
 #: sub-folder for results the AC server refused for good (kept for a human)
 QUARANTINE_DIR: Final = "quarantine"
+#: the files ``quarantine`` moves, and their names in ``quarantine/<key>/``
+_QUARANTINED: Final = (
+    (".json", "record.json"),
+    (".json.corrupt", "record.json.corrupt"),
+    (".body", "body"),
+)
 #: the lock file that keeps a second agent off the folder
 LOCK_FILE: Final = ".lock"
 
@@ -112,7 +140,188 @@ def spool_error_reason(exc: OSError) -> str:
     return f"cannot write the spool folder ({exc.strerror or type(exc).__name__})"
 
 
+# ---------------------------------------------------------------------------- origins
+
+#: the record field the spool keeps for itself: origin and body checksum
+SPOOL_FIELD: Final = "spool"
+#: mixed into the API key's digest, so the digest names the key for this use only
+_KEY_DIGEST_SALT: Final = b"acagent spool origin v1\x00"
+#: the origin as ``_encode`` writes it (compact JSON, keys in this order);
+#: what ``origin_in_text`` finds in a record that no longer parses
+_ORIGIN_RE: Final = re.compile(
+    r'"spool":\{"server":("(?:[^"\\]|\\.)*"),"keyDigest":("(?:[^"\\]|\\.)*")'
+)
+_TASK_ID_RE: Final = re.compile(r'"taskId"\s*:\s*("(?:[^"\\]|\\.)*"|-?[0-9]+)')
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a result belongs: the AC server it was taken from and which API key.
+
+    ``key_digest`` is a salted, truncated sha256 of the key: it tells two keys
+    apart and can be logged; the key cannot be had back from it.
+    """
+
+    server: str
+    key_digest: str
+
+    @classmethod
+    def of(cls, server_url: str, api_key: str) -> Origin:
+        """The origin of an agent: its server URL normalised (no trailing slash,
+        userinfo, query or fragment; host in lower case) and its key's digest."""
+        digest = hashlib.sha256(_KEY_DIGEST_SALT + api_key.encode("utf-8")).hexdigest()
+        return cls(safe_url(server_url.rstrip("/")).rstrip("/"), "sha256:" + digest[:16])
+
+    def __str__(self) -> str:
+        return f"{self.server} (key {self.key_digest})"
+
+
+#: ``origin_verdict`` answers: which agent a record belongs to
+MINE: Final = "mine"
+UNMARKED: Final = "unmarked"
+OTHER: Final = "other"
+
+
+def origin_verdict(found: Optional[Origin], marked: bool, ours: Optional[Origin]) -> str:
+    """Whose record this is: ``MINE``, ``UNMARKED`` (written before origins were
+    recorded: adopted) or ``OTHER`` (another server or key, or an origin that
+    cannot be read: left for its agent).
+
+    ``found``: the origin the record names; ``marked``: whether it carries
+    the spool's field at all; ``ours``: this agent's origin (None: a spool
+    used without origins, which takes every record)."""
+    if ours is None:
+        return MINE
+    if not marked:
+        return UNMARKED
+    return MINE if found == ours else OTHER
+
+
+def task_id_in_text(text: str) -> Optional[str]:
+    """The first ``taskId`` value in a record's raw text, or None: how a record
+    that no longer parses is still answered."""
+    match = _TASK_ID_RE.search(text)
+    if match is None:
+        return None
+    try:
+        value = json.loads(match.group(1))
+    except ValueError:
+        return None
+    text_value = str(value)
+    return text_value if text_value.strip() else None
+
+
+def _origin_of_field(own: Any) -> Tuple[Optional[Origin], bool]:
+    """``(origin, marked)`` of a parsed record's ``SPOOL_FIELD`` value (see
+    ``origin_verdict``); a field without origin keys (a body checksum
+    alone) is unmarked."""
+    if not isinstance(own, dict):
+        return None, own is not None
+    server, digest = own.get("server"), own.get("keyDigest")
+    if server is None and digest is None:
+        return None, False
+    if isinstance(server, str) and isinstance(digest, str):
+        return Origin(server, digest), True
+    return None, True
+
+
+def _origin_in_text(text: str) -> Tuple[Optional[Origin], bool]:
+    """``(origin, marked)`` of a record's raw text that does not parse."""
+    match = _ORIGIN_RE.search(text)
+    if match is None:
+        return None, '"keyDigest"' in text
+    try:
+        return Origin(json.loads(match.group(1)), json.loads(match.group(2))), True
+    except ValueError:
+        return None, True
+
+
+@dataclass
+class Recovery:
+    """What ``ResultSpool.recover`` found at start."""
+
+    #: records to deliver, oldest first: this origin's, and the unmarked ones adopted
+    records: List[Tuple[str, Record]] = field(default_factory=list)
+    #: how many records had no origin (adopted, now stamped with this origin)
+    adopted: int = 0
+    #: records of another origin, left in place: origin (or "unreadable") -> count
+    aside: Dict[str, int] = field(default_factory=dict)
+    #: this origin's records that did not parse: ``(key, taskId read from the text)``
+    damaged: List[Tuple[str, Optional[str]]] = field(default_factory=list)
+
+
+@dataclass
+class SpoolSurvey:
+    """What a spool folder holds, read without changing anything (``survey_spool``)."""
+
+    mine: int = 0
+    unmarked: int = 0
+    aside: Dict[str, int] = field(default_factory=dict)
+    damaged: int = 0
+    quarantined: int = 0
+
+
+def _count(counts: Dict[str, int], origin: Optional[Origin]) -> None:
+    name = str(origin) if origin is not None else "an unreadable origin"
+    counts[name] = counts.get(name, 0) + 1
+
+
+def survey_spool(directory: Union[str, Path], origin: Origin) -> SpoolSurvey:
+    """Count the records of ``directory`` by whose they are, for ``acagent check``.
+
+    Read only: no file is moved, no folder made, no lock taken (a running
+    agent may hold it). A folder that does not exist holds nothing.
+    """
+    survey = SpoolSurvey()
+    folder = Path(directory)
+    try:
+        names = [e.name for e in os.scandir(folder) if e.is_file(follow_symlinks=False)]
+    except FileNotFoundError:
+        return survey
+    for name in names:
+        match = _NAME_RE.fullmatch(name)
+        if match is None or match.group(2) not in (_RECORD, _CORRUPT):
+            continue
+        try:
+            raw = _read_file(folder / name)
+        except OSError:
+            continue
+        record = _parse(raw) if match.group(2) == _RECORD else None
+        if record is not None:
+            found, marked = _origin_of_field(record.get(SPOOL_FIELD))
+        else:
+            found, marked = _origin_in_text(raw.decode("utf-8", "replace"))
+        verdict = origin_verdict(found, marked, origin)
+        if verdict == OTHER:
+            _count(survey.aside, found)
+        elif record is None:
+            survey.damaged += 1
+        elif verdict == UNMARKED:
+            survey.unmarked += 1
+        else:
+            survey.mine += 1
+    with contextlib.suppress(FileNotFoundError):
+        survey.quarantined = sum(
+            1 for e in os.scandir(folder / QUARANTINE_DIR) if _KEY_RE.fullmatch(e.name)
+        )
+    return survey
+
+
+def _parse(raw: bytes) -> Optional[Record]:
+    """A record's bytes as a dict, or None if they are not a JSON object."""
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+# ---------------------------------------------------------------------------- files
+
 _CREATE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY | _O_NOFOLLOW
+_READ_FLAGS: Final = os.O_RDONLY | _O_BINARY
+#: bytes read at a time from a file of unknown size (a body being hashed)
+CHUNK: Final = 256 * 1024
 
 
 def _create_private(path: Union[str, Path]) -> int:
@@ -128,6 +337,34 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _open_read(path: Union[str, Path]) -> int:
+    """Open ``path`` for reading, a raw file descriptor: every read of a spool
+    file (record, body) opens it here."""
+    return os.open(path, _READ_FLAGS)
+
+
+def _read_fd(fd: int, limit: Optional[int] = None) -> bytes:
+    """Up to ``limit`` bytes (None: all) from ``fd``'s position."""
+    parts: List[bytes] = []
+    left = limit
+    while left is None or left > 0:
+        part = os.read(fd, CHUNK if left is None else left)
+        if not part:
+            break
+        parts.append(part)
+        if left is not None:
+            left -= len(part)
+    return b"".join(parts)
+
+
+def _read_file(path: Union[str, Path]) -> bytes:
+    fd = _open_read(path)
+    try:
+        return _read_fd(fd)
+    finally:
+        os.close(fd)
+
+
 def read_head(path: Union[str, Path], limit: int) -> bytes:
     """Up to ``limit`` bytes from the start of ``path``, with raw descriptor calls.
 
@@ -135,19 +372,23 @@ def read_head(path: Union[str, Path], limit: int) -> bytes:
     system call is a release and re-take of the GIL. Raises
     ``FileNotFoundError`` when the file is gone.
     """
-    fd = os.open(path, os.O_RDONLY | _O_BINARY)
+    fd = _open_read(path)
     try:
-        parts: List[bytes] = []
-        left = limit
-        while left > 0:
-            part = os.read(fd, left)
-            if not part:
-                break
-            parts.append(part)
-            left -= len(part)
-        return b"".join(parts)
+        return _read_fd(fd, limit)
     finally:
         os.close(fd)
+
+
+def body_mismatch(
+    size: int, sha256: Optional[str], got_size: int, got_sha256: Optional[str]
+) -> Optional[str]:
+    """Why a body is not the one its record describes (``size``, ``sha256`` if
+    recorded), or None if it is."""
+    if got_size != size:
+        return f"the body file holds {got_size} bytes, its record says {size}"
+    if sha256 is not None and got_sha256 is not None and got_sha256 != sha256:
+        return "the body file does not match the sha256 in its record"
+    return None
 
 
 class BodyFile(io.RawIOBase):
@@ -158,12 +399,25 @@ class BodyFile(io.RawIOBase):
     ``save`` need not open it again to sync it. A buffered file object would
     cost an ``ioctl``, an ``lseek`` and an ``fstat`` more per body, each a
     release and re-take of the GIL under load.
+
+    Each write also feeds a sha256 of the body (hashlib lets go of the GIL
+    for a chunk this size), which ``save`` puts in the record for
+    ``check_body``. ``on_closed(sha256, size)`` runs once the file is synced;
+    ``on_failed(exc, size)`` when a write fails.
     """
 
-    def __init__(self, fd: int, on_synced: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        fd: int,
+        on_closed: Callable[[str, int], None],
+        on_failed: Callable[[OSError, int], None],
+    ) -> None:
         super().__init__()
         self._fd = fd
-        self._on_synced = on_synced
+        self._on_closed = on_closed
+        self._on_failed = on_failed
+        self._sha256 = hashlib.sha256()
+        self._size = 0
 
     def writable(self) -> bool:
         return True
@@ -175,7 +429,13 @@ class BodyFile(io.RawIOBase):
         if self.closed:
             raise ValueError("write to a closed body file")
         data = bytes(data) if not isinstance(data, bytes) else data
-        _write_all(self._fd, data)
+        try:
+            _write_all(self._fd, data)
+        except OSError as exc:
+            self._on_failed(exc, self._size + len(data))
+            raise
+        self._sha256.update(data)
+        self._size += len(data)
         return len(data)
 
     def close(self) -> None:
@@ -183,7 +443,10 @@ class BodyFile(io.RawIOBase):
             return
         try:
             os.fsync(self._fd)
-            self._on_synced()
+            self._on_closed(self._sha256.hexdigest(), self._size)
+        except OSError as exc:
+            self._on_failed(exc, self._size)
+            raise
         finally:
             os.close(self._fd)
             super().close()
@@ -232,6 +495,20 @@ class ResultSpool:
         # Keys whose body a BodyFile fsynced as it closed (``save`` skips it);
         # set.add/discard are atomic, so no lock is needed for this set.
         self._synced_bodies: Set[str] = set()
+        # sha256 of each body a BodyFile wrote (or a record found at start
+        # named), until its record goes: ``save`` records it, ``check_body``
+        # checks against it.
+        self._body_sums: Dict[str, str] = {}
+        # Keys of records that belong to another origin (``recover``): on disk,
+        # never delivered nor removed by this agent, not counted by ``size``.
+        self._aside: Set[str] = set()
+        # This agent's origin as ``_encode`` writes it (``set_origin``).
+        self._origin: Optional[Origin] = None
+        self._origin_field: Dict[str, str] = {}
+        # What the ledger asks while the disk is short (``take_space_failure``,
+        # ``largest_body``): set by body writes on any thread, plain values.
+        self._space_failure: Optional[str] = None
+        self._largest_body = 0
         # Keys saved with ``has_body=False`` and no body opened since: ``remove``
         # has no body file to unlink for them.
         self._bodiless: Set[str] = set()
@@ -274,6 +551,18 @@ class ResultSpool:
         """Whether the body file for ``key`` exists."""
         return self.body_path(key).is_file()
 
+    # ------------------------------------------------------------------ origin
+
+    def set_origin(self, origin: Origin) -> None:
+        """Stamp every record and journal written from now on with ``origin``;
+        ``recover`` sorts the records found by it. Call before any task runs."""
+        self._origin = origin
+        self._origin_field = {"server": origin.server, "keyDigest": origin.key_digest}
+
+    @property
+    def origin(self) -> Optional[Origin]:
+        return self._origin
+
     # ------------------------------------------------------------------ writing
 
     def open_body(self, key: str) -> BinaryIO:
@@ -290,13 +579,29 @@ class ResultSpool:
             self._live_bodies.add(key)
             self._synced_bodies.discard(key)
             self._bodiless.discard(key)
+        self._body_sums.pop(key, None)
         try:
             fd = _create_private(path)
-        except BaseException:
+        except BaseException as exc:
             with self._lock:
                 self._live_bodies.discard(key)
+            if isinstance(exc, OSError):
+                self._note_body_failure(exc, 0)
             raise
-        return cast(BinaryIO, BodyFile(fd, lambda: self._synced_bodies.add(key)))
+
+        def closed(sha256: str, size: int) -> None:
+            self._body_sums[key] = sha256
+            self._synced_bodies.add(key)
+            self._largest_body = max(self._largest_body, size)
+
+        return cast(BinaryIO, BodyFile(fd, closed, self._note_body_failure))
+
+    def _note_body_failure(self, exc: OSError, size: int) -> None:
+        """A body write failed at ``size`` bytes: the body was at least that
+        large; a full disk is told to the ledger (``take_space_failure``)."""
+        self._largest_body = max(self._largest_body, size)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            self._space_failure = spool_error_reason(exc) + f": {self._dir}"
 
     def save(self, key: str, record: Record, *, has_body: bool = True) -> None:
         """Write the record for ``key`` durably and atomically (replacing any older one).
@@ -322,7 +627,7 @@ class ResultSpool:
         folder fsync after the rename makes both durable. ``save`` returns
         only once its record is durable.
         """
-        data = self._encode(key, record)
+        data = self._encode(key, record, self._body_sums.get(key) if has_body else None)
         # The body and the tmp file have one writer (the key's owner), so they
         # are written and synced outside the lock. A body closed through
         # open_body's BodyFile was synced as it was closed.
@@ -368,12 +673,19 @@ class ResultSpool:
             self._rename_into_place(tmp, key)
             self._journaled.add(key)
 
-    def _encode(self, key: str, record: Record) -> bytes:
+    def _encode(self, key: str, record: Record, body_sha256: Optional[str] = None) -> bytes:
         """Check ``key`` and serialise ``record`` before anything touches the
-        disk: a bad key or an unserialisable record changes nothing."""
+        disk: a bad key or an unserialisable record changes nothing. The
+        spool's own field (origin, body checksum) goes in as ``SPOOL_FIELD``,
+        origin first (``_ORIGIN_RE`` reads it so from a damaged record)."""
         self._check_key(key)
         if not isinstance(record, dict):
             raise TypeError(f"a spool record must be a dict, not {type(record).__name__}")
+        if self._origin_field or body_sha256 is not None:
+            own: Dict[str, str] = dict(self._origin_field)
+            if body_sha256 is not None:
+                own["bodySha256"] = body_sha256
+            record = {**record, SPOOL_FIELD: own}
         return json.dumps(record, separators=(",", ":")).encode("ascii")
 
     def _rename_into_place(self, tmp: str, key: str) -> None:
@@ -412,6 +724,7 @@ class ResultSpool:
     def discard_body(self, key: str) -> None:
         """Remove only the body file of ``key`` (e.g. once it went inline); missing is fine."""
         body = self._name(key, _BODY)
+        self._body_sums.pop(key, None)
         with self._lock:  # invariant: see save()
             removed = self._unlink(body)
             removed = self._unlink(self._name(key, _GZ)) or removed
@@ -436,11 +749,33 @@ class ResultSpool:
             os.unlink(probe)
         return True
 
+    def free_bytes(self) -> Optional[int]:
+        """Bytes the folder's file system has free for this process now
+        (``os.statvfs``), or None where that cannot be known."""
+        try:
+            stats = os.statvfs(self._dir)
+        except (AttributeError, OSError):  # no statvfs on Windows
+            return None
+        return stats.f_bavail * stats.f_frsize
+
+    def take_space_failure(self) -> Optional[str]:
+        """Why a body write ran out of space since the last call (then
+        forgotten), or None. Cheap: no disk access."""
+        failure, self._space_failure = self._space_failure, None
+        return failure
+
+    @property
+    def largest_body(self) -> int:
+        """The largest body written (or begun) through ``open_body`` so far."""
+        return self._largest_body
+
     def quarantine(self, key: str, reason: str, *, body: Optional[bytes] = None) -> Optional[Path]:
         """Move the record and body of ``key`` into ``quarantine/`` with a reason file.
 
-        For a result the AC server refused for good (400/422): the content is
-        never silently deleted; an operator finds it there (listed at start).
+        For a result the AC server refused for good (400/422), a body that is
+        not the one saved, a record that is damaged (``<key>.json.corrupt``
+        goes too): the content is never silently deleted; an operator finds
+        it there (listed at start).
         ``body``: the bytes of a body the record holds itself (it has no body
         file); they are written out as ``body`` too, for the human. Returns
         the folder it went to, or None if nothing was on disk.
@@ -448,12 +783,12 @@ class ResultSpool:
         target = self._dir / QUARANTINE_DIR / self._check_key(key)
         moved = False
         with self._lock:  # invariant: see save()
-            for suffix in (_RECORD, _BODY):
+            for suffix, name in _QUARANTINED:
                 source = self._path(key, suffix)
                 if not source.exists():
                     continue
                 target.mkdir(mode=0o700, parents=True, exist_ok=True)
-                os.replace(source, target / ("record.json" if suffix == _RECORD else "body"))
+                os.replace(source, target / name)
                 moved = True
             self._forget(key)
         if not moved:
@@ -512,14 +847,20 @@ class ResultSpool:
         and moved aside to ``<key>.json.corrupt``. A record whose body file is
         missing is still returned: the spool does not know which field of a
         record refers to the body, so the caller decides (``has_body``), e.g.
-        answering the task with an ``Agent Side Error``.
+        answering the task with an ``Agent Side Error``. Records are returned
+        as they were saved, without the spool's own field; those of every
+        origin are listed (``recover`` sorts them).
 
         Every record is loaded into memory; records are small (inline bodies
         are at most ~700 kB), bodies stay on disk. Meant for the start: the
         journal of a task left by an earlier run is one of the records (its
         answer); called while tasks run, it would list their journals too.
         """
-        found: List[Tuple[int, str, Record]] = []
+        return [(key, record) for key, record, _ in self._pending()]
+
+    def _pending(self) -> List[Tuple[str, Record, Any]]:
+        """``pending``, each record with the spool's own field taken out of it."""
+        found: List[Tuple[int, str, Record, Any]] = []
         with self._lock:  # invariant: see save()
             keys: Set[str] = set()
             for key in self._scan(_RECORD):
@@ -527,12 +868,89 @@ class ResultSpool:
                 if loaded is None:
                     continue
                 mtime_ns, record = loaded
-                found.append((mtime_ns, key, record))
+                own = record.pop(SPOOL_FIELD, None)
+                sha256 = own.get("bodySha256") if isinstance(own, dict) else None
+                if isinstance(sha256, str):
+                    self._body_sums[key] = sha256
+                found.append((mtime_ns, key, record, own))
                 keys.add(key)
             self._keys = keys
             self._journaled &= keys
+            self._aside &= keys
         found.sort(key=lambda item: (item[0], item[1]))
-        return [(key, record) for _, key, record in found]
+        return [(key, record, own) for _, key, record, own in found]
+
+    def recover(self) -> Recovery:
+        """Sort what an earlier run left, at start (after ``set_origin``, before
+        any task runs); see the module doc for the rule.
+
+        This origin's records are returned to be delivered. A record of no
+        origin is adopted: saved again, stamped with this origin (if the disk
+        cannot take it now, it is still returned). A record of another origin
+        is left as it is and counted in ``aside``; ``size`` does not count it.
+        A record that does not parse is moved to ``<key>.json.corrupt`` (see
+        ``pending``) and listed in ``damaged`` with the taskId its text still
+        shows, unless the text names another origin.
+        """
+        found = Recovery()
+        aside: Set[str] = set()
+        for key, record, own in self._pending():
+            origin, marked = _origin_of_field(own)
+            verdict = origin_verdict(origin, marked, self._origin)
+            if verdict == OTHER:
+                aside.add(key)
+                _count(found.aside, origin)
+                continue
+            if verdict == UNMARKED:
+                found.adopted += 1
+                try:
+                    self.save(key, record)
+                except OSError as exc:
+                    log.warning("spool: could not stamp record %s with its origin: %s", key, exc)
+            found.records.append((key, record))
+        with self._lock:
+            self._aside = aside
+        for key in self._scan(_CORRUPT):
+            try:
+                text = _read_file(self._name(key, _CORRUPT)).decode("utf-8", "replace")
+            except OSError:
+                continue
+            origin, marked = _origin_in_text(text)
+            if origin_verdict(origin, marked, self._origin) == OTHER:
+                _count(found.aside, origin)
+            else:
+                found.damaged.append((key, task_id_in_text(text)))
+        return found
+
+    def check_body(
+        self, key: str, path: Union[str, Path], size: int, data: Optional[bytes] = None
+    ) -> Optional[str]:
+        """Why the body of ``key`` at ``path`` is not the one saved, or None.
+
+        The length is checked against ``size`` (the record's ``bodySize``),
+        and the content against the sha256 recorded when the body was
+        written, if it was. ``data``: the body's bytes, already read by the
+        caller (nothing is read again). Raises ``FileNotFoundError`` if the
+        file is gone.
+        """
+        sha256 = self._body_sums.get(key)
+        if data is not None:
+            got = hashlib.sha256(data).hexdigest() if sha256 is not None else None
+            return body_mismatch(size, sha256, len(data), got)
+        fd = _open_read(path)
+        try:
+            got_size = os.fstat(fd).st_size
+            if got_size != size or sha256 is None:
+                return body_mismatch(size, sha256, got_size, None)
+            digest = hashlib.sha256()
+            while True:
+                chunk = os.read(fd, CHUNK)
+                if not chunk:
+                    break
+                digest.update(chunk)
+        finally:
+            os.close(fd)
+        return body_mismatch(size, sha256, got_size, digest.hexdigest())
 
     def clean_orphans(self) -> int:
         """Delete ``*.body`` files without a record and stale ``*.json.tmp`` files.
@@ -562,7 +980,7 @@ class ResultSpool:
         (an in-memory count, no disk access)."""
         # Reading the length of a set is atomic; no lock, so a metrics scrape
         # never waits behind an fsync.
-        return len(self._keys) - len(self._journaled)
+        return len(self._keys) - len(self._journaled) - len(self._aside)
 
     def __len__(self) -> int:
         return self.size()
@@ -616,20 +1034,20 @@ class ResultSpool:
         """Read one record: ``(mtime_ns, record)``, or None if gone, unreadable or corrupt."""
         path = self._path(key, _RECORD)
         try:
-            with open(path, "rb") as file:
-                mtime_ns = os.fstat(file.fileno()).st_mtime_ns
-                raw = file.read()
+            fd = _open_read(path)
+            try:
+                mtime_ns = os.fstat(fd).st_mtime_ns
+                raw = _read_fd(fd)
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             return None
         except OSError as exc:
             # Left in place (and counted by nobody) so a human can look at it.
             self._report(key, "spool: cannot read record %s, skipped: %s", path.name, exc)
             return None
-        try:
-            record = json.loads(raw)
-        except (ValueError, RecursionError):
-            record = None
-        if isinstance(record, dict):
+        record = _parse(raw)
+        if record is not None:
             return mtime_ns, record
         corrupt = self._path(key, _CORRUPT)
         try:
@@ -706,6 +1124,8 @@ class ResultSpool:
         self._live_bodies.discard(key)
         self._synced_bodies.discard(key)
         self._bodiless.discard(key)
+        self._body_sums.pop(key, None)
+        self._aside.discard(key)
 
     def _note_rename(self) -> int:
         """Count a change of the folder's entries (a rename or unlinks; lock held):

@@ -34,6 +34,13 @@ or fixed by an operator):
   ``quarantine/`` folder and the task is answered with an error result that
   quotes the server's reason.
 
+**A result is what the target sent, or an error.** Before a body is sent
+from its file, its length is checked against the record's ``bodySize`` and
+its content against the sha256 the spool recorded as it was written
+(``ResultSpool.check_body``; an inline body is checked in the bytes already
+read). A body that does not match goes to quarantine and the task is
+answered with an error result: it is never delivered as the real result.
+
 Hooks (may be overridden): ``deliver(result) -> str`` (raise on failure;
 return how it went). For subclasses: ``breaker``, ``compress(source, target)``.
 """
@@ -78,6 +85,10 @@ AUTH_HOLD = "auth"
 
 #: statuses that mean "the server will not take this content as it is"
 CONTENT_REFUSED = frozenset({400, 422})
+
+
+class BodyMismatch(Exception):
+    """The body file of a result is not the one saved (``ResultSpool.check_body``)."""
 
 
 class Uploader(Stage):
@@ -203,6 +214,9 @@ class Uploader(Stage):
         except AgentStopping:
             self._again(delivery, 0.0)  # stays in the spool; re-sent after a restart
             return
+        except BodyMismatch as exc:
+            self._quarantine_damaged(delivery, str(exc))
+            return
         except Exception as exc:  # noqa: BLE001 - every failure keeps the result
             self._failed(delivery, exc)
             return
@@ -327,13 +341,34 @@ class Uploader(Stage):
             self.ctx.ledger.delivered(delivery)
             self._note_retry_done()
             return
-        fallback = Result.agent_error(
-            result.fields,
+        self._answer_instead(
+            delivery,
             f"the AC server refused the result (HTTP {status}): {server_reason}",
-            failure="refused",
-            key=result.key,
+            "refused",
         )
-        delivery.result = fallback
+
+    def _quarantine_damaged(self, delivery: Delivery, reason: str) -> None:
+        """The body in the spool is not the one the target sent: keep it for a
+        human, answer the task with an error result instead."""
+        result = delivery.result
+        where = self.ctx.spool.quarantine(result.key, f"damaged body: {reason}")
+        log.error(
+            "task %s: the result's body in the spool is damaged (%s); moved to %s, "
+            "the task is answered with an error result",
+            result.task_id,
+            reason,
+            where,
+        )
+        self.ctx.observers.emit("on_result_quarantined", result, reason)
+        self._answer_instead(
+            delivery, f"the result's body was damaged in the agent's spool ({reason})", "damaged"
+        )
+
+    def _answer_instead(self, delivery: Delivery, reason: str, failure: str) -> None:
+        """Send an error result in place of the one taken to quarantine."""
+        delivery.result = Result.agent_error(
+            delivery.result.fields, reason, failure=failure, key=delivery.result.key
+        )
         delivery.refusals = 0
         # The original record went to quarantine: the fallback is not on disk
         # yet, so retry_later saves it before it is queued again.
@@ -379,9 +414,12 @@ class Uploader(Stage):
                 body = read_head(result.body_path, INLINE_BODY_LIMIT + 1)
             except FileNotFoundError:
                 return self._deliver_lost(result)
+            self._check_body(result, body)
             client.put_result(inline_payload(result, version, body), policy=ONE_ATTEMPT)
             return "inline"
-        if not os.path.exists(result.body_path):
+        try:
+            self._check_body(result)
+        except FileNotFoundError:
             return self._deliver_lost(result)
         if (
             self.ctx.settings.upload_to_ac
@@ -392,6 +430,14 @@ class Uploader(Stage):
             return "upload"
         self._upload_to_s3(result)
         return "s3"
+
+    def _check_body(self, result: Result, body: Optional[bytes] = None) -> None:
+        """Raise ``BodyMismatch`` if the body file (or ``body``, read from it) is
+        not the one saved; ``FileNotFoundError`` if it is gone."""
+        assert result.body_path is not None
+        problem = self.ctx.spool.check_body(result.key, result.body_path, result.body_size, body)
+        if problem is not None:
+            raise BodyMismatch(problem)
 
     @staticmethod
     def _is_inline(result: Result) -> bool:

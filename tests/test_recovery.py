@@ -228,7 +228,7 @@ def test_a_record_whose_kept_body_is_damaged_is_quarantined_and_the_rest_deliver
 ) -> None:
     """At start, a record holding its body (base64) is delivered byte-exact; one
     whose kept body does not decode to its size is moved to quarantine with the
-    reason, not sent."""
+    reason, and its task answered with an error result, never with that body."""
     spool_dir = tmp_path / "spool"
     spool = ResultSpool(spool_dir)
     data = bytes(range(256)) * 4
@@ -249,11 +249,13 @@ def test_a_record_whose_kept_body_is_damaged_is_quarantined_and_the_rest_deliver
     with FakeACServer() as ac:
         pipeline = make_pipeline(make_config(ac.url, spool_dir))
         with running(pipeline):
-            assert ac.wait_for_results(1, WAIT)
+            assert ac.wait_for_results(2, WAIT)
             assert wait_until(lambda: spool_records(spool_dir) == [], WAIT)
-        assert set(ac.results) == {"kept-good"}
+        assert set(ac.results) == {"kept-good", "kept-damaged"}
         (got,) = ac.results["kept-good"]
         assert got.via == "inline" and got.body == data
+        (answer,) = ac.results["kept-damaged"]
+        assert answer.via == "error" and "damaged" in answer.fields["output"]
     (folder,) = (spool_dir / QUARANTINE_DIR).iterdir()
     assert folder.name == damaged.key
     assert "unusable record" in (folder / "reason.txt").read_text()
