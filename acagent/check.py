@@ -11,6 +11,12 @@ fix a failure (``hints.py``):
    the configured proxy, CA bundle and ``--verify``;
 4. authenticate: one get-task with the API key.
 
+After the configuration, a ``NOTE`` line tells what the spool folder holds,
+when it holds anything: results waiting for this server and key, results
+kept for another server or key (this agent never sends them), damaged
+records, quarantined results. It is read without changing anything, and is
+never a failure.
+
 Exit 0 only if every step passed. get-task may hand out a real task: the
 check never drops one. The get-task is made by a one-shot ``Pipeline`` (its
 Fetcher replaced through the public ``fetch_one`` hook), so a task it gets is
@@ -39,6 +45,7 @@ from .hints import hint_for
 from .models import Result, Task
 from .observers import Observer
 from .pipeline import Pipeline
+from .spool import Origin, survey_spool
 
 __all__ = ["CheckReport", "main", "run_check"]
 
@@ -63,6 +70,12 @@ class CheckReport:
     def ok(self, step: str, detail: str) -> None:
         self._print(f"OK    {step}: {detail}")
 
+    def note(self, step: str, detail: str, hint: Optional[str] = None) -> None:
+        """Something the operator should know that is not a failure."""
+        self._print(f"NOTE  {step}: {detail}")
+        if hint:
+            self._print(f"      hint: {hint}")
+
     def fail(self, step: str, detail: str, hint: Optional[str] = None) -> None:
         self.failed.append(step)
         self._print(f"FAIL  {step}: {detail}")
@@ -81,6 +94,36 @@ class CheckReport:
 def _brief(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
     return text[:300]
+
+
+def _spool(config: AgentConfig, report: CheckReport) -> None:
+    """A NOTE on what the spool folder holds, by whose it is (nothing if empty)."""
+    folder = config.resolved_spool_dir()
+    try:
+        found = survey_spool(folder, Origin.of(config.base_url, config.api_key))
+    except OSError as exc:
+        report.note("spool", f"{folder}: cannot be read: {_brief(exc)}")
+        return
+    parts = []
+    if found.mine or found.unmarked:
+        parts.append(f"{found.mine + found.unmarked} result(s) waiting for this server and key")
+    if found.aside:
+        listed = "; ".join(f"{n} of {origin}" for origin, n in sorted(found.aside.items()))
+        parts.append(
+            f"{sum(found.aside.values())} kept for another AC server or API key, "
+            f"not sent by this agent ({listed})"
+        )
+    if found.damaged:
+        parts.append(f"{found.damaged} damaged record(s), answered with an error result at start")
+    if found.quarantined:
+        parts.append(f"{found.quarantined} result(s) in {folder}/quarantine")
+    if parts:
+        hint = (
+            "an agent started on this folder with that --serverUrl and --apiKey delivers them"
+            if found.aside
+            else None
+        )
+        report.note("spool", f"{folder}: " + "; ".join(parts), hint)
 
 
 def _resolve(config: AgentConfig, report: CheckReport) -> bool:
@@ -251,6 +294,7 @@ def run_check(config: AgentConfig, out: TextIO, *, description: Optional[str] = 
     """Run the steps after the configuration; 0 if every one passed, else 1."""
     report = CheckReport(out)
     report.ok("configuration", description or config.describe())
+    _spool(config, report)
     _ = _resolve(config, report) and _connect(config, report) and _authenticate(config, report)
     out.write(("all checks passed" if report.passed else "check FAILED") + "\n")
     out.flush()
