@@ -11,8 +11,11 @@ receives ends in exactly one accepted result*. It owns
   delivered never exceed ``slots + threshold``.
 * **holds**: named reasons to stop taking work (the AC server refused the API
   key, the spool cannot be written, ...). While any hold is set, ``reserve``
-  says no; holds are released by whoever set them, and the spool hold is
-  released by the Ledger itself once a probe write succeeds.
+  says no; holds are released by whoever set them. The spool hold is set
+  when a record cannot be written or a body did not fit, and released by
+  the Ledger itself once the spool has room again for the work fetching
+  brings: one task at a time while it has room for fewer bodies than there
+  are slots (``_watch_spool``).
 * **"spool, then queue"**: ``finished`` writes the result record durably and
   only then queues it for delivery.
 * **both queues**: ``tasks`` (a FIFO the Executor takes from) and ``results``
@@ -113,6 +116,9 @@ class Ledger:
         self._closed = False
         self._woken = False
         self._next_probe = 0.0
+        #: the spool has room for fewer bodies than slots: one task at a time,
+        #: each only once its body fits (``_watch_spool``)
+        self._one_at_a_time = False
         #: keys of delivered results whose spool files are still to be removed
         #: (``remove_delivered``); a ``None`` only wakes the remover
         self._removals: queue.SimpleQueue[Optional[str]] = queue.SimpleQueue()
@@ -120,18 +126,30 @@ class Ledger:
     # ------------------------------------------------------------ the Fetcher's side
     def reserve(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for room for one more task; True = reserved."""
-        self._probe_spool_if_held()
+        deadline = time.monotonic() + timeout
+        self._watch_spool()
         with self._cond:
             ok = self._cond.wait_for(self._has_room, timeout=timeout)
-            if ok and not self._closed and not self._intake_closed:
-                self._executing += 1
+            if not ok or self._closed or self._intake_closed:
+                return False
+            self._executing += 1
+            if not self._one_at_a_time:
                 return True
-            return False
+        # Short of space: the task is taken only if its body fits now (the
+        # look at the disk is made outside the lock).
+        if self._room_for_one(mine=1):
+            return True
+        with self._cond:
+            self._executing -= 1
+            self._cond.notify_all()
+            self._cond.wait(max(0.0, deadline - time.monotonic()))  # a delivery notifies
+        return False
 
     def _has_room(self) -> bool:
         if self._closed or self._intake_closed:
             return True  # wake up: the answer is "no", at once
-        return not self._holds and self._executing < self._slots and self._results < self._threshold
+        slots = 1 if self._one_at_a_time else self._slots
+        return not self._holds and self._executing < slots and self._results < self._threshold
 
     def results_backlogged(self) -> bool:
         """Results waiting for delivery reached ``response_queue_threshold``:
@@ -355,15 +373,69 @@ class Ledger:
         with self._cond:
             return dict(self._holds)
 
-    def _probe_spool_if_held(self) -> None:
-        """While the spool hold is set, try a small write now and then; release on success."""
+    def _watch_spool(self) -> None:
+        """Set the spool hold when a body did not fit; release it once there is room.
+
+        A body that ran out of space (the spool says so: ``take_space_failure``)
+        holds fetching, so no more tasks meet the same full disk. While held,
+        at most every ``SPOOL_PROBE_INTERVAL`` seconds, the hold is released
+        once a probe write works and the file system has room for a body (and
+        its gzip copy, ``ResultSpool.tasks_with_room``), or nothing of the
+        agent's is left in the spool (waiting frees no more space). A small
+        write alone proves only that a few bytes fit: released on that,
+        fetching would pause again at the next body, again and again.
+
+        With room for fewer bodies than there are slots, tasks are taken one
+        at a time, each once its body fits (``reserve``), until there is room
+        for every slot's: so the disk is shared out instead of overrun.
+        """
         now = time.monotonic()
+        shortage = self.spool.take_space_failure()
+        if shortage is not None:
+            with self._cond:
+                self._next_probe = now + self.SPOOL_PROBE_INTERVAL
+            self.hold(SPOOL_HOLD, shortage)
+            return
         with self._cond:
-            if SPOOL_HOLD not in self._holds or now < self._next_probe:
+            held = SPOOL_HOLD in self._holds
+            if not held and not self._one_at_a_time:
+                return
+            if now < self._next_probe:
                 return
             self._next_probe = now + self.SPOOL_PROBE_INTERVAL
-        if self.spool.probe_writable():
+        fit = self.spool.tasks_with_room()
+        every_slot = fit is None or fit >= self._slots
+        if held and not (every_slot or self._room_for_one(fit)):
+            return
+        if held and not self.spool.probe_writable():
+            return
+        with self._cond:
+            changed = self._one_at_a_time != (not every_slot)
+            self._one_at_a_time = not every_slot
+            self._cond.notify_all()
+        if held:
             self.release(SPOOL_HOLD)
+        if changed and not every_slot:
+            log.warning(
+                "the spool folder has room for the bodies of %d task(s), not of every "
+                "executor slot (%d): tasks are taken one at a time until it has",
+                fit or 0,
+                self._slots,
+            )
+        elif changed:
+            log.info("the spool folder has room for every executor slot again")
+
+    def _room_for_one(self, fit: Optional[int] = None, *, mine: int = 0) -> bool:
+        """Whether one more task's body fits in the spool now, or nothing of the
+        agent's is in it (then waiting would bring no more room). ``mine``:
+        reservations of the caller already counted in ``_executing``."""
+        if fit is None:
+            fit = self.spool.tasks_with_room()
+        if fit is None or fit >= 1:
+            return True
+        with self._cond:
+            idle = self._executing == mine and self._results == 0
+        return idle and self.spool.size() == 0
 
     # ------------------------------------------------------------ stop and state
     def close_intake(self) -> None:

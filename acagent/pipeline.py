@@ -259,6 +259,7 @@ class Pipeline:
         the file name is the key. Records of another server or key stay where
         they are, for their own agent (``ResultSpool.recover``)."""
         self.spool.set_origin(Origin.of(self.config.base_url, self.config.api_key))
+        self.spool.max_body = self.config.max_response_bytes  # for the headroom rule
         removed = self.spool.clean_orphans()
         if removed:
             log.info("removed %d orphan file(s) from the spool", removed)

@@ -379,6 +379,25 @@ def read_head(path: Union[str, Path], limit: int) -> bytes:
         os.close(fd)
 
 
+#: the body size the headroom rule assumes until a larger body was seen
+MIN_BODY_BOUND: Final = 1024 * 1024
+
+
+def tasks_that_fit(free: int, largest_body: int, max_body: int) -> int:
+    """How many tasks' bodies ``free`` bytes of spool hold.
+
+    Each task may write a body as large as the largest seen so far (at least
+    ``MIN_BODY_BOUND``, never more than ``max_body``, ``--maxResponseBytes``,
+    when set: a limit says what cannot come, the bodies seen what does), and
+    a gzip copy of it for upload-result, which for data that does not
+    compress is as large again.
+    """
+    bound = max(largest_body, MIN_BODY_BOUND)
+    if max_body > 0:
+        bound = min(bound, max_body)
+    return free // (2 * bound)
+
+
 def body_mismatch(
     size: int, sha256: Optional[str], got_size: int, got_sha256: Optional[str]
 ) -> Optional[str]:
@@ -509,6 +528,8 @@ class ResultSpool:
         # ``largest_body``): set by body writes on any thread, plain values.
         self._space_failure: Optional[str] = None
         self._largest_body = 0
+        #: the largest body a task may write (``--maxResponseBytes``; 0: no limit)
+        self.max_body = 0
         # Keys saved with ``has_body=False`` and no body opened since: ``remove``
         # has no body file to unlink for them.
         self._bodiless: Set[str] = set()
@@ -768,6 +789,12 @@ class ResultSpool:
     def largest_body(self) -> int:
         """The largest body written (or begun) through ``open_body`` so far."""
         return self._largest_body
+
+    def tasks_with_room(self) -> Optional[int]:
+        """How many tasks' bodies the folder's file system has room for now
+        (``tasks_that_fit``); None where free space cannot be known."""
+        free = self.free_bytes()
+        return None if free is None else tasks_that_fit(free, self._largest_body, self.max_body)
 
     def quarantine(self, key: str, reason: str, *, body: Optional[bytes] = None) -> Optional[Path]:
         """Move the record and body of ``key`` into ``quarantine/`` with a reason file.

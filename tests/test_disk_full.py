@@ -5,7 +5,9 @@ test fails, it does not skip, where it cannot mount). Every task is answered
 (an error result says why when its body could not be written), no
 reservation or executor slot leaks, fetching pauses while the spool cannot
 be written, ``/readyz`` says why, work resumes by itself when space returns,
-and SIGTERM stops the agent with exit 0 in that state.
+and SIGTERM stops the agent with exit 0 in that state. A spool too small for
+every executor slot's body is shared out one task at a time: no pausing and
+resuming in turn, and hardly a task answered "no space".
 """
 
 from __future__ import annotations
@@ -14,24 +16,24 @@ import contextlib
 import subprocess
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, List, Optional, Tuple
 
 import pytest
 import requests
 from helpers import WAIT, AgentProcess, make_config, make_pipeline, running, wait_until
 
 from acagent.ledger import SPOOL_HOLD
+from acagent.observers import Observer
 from acagent.testing import FakeACServer, FakeTarget, expected_sha256
 
 BODY = 700_000
 
 
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "small"
+@contextlib.contextmanager
+def _tmpfs(mount: Path, size: str) -> Iterator[Path]:
     mount.mkdir()
     subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs", str(mount)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mount)],
         check=True,
         capture_output=True,
         timeout=30,
@@ -40,6 +42,33 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False, timeout=30)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    with _tmpfs(tmp_path / "small", "6m") as mount:
+        yield mount
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """3 MB: room for the bodies (and gzip copies) of two 700 kB results at most."""
+    with _tmpfs(tmp_path / "tiny", "3m") as mount:
+        yield mount
+
+
+class SpoolHolds(Observer):
+    """Every pause (a message) and resume (None) of fetching for the spool."""
+
+    def __init__(self) -> None:
+        self.changes: List[Tuple[float, Optional[str]]] = []
+
+    def on_hold(self, reason_key: str, message: Optional[str]) -> None:
+        if reason_key != SPOOL_HOLD:
+            return
+        held = message is not None
+        if not self.changes or (self.changes[-1][1] is not None) != held:
+            self.changes.append((time.monotonic(), message))
 
 
 def fill(folder: Path) -> Path:
@@ -123,3 +152,35 @@ def test_sigterm_with_a_full_spool_exits_0_and_answers_every_task(
         assert len(ac.results) == ac.tasks_handed_out
         assert all(r.via == "error" for rs in ac.results.values() for r in rs)
         assert "spool" in agent.output()
+
+
+def test_a_spool_too_small_for_every_slot_is_shared_out_without_flapping(tiny_fs: Path) -> None:
+    """60 bodies of 700 kB through a 3 MB spool and 3 executor slots: once the
+    disk first runs out, fetching pauses until a body fits and then takes one
+    task at a time, each once its body fits. (A 4 kB probe write as the test
+    for resuming paused and resumed fetching again and again, and a body that
+    did not fit held nothing: 31 to 45 of 60 tasks were answered "no space".)
+    """
+    n = 60
+    holds = SpoolHolds()
+    with FakeTarget() as target, FakeACServer() as ac:
+        config = make_config(ac.url, tiny_fs / "spool", executor_pool_size=2)
+        pipeline = make_pipeline(config, observers=[holds])
+        with running(pipeline):
+            ac.add_tasks(_tasks(target, "tiny", n))
+            assert ac.wait_for_results(n, 3 * WAIT), len(ac.results)
+            assert wait_until(lambda: pipeline.ledger.outstanding() == 0, WAIT)
+        no_space = 0
+        for i in range(n):
+            (got,) = ac.results[f"tiny-{i}"]  # every task answered, exactly once
+            if got.via == "error":
+                assert "no space for the response body" in got.fields["output"]
+                no_space += 1
+            else:
+                assert got.body_sha256 == expected_sha256(BODY, i)
+    pauses = [t for t, message in holds.changes if message is not None]
+    resumes = [t for t, message in holds.changes if message is None]
+    # Only the tasks already running when the disk first ran out, at most one per slot.
+    assert no_space <= config.executor_slots, no_space
+    assert len(pauses) <= 2 and len(resumes) == len(pauses), holds.changes
+    assert all(r - p >= pipeline.ledger.SPOOL_PROBE_INTERVAL for p, r in zip(pauses, resumes))

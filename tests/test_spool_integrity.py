@@ -36,6 +36,7 @@ from acagent.spool import (
     origin_verdict,
     survey_spool,
     task_id_in_text,
+    tasks_that_fit,
 )
 from acagent.testing import FakeACServer, FakeTarget, expected_sha256
 
@@ -43,6 +44,7 @@ KEY_A = "key-of-agent-a"
 KEY_B = "key-of-agent-b"
 #: long enough to outlast any wait of a test: the server refuses until told otherwise
 REFUSE_FOR = 600.0
+MIB = 1024 * 1024
 
 
 def _tasks(target: FakeTarget, prefix: str, n: int, size: int) -> List[Dict[str, str]]:
@@ -332,3 +334,18 @@ def test_body_mismatch(
 ) -> None:
     found = body_mismatch(size, sha, got_size, got_sha)
     assert found == problem if problem is None else (found is not None and problem in found)
+
+
+@pytest.mark.parametrize(
+    ("free", "largest", "max_body", "fit"),
+    [
+        (3_000_000, 700_000, 0, 1),  # a body is assumed 1 MiB until a larger one came
+        (4 * MIB, 0, 0, 2),
+        (4 * MIB, 2 * MIB, 0, 1),  # the largest body seen, and its gzip copy
+        (4 * MIB, 2 * MIB, MIB // 2, 4),  # never more than --maxResponseBytes
+        (4 * MIB, 0, 100, 4 * MIB // 200),
+        (0, 0, 0, 0),
+    ],
+)
+def test_tasks_that_fit(free: int, largest: int, max_body: int, fit: int) -> None:
+    assert tasks_that_fit(free, largest, max_body) == fit
