@@ -38,6 +38,7 @@ one saved: its length, and its sha256 where one was recorded.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import fcntl
@@ -55,6 +56,7 @@ from typing import (
     Any,
     BinaryIO,
     Callable,
+    Deque,
     Dict,
     Final,
     Iterator,
@@ -72,16 +74,19 @@ from .errors import SpoolLockedError
 __all__ = [
     "QUARANTINE_DIR",
     "SPOOL_ERRNOS",
+    "SPOOL_FIELD",
     "Origin",
     "Record",
     "Recovery",
     "ResultSpool",
     "SpoolSurvey",
+    "body_mismatch",
     "origin_verdict",
     "read_head",
     "spool_error_reason",
     "survey_spool",
     "task_id_in_text",
+    "tasks_that_fit",
 ]
 
 log = logging.getLogger("acagent.spool")
@@ -99,11 +104,7 @@ _CORRUPT: Final = ".json.corrupt"
 #: sub-folder for results the AC server refused for good (kept for a human)
 QUARANTINE_DIR: Final = "quarantine"
 #: the files ``quarantine`` moves, and their names in ``quarantine/<key>/``
-_QUARANTINED: Final = (
-    (".json", "record.json"),
-    (".json.corrupt", "record.json.corrupt"),
-    (".body", "body"),
-)
+_QUARANTINED: Final = ((_RECORD, "record.json"), (_CORRUPT, "record.json.corrupt"), (_BODY, "body"))
 #: the lock file that keeps a second agent off the folder
 LOCK_FILE: Final = ".lock"
 
@@ -147,7 +148,7 @@ SPOOL_FIELD: Final = "spool"
 #: mixed into the API key's digest, so the digest names the key for this use only
 _KEY_DIGEST_SALT: Final = b"acagent spool origin v1\x00"
 #: the origin as ``_encode`` writes it (compact JSON, keys in this order);
-#: what ``origin_in_text`` finds in a record that no longer parses
+#: what ``_origin_in_text`` finds in a record that no longer parses
 _ORIGIN_RE: Final = re.compile(
     r'"spool":\{"server":("(?:[^"\\]|\\.)*"),"keyDigest":("(?:[^"\\]|\\.)*")'
 )
@@ -321,7 +322,7 @@ def _parse(raw: bytes) -> Optional[Record]:
 _CREATE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY | _O_NOFOLLOW
 _READ_FLAGS: Final = os.O_RDONLY | _O_BINARY
 #: bytes read at a time from a file of unknown size (a body being hashed)
-CHUNK: Final = 256 * 1024
+_CHUNK: Final = 256 * 1024
 
 
 def _create_private(path: Union[str, Path]) -> int:
@@ -348,7 +349,7 @@ def _read_fd(fd: int, limit: Optional[int] = None) -> bytes:
     parts: List[bytes] = []
     left = limit
     while left is None or left > 0:
-        part = os.read(fd, CHUNK if left is None else left)
+        part = os.read(fd, _CHUNK if left is None else left)
         if not part:
             break
         parts.append(part)
@@ -381,12 +382,14 @@ def read_head(path: Union[str, Path], limit: int) -> bytes:
 
 #: the body size the headroom rule assumes until a larger body was seen
 MIN_BODY_BOUND: Final = 1024 * 1024
+#: how many of the latest bodies the headroom rule takes the largest of
+RECENT_BODIES: Final = 64
 
 
 def tasks_that_fit(free: int, largest_body: int, max_body: int) -> int:
     """How many tasks' bodies ``free`` bytes of spool hold.
 
-    Each task may write a body as large as the largest seen so far (at least
+    Each task may write a body as large as the largest seen lately (at least
     ``MIN_BODY_BOUND``, never more than ``max_body``, ``--maxResponseBytes``,
     when set: a limit says what cannot come, the bodies seen what does), and
     a gzip copy of it for upload-result, which for data that does not
@@ -525,9 +528,11 @@ class ResultSpool:
         self._origin: Optional[Origin] = None
         self._origin_field: Dict[str, str] = {}
         # What the ledger asks while the disk is short (``take_space_failure``,
-        # ``largest_body``): set by body writes on any thread, plain values.
+        # ``largest_body``): set by body writes on any thread (an attribute
+        # swap and a bounded deque's append are atomic, and max() over ints
+        # never lets go of the GIL midway).
         self._space_failure: Optional[str] = None
-        self._largest_body = 0
+        self._recent_bodies: Deque[int] = collections.deque(maxlen=RECENT_BODIES)
         #: the largest body a task may write (``--maxResponseBytes``; 0: no limit)
         self.max_body = 0
         # Keys saved with ``has_body=False`` and no body opened since: ``remove``
@@ -613,14 +618,14 @@ class ResultSpool:
         def closed(sha256: str, size: int) -> None:
             self._body_sums[key] = sha256
             self._synced_bodies.add(key)
-            self._largest_body = max(self._largest_body, size)
+            self._recent_bodies.append(size)
 
         return cast(BinaryIO, BodyFile(fd, closed, self._note_body_failure))
 
     def _note_body_failure(self, exc: OSError, size: int) -> None:
         """A body write failed at ``size`` bytes: the body was at least that
         large; a full disk is told to the ledger (``take_space_failure``)."""
-        self._largest_body = max(self._largest_body, size)
+        self._recent_bodies.append(size)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             self._space_failure = spool_error_reason(exc) + f": {self._dir}"
 
@@ -787,14 +792,15 @@ class ResultSpool:
 
     @property
     def largest_body(self) -> int:
-        """The largest body written (or begun) through ``open_body`` so far."""
-        return self._largest_body
+        """The largest of the last ``RECENT_BODIES`` bodies written (or begun)
+        through ``open_body``: one huge body does not shape the rest of the run."""
+        return max(self._recent_bodies, default=0)
 
     def tasks_with_room(self) -> Optional[int]:
         """How many tasks' bodies the folder's file system has room for now
         (``tasks_that_fit``); None where free space cannot be known."""
         free = self.free_bytes()
-        return None if free is None else tasks_that_fit(free, self._largest_body, self.max_body)
+        return None if free is None else tasks_that_fit(free, self.largest_body, self.max_body)
 
     def quarantine(self, key: str, reason: str, *, body: Optional[bytes] = None) -> Optional[Path]:
         """Move the record and body of ``key`` into ``quarantine/`` with a reason file.
@@ -971,7 +977,7 @@ class ResultSpool:
                 return body_mismatch(size, sha256, got_size, None)
             digest = hashlib.sha256()
             while True:
-                chunk = os.read(fd, CHUNK)
+                chunk = os.read(fd, _CHUNK)
                 if not chunk:
                     break
                 digest.update(chunk)

@@ -28,6 +28,7 @@ from acagent.spool import (
     MINE,
     OTHER,
     QUARANTINE_DIR,
+    RECENT_BODIES,
     SPOOL_FIELD,
     UNMARKED,
     Origin,
@@ -349,3 +350,22 @@ def test_body_mismatch(
 )
 def test_tasks_that_fit(free: int, largest: int, max_body: int, fit: int) -> None:
     assert tasks_that_fit(free, largest, max_body) == fit
+
+
+def test_the_largest_body_is_that_of_the_latest_bodies(tmp_path: Path) -> None:
+    """One huge body shapes the headroom rule for the next bodies only."""
+    spool = ResultSpool(tmp_path / "spool")
+
+    def write(size: int) -> None:
+        key = new_result_key()
+        with spool.open_body(key) as body:
+            body.write(b"b" * size)
+        spool.discard_body(key)
+
+    write(50_000)
+    assert spool.largest_body == 50_000
+    for _ in range(RECENT_BODIES - 1):
+        write(10)
+    assert spool.largest_body == 50_000
+    write(10)
+    assert spool.largest_body == 10
