@@ -156,10 +156,10 @@ def test_sigterm_with_a_full_spool_exits_0_and_answers_every_task(
 
 def test_a_spool_too_small_for_every_slot_is_shared_out_without_flapping(tiny_fs: Path) -> None:
     """60 bodies of 700 kB through a 3 MB spool and 3 executor slots: once the
-    disk first runs out, fetching pauses until a body fits and then takes one
-    task at a time, each once its body fits. (A 4 kB probe write as the test
-    for resuming paused and resumed fetching again and again, and a body that
-    did not fit held nothing: 31 to 45 of 60 tasks were answered "no space".)
+    disk first runs out, fetching pauses until a body fits, then takes one
+    task at a time, each once its body fits. Only the tasks already running
+    when the disk first ran out are answered "no space"; fetching is paused
+    and resumed once, not again and again.
     """
     n = 60
     holds = SpoolHolds()
