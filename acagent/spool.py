@@ -169,9 +169,16 @@ class Origin:
     @classmethod
     def of(cls, server_url: str, api_key: str) -> Origin:
         """The origin of an agent: its server URL normalised (no trailing slash,
-        userinfo, query or fragment; host in lower case) and its key's digest."""
+        userinfo, query, fragment or default port; host in lower case) and its
+        key's digest."""
         digest = hashlib.sha256(_KEY_DIGEST_SALT + api_key.encode("utf-8")).hexdigest()
-        return cls(safe_url(server_url.rstrip("/")).rstrip("/"), "sha256:" + digest[:16])
+        server = safe_url(server_url.rstrip("/")).rstrip("/")
+        scheme, _, rest = server.partition("://")
+        host, slash, path = rest.partition("/")
+        default_port = {"https": ":443", "http": ":80"}.get(scheme)
+        if default_port and host.endswith(default_port):
+            server = f"{scheme}://{host[: -len(default_port)]}{slash}{path}"
+        return cls(server, "sha256:" + digest[:16])
 
     def __str__(self) -> str:
         return f"{self.server} (key {self.key_digest})"

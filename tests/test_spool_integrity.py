@@ -288,6 +288,10 @@ def test_origin_verdict(
         ("https://ac.example.com", "https://ac.example.com"),
         ("https://user:pw@ac.example.com:8443/base/?q=1#f", "https://ac.example.com:8443/base"),
         ("http://127.0.0.1:9000", "http://127.0.0.1:9000"),
+        ("https://ac.example.com:443/base/", "https://ac.example.com/base"),
+        ("http://ac.example.com:80", "http://ac.example.com"),
+        ("http://ac.example.com:443", "http://ac.example.com:443"),
+        ("https://[::1]:443", "https://[::1]"),
     ],
 )
 def test_origin_server_is_normalised(url: str, server: str) -> None:
