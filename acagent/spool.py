@@ -326,8 +326,13 @@ def _parse(raw: bytes) -> Optional[Record]:
 
 # ---------------------------------------------------------------------------- files
 
+#: what ``check_body`` says of a body file that is a symbolic link (planted:
+#: the agent never makes one), whatever it points to
+LINKED_BODY: Final = "the body file is a symbolic link, not a file the agent wrote"
+
 _CREATE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY | _O_NOFOLLOW
-_READ_FLAGS: Final = os.O_RDONLY | _O_BINARY
+#: a symbolic link in the place of a spool file is refused (ELOOP), never followed
+_READ_FLAGS: Final = os.O_RDONLY | _O_BINARY | _O_NOFOLLOW
 #: bytes read at a time from a file of unknown size (a body being hashed)
 _CHUNK: Final = 256 * 1024
 
@@ -977,7 +982,12 @@ class ResultSpool:
         if data is not None:
             got = hashlib.sha256(data).hexdigest() if sha256 is not None else None
             return body_mismatch(size, sha256, len(data), got)
-        fd = _open_read(path)
+        try:
+            fd = _open_read(path)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            return LINKED_BODY
         try:
             got_size = os.fstat(fd).st_size
             if got_size != size or sha256 is None:

@@ -47,6 +47,7 @@ return how it went). For subclasses: ``breaker``, ``compress(source, target)``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -75,7 +76,7 @@ from .models import (
     upload_task_part,
 )
 from .retry import ONE_ATTEMPT
-from .spool import read_head
+from .spool import LINKED_BODY, read_head
 from .stage import Stage, StageContext
 
 log = logging.getLogger("acagent.uploader")
@@ -414,6 +415,10 @@ class Uploader(Stage):
                 body = read_head(result.body_path, INLINE_BODY_LIMIT + 1)
             except FileNotFoundError:
                 return self._deliver_lost(result)
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                raise BodyMismatch(LINKED_BODY) from None
             self._check_body(result, body)
             client.put_result(inline_payload(result, version, body), policy=ONE_ATTEMPT)
             return "inline"

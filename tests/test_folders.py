@@ -19,12 +19,13 @@ from typing import Dict, List, Optional
 import pytest
 from helpers import WAIT, make_config, make_pipeline, running
 from test_path_flags import assert_one_line_exit_2, closed_port_url
+from test_spool_integrity import _leave_results_in_spool, _tasks
 
 from acagent import folders
 from acagent.config import AgentConfig
 from acagent.errors import ConfigError
 from acagent.logs import OwnFileHandler, zip_logs
-from acagent.testing import FakeACServer
+from acagent.testing import FakeACServer, FakeTarget
 
 OTHER_UID = 12345
 SECRET = "aws_secret_access_key = not-for-the-server\n"
@@ -229,6 +230,26 @@ def test_fetch_logs_leaves_a_planted_symlink_out(
     assert [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()] == [
         f"fetch-logs: skipped {log_dir / 'app_log_prod.log.2026-12-01'}: not a regular file"
     ]
+
+
+@pytest.mark.parametrize("size", [100_000, 700_000], ids=["inline", "upload-result"])
+def test_a_body_file_replaced_by_a_symlink_is_never_uploaded(tmp_path: Path, size: int) -> None:
+    victim = _victim(tmp_path)
+    spool = tmp_path / "spool"
+    with FakeTarget() as target, FakeACServer() as ac:
+        _leave_results_in_spool(ac, spool, "k", _tasks(target, "planted", 1, size))
+        (body,) = spool.glob("*.body")
+        body.unlink()
+        body.symlink_to(victim)
+        with running(make_pipeline(make_config(ac.url, spool))):
+            assert ac.wait_for_results(1, WAIT)
+        (got,) = ac.results["planted-0"]
+        uploaded = [r.body for r in ac.all_results()]
+    assert got.via == "error" and "symbolic link" in got.fields["output"]
+    assert all(SECRET.encode() not in (b or b"") for b in uploaded)
+    _untouched(victim)
+    (folder,) = (spool / "quarantine").iterdir()
+    assert (folder / "body").is_symlink()  # moved aside as it is, not followed
 
 
 # -- the earlier default location ---------------------------------------------
