@@ -80,7 +80,10 @@ def test_kill_9_at_random_moments_loses_no_task(tmp_path: Path) -> None:
             # The held get-task of the dead process ends empty before tasks return.
             assert ac.wait_for(lambda: ac.arrivals("get-task") == ac.count("get-task"), WAIT)
             ac.requeue(withdrawn)
+        before = ac.arrivals("get-task")
         with AgentProcess(ac.url, spool, tmp_path / "final.log", flags) as agent:
+            # up and polling (its signal handlers are in place) before it may be stopped
+            assert ac.wait_for(lambda: ac.arrivals("get-task") > before, WAIT), agent.output()
             assert wait_until(
                 lambda: ac.pending_tasks() == 0
                 and set(ac.results) >= set(ac.handed_out_ids())
