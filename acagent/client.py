@@ -780,8 +780,8 @@ def _unread_task(reply: ACReply) -> AgentError:
 #: a document's structure (numbers and literals are skipped over)
 _JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|["{}\[\]]')
 _KEY_END = re.compile(r"\s*:")
-#: a complete id value: a string or a whole number, then what ends a member
-_ID_VALUE = re.compile(r'\s*("(?:[^"\\]|\\.)*"|-?\d+)\s*[,}]')
+#: a complete id value: a whole string, or a whole number (what follows it shows it whole)
+_ID_VALUE = re.compile(r'\s*("(?:[^"\\]|\\.)*"|-?\d+(?=[\s,}]))')
 
 
 def task_id_in_head(head: bytes) -> Optional[str]:
@@ -823,6 +823,8 @@ def task_id_in_head(head: bytes) -> Optional[str]:
 
 
 def _usable_task_id(value: Any) -> Optional[str]:
+    if isinstance(value, str) and "\ufffd" in value:
+        return None  # bytes that are not UTF-8: not the id the server meant
     try:
         Task.parse({"taskId": value})
     except TaskError as exc:
