@@ -261,7 +261,10 @@ class ACTransport:
         whole = False
         try:
             reply = self._read(
-                raw.status, raw.headers, request_headers, lambda: raw.stream(READ_SIZE)
+                raw.status,
+                raw.headers,
+                request_headers,
+                lambda: raw.stream(READ_SIZE, decode_content=True),
             )
             whole = reply.unread is None
         finally:

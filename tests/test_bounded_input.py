@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import signal
@@ -63,6 +64,16 @@ def gzip_task(task_id: Optional[str], decoded: int) -> bytes:
     parts.append(comp.compress(b'"}}'))
     parts.append(comp.flush())
     return b"".join(parts)
+
+
+def chunked(body: bytes, size: int = 8192) -> bytes:
+    """``body`` in HTTP/1.1 chunked framing (the fake server adds a Content-Length,
+    which a chunked reply's reader ignores)."""
+    parts = [
+        b"%x\r\n%s\r\n" % (len(body[i : i + size]), body[i : i + size])
+        for i in range(0, len(body), size)
+    ]
+    return b"".join(parts) + b"0\r\n\r\n"
 
 
 # ---------------------------------------------------------------------------
@@ -250,6 +261,11 @@ BIG_REPLIES = {
     "plain": (task_json("big-1", 6 * MB), {}, True),
     "plain-just-over": (task_json("big-1", MAX_REPLY_BYTES), {}, False),
     "gzip": (gzip_task("big-1", 64 * MB), {"Content-Encoding": "gzip"}, False),
+    "gzip-chunked": (
+        chunked(gzip_task("big-1", 128 * MB)),
+        {"Content-Encoding": "gzip", "Transfer-Encoding": "chunked"},
+        True,
+    ),
 }
 
 
@@ -283,6 +299,23 @@ def test_get_task_over_the_cap_without_its_id_first_is_an_unread_reply(
     ac.add_raw_reply(200, gzip_task(None, 64 * MB), {"Content-Encoding": "gzip"})
     with pytest.raises(UnreadReplyError, match=f"^get-task: {OVER_CAP}$"):
         client.get_task()
+
+
+@pytest.mark.parametrize("framing", ["plain", "gzip", "deflate", "gzip-chunked", "chunked"])
+def test_replies_under_the_cap_are_decoded_and_parsed(
+    ac: FakeACServer, client: ACClient, framing: str
+) -> None:
+    body = task_json("small", 100_000)
+    headers: Dict[str, str] = {}
+    if framing.startswith("gzip"):
+        body, headers = gzip.compress(body), {"Content-Encoding": "gzip"}
+    elif framing == "deflate":
+        body, headers = zlib.compress(body), {"Content-Encoding": "deflate"}
+    if framing.endswith("chunked"):
+        body, headers = chunked(body), {**headers, "Transfer-Encoding": "chunked"}
+    ac.add_raw_reply(200, body, headers)
+    got = client.get_task()
+    assert got is not None and got.task_id == "small" and got.input == "0" * 100_000
 
 
 def test_a_reply_of_exactly_the_cap_is_read_whole(ac: FakeACServer, client: ACClient) -> None:
