@@ -1,4 +1,4 @@
-"""The AC exchange on the wire: one request sent on a kept-alive pool, the whole reply read.
+"""The AC exchange on the wire: one request sent on a kept-alive pool, its reply read (capped).
 
 Every AC call has the same shape: a fixed method and URL, the same headers,
 the same proxy, TLS settings and connection pool. ``requests.Session.request``
@@ -14,15 +14,20 @@ A session whose adapter is not an ``HTTPAdapter`` (a test's
 ``requests_mock.Adapter``, a caller's own transport) goes through
 ``adapter.send`` instead; the reply is the same ``ACReply`` either way.
 
-For callers: ``send``. The reply is read completely before ``send`` returns,
-so the connection is back in its pool and the AC permit can be released.
+For callers: ``send``. The reply is read before ``send`` returns, so the
+connection is back in its pool and the AC permit can be released. Nothing
+the server (or a proxy on the way) sends is read without a bound: the body
+is streamed and decoded ``READ_SIZE`` bytes at a time, and one that decodes
+past ``MAX_REPLY_BYTES``, or that has a Content-Encoding the request did not
+accept, is not read further; its connection is closed, not reused half-read,
+and ``ACReply.unread`` says why.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
-from typing import Any, Dict, Mapping, Optional, Tuple, Type, Union, cast
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Type, Union, cast
 
 import requests
 import urllib3
@@ -32,7 +37,26 @@ from urllib3.connectionpool import HTTPConnectionPool
 
 from .boundedcache import remember
 
-__all__ = ["NETWORK_ERRORS", "ACReply", "ACTransport", "is_stale_reset"]
+__all__ = [
+    "MAX_REPLY_BYTES",
+    "NETWORK_ERRORS",
+    "ACReply",
+    "ACTransport",
+    "is_stale_reset",
+    "read_capped",
+    "unaccepted_codings",
+]
+
+#: the most decoded bytes of one AC reply the agent reads: a task with its
+#: request body is far smaller, and every other reply is a small JSON object
+#: or a body that is never parsed (put-result, upload-result, upload-logs)
+MAX_REPLY_BYTES = 4 * 1024 * 1024
+#: of a reply over ``MAX_REPLY_BYTES``, the first bytes kept (``ACReply.content``):
+#: enough for an error message and for a get-task reply's ``taskId``
+REPLY_HEAD_BYTES = 64 * 1024
+#: decoded bytes asked of urllib3 per read; urllib3 >= 2.6 decodes no more
+#: than that per read, so a gzip bomb never expands in memory past it
+READ_SIZE = 64 * 1024
 
 #: what a failed exchange raises, whichever path sent it (urllib3 wraps socket
 #: errors; a bare ``OSError`` is the agent's own, e.g. a body file it cannot read)
@@ -78,15 +102,60 @@ def is_stale_reset(exc: BaseException) -> bool:
     return False
 
 
+def unaccepted_codings(accept_encoding: str, content_encoding: str) -> List[str]:
+    """The content codings of a reply that its request's Accept-Encoding did not accept.
+
+    ``identity`` is always acceptable, ``*`` accepts any coding, one named
+    with ``q=0`` is refused, and ``x-gzip`` is ``gzip`` (RFC 9110 12.5.3, 8.4.1.3).
+    """
+
+    def coding(item: str) -> str:
+        name = item.strip().lower()
+        return "gzip" if name == "x-gzip" else name
+
+    accepted = {"identity"}
+    for item in accept_encoding.split(","):
+        name, _, params = item.partition(";")
+        quality = params.replace(" ", "").lower()
+        if quality.startswith("q=") and quality[2:].strip("0.") == "":
+            continue  # q=0: "not acceptable"
+        accepted.add(coding(name))
+    codings = [coding(item) for item in content_encoding.split(",") if item.strip()]
+    return [] if "*" in accepted else [c for c in codings if c not in accepted]
+
+
+def read_capped(pieces: Iterable[bytes], cap: int) -> Tuple[bytes, bool]:
+    """The body from its decoded ``pieces``, and False; or, as soon as it grows
+    past ``cap`` bytes, its first ``REPLY_HEAD_BYTES`` bytes and True."""
+    body = bytearray()
+    for piece in pieces:
+        body += piece
+        if len(body) > cap:
+            return bytes(body[:REPLY_HEAD_BYTES]), True
+    return bytes(body), False
+
+
 class ACReply:
-    """A complete AC reply: status, headers (case-insensitive) and body bytes."""
+    """An AC reply: status, headers (case-insensitive) and the decoded body bytes.
 
-    __slots__ = ("content", "headers", "status_code")
+    ``unread`` is None when ``content`` is the whole body. Otherwise it says
+    why the body was not read whole, and ``content`` holds at most its first
+    ``REPLY_HEAD_BYTES`` bytes (none when its Content-Encoding was refused).
+    """
 
-    def __init__(self, status_code: int, headers: Mapping[str, str], content: bytes) -> None:
+    __slots__ = ("content", "headers", "status_code", "unread")
+
+    def __init__(
+        self,
+        status_code: int,
+        headers: Mapping[str, str],
+        content: bytes,
+        unread: Optional[str] = None,
+    ) -> None:
         self.status_code = status_code
         self.headers = headers
         self.content = content
+        self.unread = unread
 
     @property
     def text(self) -> str:
@@ -106,9 +175,15 @@ class ACTransport:
     """
 
     def __init__(
-        self, session: requests.Session, probe_url: str, proxies: Optional[Mapping[str, str]]
+        self,
+        session: requests.Session,
+        probe_url: str,
+        proxies: Optional[Mapping[str, str]],
+        *,
+        max_reply_bytes: int = MAX_REPLY_BYTES,
     ) -> None:
         self.session = session
+        self.max_reply_bytes = max_reply_bytes
         self._probe_url = probe_url
         self._proxies = dict(proxies or {})
         self._defaults: Optional[Tuple[Dict[str, str], Dict[str, str], Union[bool, str]]] = None
@@ -142,7 +217,9 @@ class ACTransport:
         """Send one request (no redirect followed, no cookie kept) and read the reply.
 
         ``verify`` True means the CA bundle of the environment, if any.
-        Raises one of ``NETWORK_ERRORS`` when the exchange fails.
+        Raises one of ``NETWORK_ERRORS`` when the exchange fails. A body the
+        transport will not read whole (see ``ACReply.unread``) is no error here:
+        the caller decides, since some replies are judged by their status alone.
         """
         base_headers, proxies, env_verify = self._settings()
         if verify is True:
@@ -157,10 +234,16 @@ class ACTransport:
         adapter = self.session.get_adapter(url)
         if not isinstance(adapter, HTTPAdapter):
             prepared.headers = CaseInsensitiveDict(request_headers)
-            reply = adapter.send(
-                prepared, stream=False, timeout=timeout, verify=verify, proxies=proxies
+            response = adapter.send(
+                prepared, stream=True, timeout=timeout, verify=verify, proxies=proxies
             )
-            return ACReply(reply.status_code, reply.headers, reply.content)
+            with response:  # closes (never pools) a connection left half-read
+                return self._read(
+                    response.status_code,
+                    response.headers,
+                    request_headers,
+                    lambda: response.iter_content(READ_SIZE),
+                )
         pool = self._pool(adapter, prepared, verify, proxies)
         raw = pool.urlopen(
             method,
@@ -169,13 +252,51 @@ class ACTransport:
             headers=request_headers,
             redirect=False,
             assert_same_host=False,
-            preload_content=True,
+            preload_content=False,
             decode_content=True,
             retries=False,
             timeout=self._timeout(timeout),
             chunked=False,
         )
-        return ACReply(raw.status, raw.headers, raw.data)
+        whole = False
+        try:
+            reply = self._read(
+                raw.status,
+                raw.headers,
+                request_headers,
+                lambda: raw.stream(READ_SIZE, decode_content=True),
+            )
+            whole = reply.unread is None
+        finally:
+            if not whole:
+                raw.close()  # left half-read (or the read failed): never reused
+            raw.release_conn()  # the pool's slot back, the connection open only if read whole
+        return reply
+
+    def _read(
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        request_headers: Mapping[str, str],
+        pieces: Callable[[], Iterable[bytes]],
+    ) -> ACReply:
+        """The reply, its body read (decoded) from ``pieces()`` up to the cap."""
+        refused = unaccepted_codings(
+            request_headers.get("Accept-Encoding", ""), headers.get("Content-Encoding", "")
+        )
+        if refused:
+            return ACReply(
+                status,
+                headers,
+                b"",
+                f"has Content-Encoding {', '.join(refused)!r}, which the agent did not ask for",
+            )
+        content, over = read_capped(pieces(), self.max_reply_bytes)
+        if over:
+            return ACReply(
+                status, headers, content, f"decodes to more than {self.max_reply_bytes} bytes"
+            )
+        return ACReply(status, headers, content)
 
     def _pool(
         self,

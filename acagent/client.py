@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -46,9 +47,11 @@ from .errors import (
     ACConnectionError,
     ACHTTPError,
     ACRateLimitError,
+    AgentError,
     AgentStopping,
     BadReplyError,
     TaskError,
+    UnreadReplyError,
     UploadURLRefused,
 )
 from .logs import scrub_text
@@ -544,7 +547,9 @@ class ACClient:
         Returns the task, or None when the server has none. Raises
         ``BadReplyError`` for a reply the protocol does not allow, ``TaskError``
         (with ``raw`` set) for a malformed task, and ``ACError`` subclasses for
-        HTTP and network failures.
+        HTTP and network failures. A reply not read whole (over the reply
+        cap, see ``actransport.py``) is a malformed task when its first bytes
+        name the task's id, else an ``UnreadReplyError``.
         """
         params = {"agentId": self.agent_id, "agentVersion": self.version}
         if self.config.env_name:
@@ -554,7 +559,11 @@ class ACClient:
             reply = self._exchange("get-task", FETCH, timeout=self._json_timeout(), params=params)
         finally:
             self._fetching_thread = None
-        if reply.status_code == 204 or not reply.content.strip():
+        if reply.status_code == 204:
+            return None
+        if reply.unread is not None:
+            raise _unread_task(reply)
+        if not reply.content.strip():
             return None
         data = _json_data(reply, "get-task")
         if data is None:
@@ -746,6 +755,8 @@ def _check_s3_status(reply: requests.Response) -> None:
 
 
 def _json_data(reply: ACReply, endpoint: str) -> Any:
+    if reply.unread is not None:
+        raise UnreadReplyError(f"{endpoint}: reply {reply.unread}")
     try:
         body = reply.json()
     except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
@@ -753,3 +764,69 @@ def _json_data(reply: ACReply, endpoint: str) -> Any:
     if not isinstance(body, dict):
         raise BadReplyError(f"{endpoint}: reply must be a JSON object, got {type(body).__name__}")
     return body.get("data")
+
+
+def _unread_task(reply: ACReply) -> AgentError:
+    """What a get-task reply not read whole is: a malformed task if its first
+    bytes name the task's id (so the task can be answered), else a bad reply."""
+    error = UnreadReplyError(f"get-task: reply {reply.unread}")
+    task_id = task_id_in_head(reply.content)
+    if task_id is None:
+        return error
+    return TaskError(str(error), task_id=task_id, raw={"taskId": task_id})
+
+
+#: a JSON string (whole), or a quote, bracket or brace: the tokens that give
+#: a document's structure (numbers and literals are skipped over)
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|["{}\[\]]')
+_KEY_END = re.compile(r"\s*:")
+#: a complete id value: a whole string, or a whole number (what follows it shows it whole)
+_ID_VALUE = re.compile(r'\s*("(?:[^"\\]|\\.)*"|-?\d+(?=[\s,}]))')
+
+
+def task_id_in_head(head: bytes) -> Optional[str]:
+    """The usable ``data.taskId`` of a get-task reply's first bytes, if they hold it whole.
+
+    Only the member ``taskId`` of the object under the top-level ``data`` key
+    counts (not one inside the task's headers or body), and only a complete
+    value; the id rules are those of ``Task.parse``.
+    """
+    text = head.decode("utf-8", "replace")
+    under: List[Optional[str]] = []  # the key each open container is under
+    key: Optional[str] = None  # the last key read in the innermost container
+    pos = 0
+    try:
+        while True:
+            token = _JSON_TOKEN.search(text, pos)
+            if token is None or token.group() == '"':
+                return None  # the end, or a string the head cuts off
+            pos = token.end()
+            kind = token.group()[0]
+            if kind in "{[":
+                under.append(key)
+                key = None
+            elif kind in "}]":
+                if not under:
+                    return None
+                under.pop()
+                key = None
+            else:
+                colon = _KEY_END.match(text, pos)
+                if colon is None:
+                    continue  # a string value
+                key = json.loads(token.group())
+                if key == "taskId" and under == [None, "data"]:
+                    value = _ID_VALUE.match(text, colon.end())
+                    return None if value is None else _usable_task_id(json.loads(value[1]))
+    except ValueError:  # a bad escape, an absurdly long number
+        return None
+
+
+def _usable_task_id(value: Any) -> Optional[str]:
+    if isinstance(value, str) and "\ufffd" in value:
+        return None  # bytes that are not UTF-8: not the id the server meant
+    try:
+        Task.parse({"taskId": value})
+    except TaskError as exc:
+        return exc.task_id  # set only when the id itself passed Task.parse's rules
+    return None  # not reached: a task without a url never parses

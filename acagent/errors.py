@@ -75,6 +75,11 @@ class BadReplyError(ACError):
     """The AC server answered 2xx with a body the protocol does not allow."""
 
 
+class UnreadReplyError(BadReplyError):
+    """A 2xx reply whose body the agent would not read whole: it decodes past
+    the reply cap, or has a Content-Encoding the agent did not ask for."""
+
+
 class UploadURLRefused(BadReplyError):
     """A presigned upload URL the upload policy refuses (scheme, internal address)."""
 

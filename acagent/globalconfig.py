@@ -8,12 +8,16 @@ attributes from a foreign thread.
 ``GlobalConfigObserver`` is the observer that applies a task's
 ``globalConfig`` (PROTOCOL.md): each key only if present, valid and
 changed. Today's agent resets the settings a server leaves out: a bug not
-copied. Unknown keys are ignored silently (newer servers may add some).
+copied. Unknown keys are ignored silently (newer servers may add some). A
+value of the wrong type or out of range (``value_problem``: the ranges of
+the matching flags) is logged in one line, once until it changes, and the
+other keys are applied all the same.
 """
 
 from __future__ import annotations
 
 import logging
+import reprlib
 import threading
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
@@ -24,6 +28,30 @@ log = logging.getLogger("acagent.globalconfig")
 
 #: a TLS ``verify`` value as requests takes it: a bool or a CA bundle path
 Verify = Union[bool, str]
+
+#: the globalConfig keys that are switches
+BOOL_KEYS = ("debugMode", "verifyCert", "uploadToAC")
+#: the whole-number keys and their ranges: those AgentConfig.validate gives
+#: the matching settings (poolSize: executor_pool_size, rateLimitPerMin:
+#: rate_limit_per_min), so the server cannot set what a flag may not
+INT_RANGES = {"poolSize": (1, 2000), "rateLimitPerMin": (0, 10_000_000)}
+
+
+def value_problem(key: str, value: Any) -> Optional[str]:
+    """Why ``value`` is not a usable value of the globalConfig ``key``, or None
+    (an unknown key has none: it is ignored)."""
+    if key in BOOL_KEYS:
+        return None if isinstance(value, bool) else "must be true or false"
+    if key in INT_RANGES:
+        low, high = INT_RANGES[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            return f"must be a whole number from {low} to {high}"
+    return None
+
+
+#: shows a value in a log line: a 400-digit number or a long string, shortened
+_shown = reprlib.Repr()
+_shown.maxlong = _shown.maxstring = 40
 
 
 class RuntimeSettings:
@@ -89,7 +117,8 @@ class GlobalConfigObserver(Observer):
         self._on_verify = on_verify
         self._on_pool_size = on_pool_size
         self._on_rate = on_rate
-        self._applied: Dict[str, Any] = {}
+        #: the value each key had last (applied, or refused and logged)
+        self._seen: Dict[str, Any] = {}
         self._lock = threading.Lock()
 
     def on_task_fetched(self, task: Any) -> None:
@@ -100,43 +129,39 @@ class GlobalConfigObserver(Observer):
     def apply(self, settings: Mapping[str, Any]) -> None:
         with self._lock:  # one fetcher calls this, but a library user may too
             for key, value in settings.items():
-                if key in self._applied and self._applied[key] == value:
+                if key in self._seen and _same(self._seen[key], value):
+                    continue  # applied already, or refused and logged already
+                self._seen[key] = value
+                problem = value_problem(key, value)
+                if problem is not None:
+                    log.warning("globalConfig %s=%s ignored: %s", key, _shown.repr(value), problem)
                     continue
-                if not self._apply_one(key, value):
-                    log.warning("globalConfig %s=%r ignored (wrong type or range)", key, value)
-                    continue
-                self._applied[key] = value
+                self._apply_one(key, value)
 
-    def _apply_one(self, key: str, value: Any) -> bool:
-        if key in ("debugMode", "verifyCert", "uploadToAC"):
-            if not isinstance(value, bool):
-                return False
-            if key == "debugMode":
-                logs.set_debug(value)
-            elif key == "verifyCert":
-                if not value:
-                    log.warning("server turned TLS verification off (globalConfig verifyCert)")
-                self.settings.set_verify(value)
-                if self._on_verify is not None:
-                    self._on_verify(value)
-            else:
-                self.settings.set_upload_to_ac(value)
-            log.info("globalConfig: %s=%s", key, value)
-            return True
-        if key in ("poolSize", "rateLimitPerMin"):
-            if isinstance(value, bool) or not isinstance(value, int):
-                return False
-            if key == "poolSize":
-                if not 1 <= value <= 2000:
-                    return False
-                self.settings.set_pool_size(value)
-                if self._on_pool_size is not None:
-                    self._on_pool_size(value)
-            else:
-                if value < 0:
-                    return False
-                if self._on_rate is not None:
-                    self._on_rate(value)
-            log.info("globalConfig: %s=%s", key, value)
-            return True
-        return True  # unknown keys: ignored silently
+    def _apply_one(self, key: str, value: Any) -> None:
+        """Apply a valid value of ``key`` (see ``value_problem``)."""
+        if key == "debugMode":
+            logs.set_debug(value)
+        elif key == "verifyCert":
+            if not value:
+                log.warning("server turned TLS verification off (globalConfig verifyCert)")
+            self.settings.set_verify(value)
+            if self._on_verify is not None:
+                self._on_verify(value)
+        elif key == "uploadToAC":
+            self.settings.set_upload_to_ac(value)
+        elif key == "poolSize":
+            self.settings.set_pool_size(value)
+            if self._on_pool_size is not None:
+                self._on_pool_size(value)
+        elif key == "rateLimitPerMin":
+            if self._on_rate is not None:
+                self._on_rate(value)
+        else:
+            return  # unknown keys: ignored silently
+        log.info("globalConfig: %s=%s", key, value)
+
+
+def _same(old: Any, new: Any) -> bool:
+    """The same JSON value: ``1``, ``1.0`` and ``true`` compare equal in Python."""
+    return type(old) is type(new) and old == new

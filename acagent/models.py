@@ -119,8 +119,9 @@ class Task:
                         continue
                     else:
                         raise bad(f"request header {name!r} must be a string")
-                if "\n" in name or "\r" in name or "\n" in value or "\r" in value:
-                    raise bad(f"request header {name!r} contains a line break")
+                problem = header_problem(name, value)
+                if problem is not None:
+                    raise bad(f"request header {name!r} {problem}")
                 headers[name] = value
 
         body = obj.get("input")
@@ -171,6 +172,27 @@ class Task:
 
     def is_expired(self, now: Optional[float] = None) -> bool:
         return self.seconds_left(now) <= 0
+
+
+#: an HTTP field name: one or more token characters (RFC 9110 5.1, 5.6.2)
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: what a field value may not hold: an ASCII control character but tab (RFC 9110 5.5)
+_VALUE_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def header_problem(name: str, value: str) -> Optional[str]:
+    """Why a task's request header cannot be sent as it is, or None.
+
+    Nothing is sent that a target or a proxy on the way could read as a
+    different header or request, or would read differently from the agent.
+    """
+    if "\n" in name or "\r" in name or "\n" in value or "\r" in value:
+        return "contains a line break"
+    if not _FIELD_NAME.fullmatch(name):
+        return "is not a valid header name (letters, digits and !#$%&'*+-.^_`|~ only)"
+    if _VALUE_CONTROL.search(value):
+        return "contains a control character"
+    return None
 
 
 #: a space or an ASCII control character (tab, CR and LF among them)

@@ -700,8 +700,9 @@ class FakeACServer(_FakeBase):
 
     def _undeliverable(self, item: Union[Dict[str, Any], _Raw, None]) -> None:
         # The reply could not be written (connection gone): by default the
-        # item goes back in front; a real server ("decided") has lost it.
-        if item is not None and not (isinstance(item, dict) and self.handout == "decided"):
+        # item (a task or a raw reply) goes back in front; a real server
+        # ("decided") has lost it.
+        if item is not None and self.handout != "decided":
             with self._cond:
                 self._queue.appendleft(item)
                 self._cond.notify_all()
