@@ -557,7 +557,12 @@ class Pipeline:
     def status_line(self) -> str:
         holds = self.ledger.holds()
         held = f" held={','.join(sorted(holds))}" if holds else ""
-        return self.metrics.status_line() + f" retrying={_retrying(self.uploader)}{held}"
+        rate = self.rate_limits.per_minute  # a limit that slows the agent is never a mystery
+        limit = f"{rate}/min" if rate else "off"
+        return (
+            self.metrics.status_line()
+            + f" retrying={_retrying(self.uploader)} rate_limit={limit}{held}"
+        )
 
     def log_status(self) -> None:
         log.info("%s", self.status_line())

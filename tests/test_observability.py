@@ -578,7 +578,8 @@ def status_lines() -> Iterator[StatusLines]:
 _STATUS_RE = re.compile(
     r"status: fetched=(\d+) processed=(\d+) uploaded=(\d+) failed=(\d+) \| "
     r"queue task=(\d+) result=(\d+) spool=(\d+) \| busy=(\d+) ac_inflight=(\d+)/(\d+) \| "
-    r"per-min fetched=[\d.]+ processed=[\d.]+ uploaded=[\d.]+ failed=[\d.]+ retrying=(\d+)"
+    r"per-min fetched=[\d.]+ processed=[\d.]+ uploaded=[\d.]+ failed=[\d.]+ retrying=(\d+) "
+    r"rate_limit=(\d+/min|off)"
 )
 
 
@@ -617,6 +618,9 @@ def test_status_line_on_request(
         assert (fetched, processed, uploaded, failed) == (3, 3, 3, 0)
         assert (task_q, result_q, spool, busy) == (0, 0, 0, 0)
         assert m.group(10) == "2" and m.group(11) == "0"
+        assert m.group(12) == "off"  # the tests' configs turn the rate limit off
+        pipeline.rate_limits.set_rate(250)  # as globalConfig rateLimitPerMin would
+        assert pipeline.status_line().endswith(" rate_limit=250/min")
         pipeline.request_status()
         assert status_lines.wait_for(2)
     finally:
