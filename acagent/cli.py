@@ -574,7 +574,7 @@ def run(argv: Sequence[str]) -> int:
         return EXIT_SETTINGS
     except ListenError as exc:  # nothing was started
         print(
-            f"acagent: error: argument --healthAddr {config.health_addr}: {exc}; "
+            f"acagent: error: argument --healthAddr: {exc}; "
             "free that port or give another host:port",
             file=sys.stderr,
         )
