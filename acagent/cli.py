@@ -534,6 +534,9 @@ def run(argv: Sequence[str]) -> int:
     from .health import ListenError
     from .pipeline import Pipeline
 
+    if hasattr(signal, "SIGHUP"):
+        # until the reload handler is in place below, SIGHUP must not end the agent
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     settings = read_settings(argv)
     config = settings.config
     logs.register_secret(config.api_key)

@@ -62,6 +62,7 @@ from .errors import (
     UploadURLRefused,
 )
 from .logs import scrub_text
+from .logthrottle import LogThrottle
 from .models import Task
 from .permits import Permits, RedisPermits, permits_for
 from .ratelimit import FETCH, UPLOAD, RateLimits
@@ -333,6 +334,7 @@ class ACClient:
         self._authorization = f"Bearer {config.api_key}"
         self._api_key = config.api_key
         self._key_lock = threading.Lock()
+        self._key_read_log = LogThrottle(60.0)
         #: how many times the key changed since the start
         self.key_version = 0
         #: the last AC reply about the key was a 401/403 (cleared by a 2xx)
@@ -409,7 +411,8 @@ class ACClient:
             try:
                 key = read_secret_file("api_key_file", path)
             except ConfigError as exc:
-                log.error("cannot re-read the API key (--apiKeyFile): %s", exc.message)
+                if self._key_read_log.ready():  # it is tried again every second
+                    log.error("cannot re-read the API key (--apiKeyFile): %s", exc.message)
                 return False
             if key == self._api_key:
                 return False

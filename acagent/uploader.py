@@ -285,7 +285,7 @@ class Uploader(Stage):
             wait = self._retry_wait(delivery.attempts)
             reason = f"{type(exc).__name__}"
         level = logging.WARNING if delivery.attempts <= 3 else logging.DEBUG
-        hint = hint_for(exc)
+        hint = auth_hint(self.config) if status in (401, 403) else hint_for(exc)
         log.log(
             level,
             "task %s: upload failed (%s); retry %d in %.1fs%s",

@@ -40,8 +40,9 @@ from helpers import (
 
 from acagent import logs
 from acagent.cli import _OPTIONS, _seconds, _seconds_or_zero, read_settings
+from acagent.client import ACClient
 from acagent.config import AgentConfig, read_secret_file
-from acagent.errors import ConfigError
+from acagent.errors import ACHTTPError, ConfigError
 from acagent.observers import Observer
 from acagent.testing import FakeACServer, FakeTarget, expected_sha256
 
@@ -478,3 +479,30 @@ def test_check_names_the_key_source_and_the_expected_401(tmp_path: Path) -> None
     assert f"; API key from file {key_path}" in proc.stdout
     assert "HTTP answer 401 (expected: no API key sent)" in proc.stdout
     assert OLD_KEY not in proc.stdout + proc.stderr
+
+
+def test_the_client_uses_a_reloaded_key_from_its_next_request(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key_path = _key_file(tmp_path / "api-key", OLD_KEY)
+    with FakeACServer(api_key=OLD_KEY) as ac:
+        config = AgentConfig(server_url=ac.url, api_key_file=str(key_path), rate_limit_per_min=0)
+        with ACClient(config) as client:
+            assert client.get_task() is None
+            ac.api_key = NEW_KEY
+            with pytest.raises(ACHTTPError):
+                client.get_task()
+            assert client.key_refused
+            key_path.unlink()  # mid-rotation: no file for a moment
+            with caplog.at_level("ERROR", logger="acagent"):
+                assert not client.reload_api_key()
+                assert not client.reload_api_key()
+            assert [r.getMessage() for r in caplog.records].count(
+                f"cannot re-read the API key (--apiKeyFile): file does not exist: {key_path}"
+            ) == 1
+            _key_file(key_path, NEW_KEY)
+            assert client.reload_api_key()
+            assert client.get_task() is None
+            assert not client.key_refused and client.key_version == 1
+            assert not client.reload_api_key()  # the same key: nothing changes
+            assert client.key_version == 1
