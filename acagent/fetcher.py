@@ -18,7 +18,8 @@ after each kind of reply:
   waits from ``AUTH_MIN`` doubling to ``AUTH_MAX`` (5 min) until it accepts.
   With a key file (``api_key_file``) the file is re-read every
   ``KEY_FILE_POLL`` seconds while the server refuses the key (on get-task or
-  on upload); a new key ends the wait and lifts the uploads' hold at once.
+  on upload); a new key ends the wait, lifts the uploads' hold and makes the
+  results waiting for a retry due at once.
 
 Every wait ends when the stage stops. Once a stop begins no new get-task is
 sent (``ACClient.stop_fetching``, looked at right before each send); one the
@@ -171,8 +172,8 @@ class Fetcher(Stage):
     def _check_key(self) -> bool:
         """While the server refuses the key, re-read the key file (at most every
         ``KEY_FILE_POLL`` s). True once the key changed since the last look (a
-        SIGHUP may have changed it too): then the uploads' hold is lifted, so
-        fetching and held results go on with the new key."""
+        SIGHUP may have changed it too): then the uploads' hold is lifted and
+        the results waiting for a retry are due, so all goes on with the new key."""
         client = self.ctx.client
         if client.key_refused and self.config.api_key_file is not None:
             now = time.monotonic()
@@ -184,7 +185,12 @@ class Fetcher(Stage):
             return False
         self._key_seen = version
         self._auth_failures = 0
-        self.ctx.ledger.release(AUTH_HOLD)
+        ledger = self.ctx.ledger
+        # Results refused with the old key wait out backoffs of up to a minute:
+        # due now, in the order they were due, so they go with the new key.
+        for delivery in ledger.results.take_all():
+            ledger.results.put(delivery)
+        ledger.release(AUTH_HOLD)
         return True
 
     # ------------------------------------------------------------ hooks

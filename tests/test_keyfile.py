@@ -32,6 +32,7 @@ from helpers import (
     WAIT,
     AgentProcess,
     FastFetcher,
+    FastUploader,
     make_config,
     make_pipeline,
     running,
@@ -276,6 +277,13 @@ class _PatientFetcher(FastFetcher):
     AUTH_MAX = 60.0
 
 
+class _PatientUploader(FastUploader):
+    """Retries a refused result after a minute: only a reload can make it sooner."""
+
+    AUTH_RETRY_MIN = 60.0
+    AUTH_RETRY_MAX = 60.0
+
+
 OLD_KEY = "old-key-7f3a91c2"
 NEW_KEY = "new-key-b84de605"
 
@@ -311,7 +319,9 @@ def test_rotated_key_file_resumes_fetching_and_loses_nothing(
                 debug_mode=True,
                 log_format=log_format,
             )
-            pipeline = make_pipeline(config, fetcher=_PatientFetcher, observers=[exchanges])
+            pipeline = make_pipeline(
+                config, fetcher=_PatientFetcher, uploader=_PatientUploader, observers=[exchanges]
+            )
             with running(pipeline):
                 assert ac.wait_for_results(10, WAIT)
                 ac.api_key = NEW_KEY  # mid-run: tasks are running and results uploading
@@ -321,7 +331,8 @@ def test_rotated_key_file_resumes_fetching_and_loses_nothing(
                 threading.Event().wait(max(0.0, switched + rewrite_after - time.monotonic()))
                 rewritten = time.monotonic()
                 _key_file(key_path, NEW_KEY)
-                assert ac.wait_for_results(n, WAIT), len(ac.results)
+                # results refused meanwhile go at once with the new key too
+                assert ac.wait_for_results(n, 10), len(ac.results)
                 resumed = exchanges.first("get-task", "200", after=rewritten) - rewritten
                 delivered = time.monotonic() - rewritten
         text = out.getvalue()
@@ -506,3 +517,48 @@ def test_the_client_uses_a_reloaded_key_from_its_next_request(
             assert not client.key_refused and client.key_version == 1
             assert not client.reload_api_key()  # the same key: nothing changes
             assert client.key_version == 1
+
+
+@pytest.mark.timeout(120)
+def test_rotation_in_the_cli_agent_with_its_own_waits(tmp_path: Path) -> None:
+    """The same rotation against ``python -m acagent`` (its real poll and retry waits)."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    key_path = _key_file(tmp_path / "api-key", OLD_KEY)
+    n = 60
+    with FakeTarget() as target, FakeACServer(api_key=OLD_KEY) as ac:
+        ac.add_tasks(
+            {
+                "taskId": f"cli-{i}",
+                "method": "GET",
+                "url": f"{target.url}/bytes/{300 + i}?seed={i}&latency=0.05",
+            }
+            for i in range(n)
+        )
+        extra = ["--apiKeyFile", str(key_path), "--executorPoolSize", "4"]
+        extra += ["--debugMode", "true", "--logFormat", "json"]
+        with AgentProcess(ac.url, spool, tmp_path / "agent.log", extra, api_key=None) as agent:
+            assert ac.wait_for_results(10, WAIT), agent.output()
+            ac.api_key = NEW_KEY
+            switched = time.monotonic()
+            assert wait_until(lambda: "-> 401" in agent.output(), WAIT), agent.output()
+            threading.Event().wait(max(0.0, switched + 3.0 - time.monotonic()))
+            accepted = ac.count("get-task", 200)
+            rewritten = time.monotonic()
+            _key_file(key_path, NEW_KEY)
+            assert wait_until(lambda: ac.count("get-task", 200) > accepted, WAIT, 0.01)
+            resumed = time.monotonic() - rewritten
+            assert ac.wait_for_results(n, 90), agent.output()
+            delivered = time.monotonic() - rewritten
+            agent.signal(signal.SIGTERM)
+            assert agent.wait(15) == 0, agent.output()
+        output = agent.output()
+    print(
+        f"cli: fetching resumed {resumed:.2f}s after the rewrite; all results in {delivered:.2f}s"
+    )
+    assert resumed < 2.0, resumed
+    for i in range(n):
+        got = ac.results[f"cli-{i}"]
+        assert len(got) == 1 and got[0].body_sha256 == expected_sha256(300 + i, i), i
+    assert f"API key reloaded from {key_path}" in output
+    assert OLD_KEY not in output and NEW_KEY not in output
