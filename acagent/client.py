@@ -400,6 +400,11 @@ class ACClient:
         self.fetch_stop.set()
         return self._tracker.shut(self._fetching_thread)
 
+    @property
+    def api_key(self) -> str:
+        """The key AC requests carry now (``config.api_key`` until a reload)."""
+        return self._api_key
+
     def reload_api_key(self) -> bool:
         """Re-read ``config.api_key_file``; True if it holds a new key, used from
         the next AC request on. False without a key file, for the same key, or

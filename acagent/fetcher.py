@@ -52,6 +52,7 @@ from .hints import hint_for
 from .logs import error_fields
 from .logthrottle import LogThrottle
 from .models import Result, Task, echo_fields
+from .spool import Origin
 from .stage import Stage, StageContext
 
 log = logging.getLogger("acagent.fetcher")
@@ -172,8 +173,9 @@ class Fetcher(Stage):
     def _check_key(self) -> bool:
         """While the server refuses the key, re-read the key file (at most every
         ``KEY_FILE_POLL`` s). True once the key changed since the last look (a
-        SIGHUP may have changed it too): then the uploads' hold is lifted and
-        the results waiting for a retry are due, so all goes on with the new key."""
+        SIGHUP may have changed it too): then new spool records name the new
+        key, the uploads' hold is lifted and the results waiting for a retry
+        are due, so all goes on with the new key."""
         client = self.ctx.client
         if client.key_refused and self.config.api_key_file is not None:
             now = time.monotonic()
@@ -185,6 +187,10 @@ class Fetcher(Stage):
             return False
         self._key_seen = version
         self._auth_failures = 0
+        spool = self.ctx.spool
+        if spool.origin is not None:
+            # records written from now on belong to the new key (a restart with it sends them)
+            spool.set_origin(Origin.of(self.config.base_url, client.api_key))
         ledger = self.ctx.ledger
         # Results refused with the old key wait out backoffs of up to a minute:
         # due now, in the order they were due, so they go with the new key.

@@ -45,6 +45,7 @@ from acagent.client import ACClient
 from acagent.config import AgentConfig, read_secret_file
 from acagent.errors import ACHTTPError, ConfigError
 from acagent.observers import Observer
+from acagent.spool import Origin
 from acagent.testing import FakeACServer, FakeTarget, expected_sha256
 
 
@@ -335,6 +336,8 @@ def test_rotated_key_file_resumes_fetching_and_loses_nothing(
                 assert ac.wait_for_results(n, 10), len(ac.results)
                 resumed = exchanges.first("get-task", "200", after=rewritten) - rewritten
                 delivered = time.monotonic() - rewritten
+                # what is spooled from now on belongs to the new key
+                assert pipeline.spool.origin == Origin.of(config.base_url, NEW_KEY)
         text = out.getvalue()
     finally:
         logs.reset_logging()
