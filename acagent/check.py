@@ -172,7 +172,11 @@ def _connect(config: AgentConfig, report: CheckReport) -> bool:
         else ("TLS NOT verified (--verify false)" if scheme == "https" else "plain HTTP")
     )
     via = " via proxy" if config.outgoing_proxies else ""
-    report.ok("connect", f"{config.base_url}{via}: {tls}, HTTP answer {reply.status_code}")
+    # this probe sends no API key: a server that asks for one is the expected answer
+    expected = " (expected: no API key sent)" if reply.status_code in (401, 403) else ""
+    report.ok(
+        "connect", f"{config.base_url}{via}: {tls}, HTTP answer {reply.status_code}{expected}"
+    )
     return True
 
 
@@ -290,10 +294,23 @@ def _authenticate(config: AgentConfig, report: CheckReport) -> bool:
     return True
 
 
-def run_check(config: AgentConfig, out: TextIO, *, description: Optional[str] = None) -> int:
-    """Run the steps after the configuration; 0 if every one passed, else 1."""
+def run_check(
+    config: AgentConfig,
+    out: TextIO,
+    *,
+    description: Optional[str] = None,
+    key_source: Optional[str] = None,
+    warnings: Sequence[str] = (),
+) -> int:
+    """Run the steps after the configuration; 0 if every one passed, else 1.
+
+    ``key_source`` (where the API key came from) and ``warnings`` are printed
+    with the configuration step."""
     report = CheckReport(out)
-    report.ok("configuration", description or config.describe())
+    source = f"; API key from {key_source}" if key_source is not None else ""
+    report.ok("configuration", (description or config.describe()) + source)
+    for line in warnings:
+        report.note("configuration", line)
     _spool(config, report)
     _ = _resolve(config, report) and _connect(config, report) and _authenticate(config, report)
     out.write(("all checks passed" if report.passed else "check FAILED") + "\n")
@@ -302,9 +319,10 @@ def run_check(config: AgentConfig, out: TextIO, *, description: Optional[str] = 
 
 
 def main(argv: Sequence[str] = ()) -> int:
-    from .cli import config_from_args, startup_line
+    from .cli import read_settings, startup_line
 
-    config = config_from_args(argv)  # exits 2 with one line on a bad value or path
+    settings = read_settings(argv)  # exits 2 with one line on a bad value or path
+    config = settings.config
     logs.register_secret(config.api_key)
     # The pipeline's own lines would bury the report; --debugMode shows them on stderr.
     logs.setup_logging(
@@ -312,4 +330,10 @@ def main(argv: Sequence[str] = ()) -> int:
     )
     if not config.debug_mode:
         logging.getLogger(logs.LOGGER_NAME).setLevel(logging.CRITICAL)
-    return run_check(config, sys.stdout, description=startup_line(config))
+    return run_check(
+        config,
+        sys.stdout,
+        description=startup_line(config),
+        key_source=settings.key_source,
+        warnings=settings.warnings,
+    )

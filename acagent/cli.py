@@ -7,25 +7,37 @@ flag can also be set as ``ACAGENT_<FLAG_IN_UPPER_SNAKE>`` in the environment
 ``ACAGENT_*``, then the old environment name, then the default. A bad value
 (or a path that cannot work) exits 2 with one line naming the flag. This module is the only place
 that installs signal handlers: SIGTERM/SIGINT once = graceful stop, twice =
-stop now; SIGUSR1 = log a status line.
+stop now; SIGUSR1 = log a status line; SIGHUP = re-read ``--apiKeyFile``.
+Exit codes: ``EXIT_*`` below (README "Exit codes").
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import signal
 import sys
-from typing import Any, Dict, List, NoReturn, Optional, Sequence
+from typing import Any, Dict, List, NamedTuple, NoReturn, Optional, Sequence, Tuple
 
 from . import __version__
 from .allowlist import TargetAllowList, parse_entries
-from .config import AgentConfig
+from .config import AC_SERVER_CONCURRENT_LIMIT, AgentConfig, secret_file_exposed
 from .errors import ConfigError, SpoolLockedError
 
 log = logging.getLogger("acagent.cli")
+
+#: stopped, every result delivered
+EXIT_OK = 0
+#: stopped because the agent cannot go on (an agent thread died)
+EXIT_FATAL = 1
+#: bad settings, or nothing could start (spool locked, health port taken)
+EXIT_SETTINGS = 2
+#: stopped before every result was delivered (the shutdown deadline or a
+#: second signal): the rest is kept in the spool for the next start
+EXIT_KEPT = 3
 
 _TRUE = ("yes", "true", "t", "1", "y", "on")
 _FALSE = ("no", "false", "f", "0", "n", "off")
@@ -59,6 +71,8 @@ def _seconds(value: str) -> float:
         number = float(str(value).strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds, got {value!r}")
     if not number > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return number
@@ -106,7 +120,21 @@ class _Parser(argparse.ArgumentParser):
 #: (flag, AgentConfig field, type, environment names, help)
 _OPTIONS: List[tuple[str, str, Any, tuple[str, ...], str]] = [
     ("--serverUrl", "server_url", str, ("server_url",), "AC server base URL (required)"),
-    ("--apiKey", "api_key", str, ("api_key",), "AC API key (required); never logged"),
+    (
+        "--apiKey",
+        "api_key",
+        str,
+        ("api_key",),
+        "AC API key (this or --apiKeyFile is required); never logged",
+    ),
+    (
+        "--apiKeyFile",
+        "api_key_file",
+        str,
+        (),
+        "file holding the AC API key, instead of --apiKey: re-read while the server refuses"
+        " the key and on SIGHUP, so a rotated key needs no restart",
+    ),
     ("--envName", "env_name", str, (), "environment name sent with get-task"),
     ("--index", "index", str, (), "suffix of the log and metrics files (default _prod)"),
     (
@@ -146,6 +174,13 @@ _OPTIONS: List[tuple[str, str, Any, tuple[str, ...], str]] = [
         (),
         "redis:// or rediss:// URL: share the AC budget with every agent on the key "
         "(password in the URL or ACAGENT_COORDINATION_PASSWORD; needs acagent[redis])",
+    ),
+    (
+        "--coordinationPasswordFile",
+        "coordination_password_file",
+        str,
+        (),
+        "file holding the Redis password, instead of ACAGENT_COORDINATION_PASSWORD",
     ),
     (
         "--coordinationLease",
@@ -374,21 +409,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Settings(NamedTuple):
+    """What the command line and the environment say."""
+
+    config: AgentConfig
+    #: where the API key came from: ``flag --apiKey``, ``environment NAME``, ``file PATH``
+    key_source: str
+    #: WARNING lines for the log, once it is set up
+    warnings: Tuple[str, ...]
+
+
 def config_from_args(argv: Sequence[str], environ: Optional[Dict[str, str]] = None) -> AgentConfig:
     """Flags, then ``ACAGENT_*``, then old environment names, then defaults.
 
     Exits 2 with one line naming the flag on a bad value, also for a path
     setting that cannot work (``AgentConfig.check_paths``).
     """
+    return read_settings(argv, environ).config
+
+
+def read_settings(argv: Sequence[str], environ: Optional[Dict[str, str]] = None) -> Settings:
+    """``config_from_args``, with where the key came from and the warnings to log."""
     env = os.environ if environ is None else environ
     parser = build_parser()
     args = parser.parse_args(list(argv))
     values: Dict[str, Any] = dict(_CLI_DEFAULTS)
     on_command_line = set()
+    #: field -> "flag --x" or "environment NAME", for the fields that were given
+    given: Dict[str, str] = {}
     for flag, field, kind, envs, _ in _OPTIONS:
         value = getattr(args, field)
         if value is not None:
             on_command_line.add(field)
+            given[field] = f"flag {flag}"
         else:
             for name in env_names_for(flag, envs):
                 if env.get(name):
@@ -396,6 +449,7 @@ def config_from_args(argv: Sequence[str], environ: Optional[Dict[str, str]] = No
                         value = kind(env[name])
                     except argparse.ArgumentTypeError as exc:
                         parser.error(f"environment {name} (for {flag}): {exc}")
+                    given[field] = f"environment {name}"
                     break
         if value is not None:
             values[field] = value
@@ -417,17 +471,57 @@ def config_from_args(argv: Sequence[str], environ: Optional[Dict[str, str]] = No
         except CoordinationUnavailable as exc:
             parser.error(str(exc))
         values["coordination_password"] = env.get(PASSWORD_ENV) or None
-    for required in ("server_url", "api_key"):
-        if not values.get(required):
-            flag = FLAG_OF_FIELD[required]
-            names = " or ".join(env_names_for(flag, (required,)))
-            parser.error(f"{flag} is required (or the environment variable {names})")
+    if values.get("coordination_password") and "coordination_password_file" in values:
+        parser.error(
+            "argument --coordinationPasswordFile: give the Redis password once, "
+            "in ACAGENT_COORDINATION_PASSWORD or in --coordinationPasswordFile, not both"
+        )
+    if "api_key" in values and "api_key_file" in values:
+        parser.error(
+            f"argument --apiKeyFile: give the API key once: --apiKey (here from "
+            f"{given['api_key']}) or --apiKeyFile, not both"
+        )
+    if not values.get("server_url"):
+        names = " or ".join(env_names_for("--serverUrl", ("server_url",)))
+        parser.error(f"--serverUrl is required (or the environment variable {names})")
+    if not values.get("api_key") and not values.get("api_key_file"):
+        names = " or ".join(
+            [*env_names_for("--apiKey", ("api_key",)), env_name_for("--apiKeyFile")]
+        )
+        parser.error(f"--apiKey or --apiKeyFile is required (or the environment variable {names})")
     try:
         config = AgentConfig(**values)
         config.check_paths()
     except ConfigError as exc:
         parser.error(f"argument {FLAG_OF_FIELD.get(exc.field, exc.field)}: {exc.message}")
-    return config
+    key_source = (
+        f"file {config.api_key_file}" if config.api_key_file is not None else given["api_key"]
+    )
+    return Settings(config, key_source, start_warnings(config, "api_key" in on_command_line))
+
+
+def start_warnings(config: AgentConfig, key_on_command_line: bool) -> Tuple[str, ...]:
+    """What an operator should change, though the agent can run as it is."""
+    lines = []
+    if key_on_command_line:
+        lines.append(
+            "--apiKey on the command line is visible to every user of this machine in the "
+            "process list: put the key in a file only the agent can read and pass --apiKeyFile"
+        )
+    for field in ("api_key_file", "coordination_password_file"):
+        path = getattr(config, field)
+        if path is not None and secret_file_exposed(path):
+            lines.append(
+                f"{FLAG_OF_FIELD[field]} {path} can be read by group or others: "
+                f"chmod 600 {path} (or 400)"
+            )
+    if config.ac_max_concurrent > AC_SERVER_CONCURRENT_LIMIT:
+        lines.append(
+            f"--acMaxConcurrent {config.ac_max_concurrent} is above "
+            f"{AC_SERVER_CONCURRENT_LIMIT}, the AC server's limit of concurrent requests per "
+            "API key: expect 429 'Too many concurrent requests' replies"
+        )
+    return tuple(lines)
 
 
 def startup_line(config: AgentConfig) -> str:
@@ -437,9 +531,14 @@ def startup_line(config: AgentConfig) -> str:
 
 def run(argv: Sequence[str]) -> int:
     from . import logs
+    from .health import ListenError
     from .pipeline import Pipeline
 
-    config = config_from_args(argv)
+    if hasattr(signal, "SIGHUP"):
+        # until the reload handler is in place below, SIGHUP must not end the agent
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    settings = read_settings(argv)
+    config = settings.config
     logs.register_secret(config.api_key)
     for secret in (config.coordination_password, _url_password(config.coordination_url)):
         if secret:
@@ -452,6 +551,8 @@ def run(argv: Sequence[str]) -> int:
         index=config.index,
     )
     log.info("%s", startup_line(config))
+    for line in settings.warnings:
+        log.warning("%s", line)
     pipeline = Pipeline(config)
     signals_seen = 0
 
@@ -466,20 +567,35 @@ def run(argv: Sequence[str]) -> int:
     signal.signal(signal.SIGINT, on_stop_signal)
     if hasattr(signal, "SIGUSR1"):
         signal.signal(signal.SIGUSR1, lambda *_: pipeline.signal_status())
+    if hasattr(signal, "SIGHUP"):
+        # the default action would end the agent; the reload runs off the handler
+        signal.signal(signal.SIGHUP, lambda *_: pipeline.signal_reload())
     try:
         drained = pipeline.run_forever()
     except SpoolLockedError as exc:
         print(f"acagent: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # e.g. the --healthAddr port is taken: nothing was started
+        return EXIT_SETTINGS
+    except ListenError as exc:  # nothing was started
+        print(
+            f"acagent: error: argument --healthAddr: {exc}; "
+            "free that port or give another host:port",
+            file=sys.stderr,
+        )
+        return EXIT_SETTINGS
+    except OSError as exc:  # nothing was started
         print(f"acagent: cannot start: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_SETTINGS
     if pipeline.fatal_reason is not None:
         log.critical("exiting: %s", pipeline.fatal_reason)
         print(f"acagent: stopped because {pipeline.fatal_reason}", file=sys.stderr)
-        return 1
-    log.info("exiting (%s)", "all results delivered" if drained else "rest kept in the spool")
-    return 0
+        return EXIT_FATAL
+    if not drained:
+        log.warning(
+            "exiting (exit code %d): results not delivered are kept in the spool", EXIT_KEPT
+        )
+        return EXIT_KEPT
+    log.info("exiting (all results delivered)")
+    return EXIT_OK
 
 
 def _url_password(url: Optional[str]) -> Optional[str]:

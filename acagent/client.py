@@ -16,6 +16,12 @@ the per-call session work (about a quarter of an AC call's CPU).
 
 The S3 PUT goes to a presigned URL, not to the AC server: it uses its own
 session, carries no ``Authorization`` header and takes no permit.
+
+The API key of a config with ``api_key_file`` can change while the agent
+runs (``reload_api_key``): every AC request reads the ``Authorization``
+header from one attribute, replaced whole, so a request carries the old key
+or the new one, never a mix, and the next request after a reload carries the
+new one.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from ._version import __version__
 from .abandon import ConnectionTracker, FetchStop, TrackingAdapter
 from .actransport import NETWORK_ERRORS, ACReply, ACTransport, is_stale_reset
 from .allowlist import GuardedAdapter, TargetDenied, UploadPolicy, unambiguous_host
-from .config import AgentConfig
+from .config import AgentConfig, read_secret_file
 from .connage import ConnectionAges
 from .errors import (
     ACConnectionError,
@@ -50,11 +56,13 @@ from .errors import (
     AgentError,
     AgentStopping,
     BadReplyError,
+    ConfigError,
     TaskError,
     UnreadReplyError,
     UploadURLRefused,
 )
 from .logs import scrub_text
+from .logthrottle import LogThrottle
 from .models import Task
 from .permits import Permits, RedisPermits, permits_for
 from .ratelimit import FETCH, UPLOAD, RateLimits
@@ -322,7 +330,16 @@ class ACClient:
             tracker=self._tracker,
             ages=self.ac_ages,
         )
-        self.session.headers["Authorization"] = f"Bearer {config.api_key}"
+        #: the Authorization header of every AC request (see ``reload_api_key``)
+        self._authorization = f"Bearer {config.api_key}"
+        self._api_key = config.api_key
+        self._key_lock = threading.Lock()
+        self._key_read_log = LogThrottle(60.0)
+        #: how many times the key changed since the start
+        self.key_version = 0
+        #: the last AC reply about the key was a 401/403 (cleared by a 2xx)
+        self.key_refused = False
+        self.session.headers["Authorization"] = self._authorization
         self._fetch_waiting = 0
         self.transport = ACTransport(
             self.session, self._url("get-task"), self.config.outgoing_proxies
@@ -382,6 +399,34 @@ class ACClient:
         """
         self.fetch_stop.set()
         return self._tracker.shut(self._fetching_thread)
+
+    @property
+    def api_key(self) -> str:
+        """The key AC requests carry now (``config.api_key`` until a reload)."""
+        return self._api_key
+
+    def reload_api_key(self) -> bool:
+        """Re-read ``config.api_key_file``; True if it holds a new key, used from
+        the next AC request on. False without a key file, for the same key, or
+        when the file cannot be read now (logged; the current key stays)."""
+        path = self.config.api_key_file
+        if path is None:
+            return False
+        with self._key_lock:  # one reader at a time: the fetcher and a SIGHUP
+            try:
+                key = read_secret_file("api_key_file", path)
+            except ConfigError as exc:
+                if self._key_read_log.ready():  # it is tried again every second
+                    log.error("cannot re-read the API key (--apiKeyFile): %s", exc.message)
+                return False
+            if key == self._api_key:
+                return False
+            self._api_key = key
+            self._authorization = f"Bearer {key}"  # one reference swap: atomic
+            self.session.headers["Authorization"] = self._authorization
+            self.key_version += 1
+        log.warning("API key reloaded from %s", path)
+        return True
 
     def _gave_up(self, endpoint: str) -> bool:
         return self.abort.is_set() or (endpoint == "get-task" and self.fetch_stop.is_set())
@@ -458,7 +503,8 @@ class ACClient:
         fetch = op_class == FETCH
         if not self.rate_limits[op_class].acquire(stop=self.fetch_stop if fetch else self.abort):
             raise AgentStopping("stopped while waiting for the rate limiter")
-        headers: Dict[str, str] = {}
+        # per request, over the transport's copy of the session headers
+        headers: Dict[str, str] = {"Authorization": self._authorization}
         data: Any = None
         if json_body is not None:
             data = json.dumps(json_body, separators=(",", ":")).encode()
@@ -508,6 +554,10 @@ class ACClient:
             if body is not None:
                 body.close()
         log.debug("%s -> %s", endpoint, reply.status_code)
+        if reply.status_code in (401, 403):
+            self.key_refused = True
+        elif 200 <= reply.status_code < 300:
+            self.key_refused = False
         return _check_status(endpoint, reply)
 
     def _call(

@@ -10,9 +10,11 @@ field (the CLI maps the field back to its flag).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import ssl
+import stat
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
@@ -30,6 +32,10 @@ INLINE_BODY_LIMIT = 512_000
 #: upload, the Ledger's bound); at most INLINE_BODY_LIMIT.
 RECORD_BODY_LIMIT = 16 * 1024
 
+#: AC requests the server takes at once per API key (PROTOCOL.md); above it,
+#: 429 "Too many concurrent requests"
+AC_SERVER_CONCURRENT_LIMIT = 2
+
 
 def default_base_dir() -> str:
     """The folder of the default spool and log folders (``folders.default_base_dir``)."""
@@ -45,7 +51,12 @@ class AgentConfig:
     """All settings of one agent. Field names are the snake_case of the CLI flags."""
 
     server_url: str
-    api_key: str = dataclasses.field(repr=False)
+    #: the key itself; may be left empty when ``api_key_file`` is given
+    api_key: str = dataclasses.field(default="", repr=False)
+    #: file holding the API key, read at construction when ``api_key`` is
+    #: empty, and re-read by the client while the server refuses the key
+    #: (so a rotated key is used without a restart)
+    api_key_file: Optional[str] = None
     env_name: str = ""
     #: suffix of the log and metrics file names (today's agent: ``_prod``)
     index: str = "_prod"
@@ -65,6 +76,9 @@ class AgentConfig:
     coordination_url: Optional[str] = dataclasses.field(default=None, repr=False)
     #: Redis password when the URL carries none (``ACAGENT_COORDINATION_PASSWORD``)
     coordination_password: Optional[str] = dataclasses.field(default=None, repr=False)
+    #: file holding the Redis password, read at construction when
+    #: ``coordination_password`` is None
+    coordination_password_file: Optional[str] = None
     #: seconds a shared permit outlives a dead holder (renewed while held)
     coordination_lease: float = 10.0
     #: idle wait after an empty get-task, randomised by +-``poll_jitter``
@@ -143,6 +157,14 @@ class AgentConfig:
     log_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
+        # Frozen: the values read from the files are set once, here.
+        if self.api_key_file is not None and not self.api_key:
+            object.__setattr__(self, "api_key", read_secret_file("api_key_file", self.api_key_file))
+        if self.coordination_password_file is not None and self.coordination_password is None:
+            password = read_secret_file(
+                "coordination_password_file", self.coordination_password_file
+            )
+            object.__setattr__(self, "coordination_password", password)
         self.validate()
 
     # ------------------------------------------------------------------
@@ -325,7 +347,38 @@ class AgentConfig:
 
 
 #: fields ``describe`` leaves out: secrets, and those it shows on their own
-_NOT_DESCRIBED = frozenset({"api_key", "server_url", "spool_dir"})
+_NOT_DESCRIBED = frozenset({"api_key", "coordination_password", "server_url", "spool_dir"})
+
+
+def read_secret_file(field_name: str, path: str) -> str:
+    """The secret held in ``path`` (one trailing newline dropped), masked in logs
+    from now on. Raises ConfigError naming ``field_name`` when the file is
+    missing, unreadable or empty."""
+    from . import logs
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise ConfigError(field_name, f"file does not exist: {path}") from None
+    except (OSError, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise ConfigError(field_name, f"cannot read {path}: {reason}") from None
+    if text.endswith("\n"):
+        text = text[:-2] if text.endswith("\r\n") else text[:-1]
+    if not text.strip():
+        raise ConfigError(field_name, f"file is empty: {path}")
+    logs.register_secret(text)
+    return text
+
+
+def secret_file_exposed(path: str) -> bool:
+    """True when the group or others may read ``path`` (a secret should be 0600 or 0400)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return bool(mode & (stat.S_IRGRP | stat.S_IROTH))
 
 
 def _shown(value: Any) -> str:
@@ -411,11 +464,11 @@ def _positive_int(cfg: AgentConfig, name: str, *, low: int, high: int) -> None:
 def _positive_float(cfg: AgentConfig, name: str, *, allow_zero: bool) -> None:
     value = getattr(cfg, name)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok and (value < 0 or (value == 0 and not allow_zero) or value != value):
+    if ok and (not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero)):
         ok = False
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(name, f"must be a number {bound}, got {value!r}")
+        raise ConfigError(name, f"must be a finite number {bound}, got {value!r}")
 
 
 def parse_host_port(text: str, *, field_name: str = "address") -> Tuple[str, int]:

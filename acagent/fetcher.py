@@ -16,6 +16,10 @@ after each kind of reply:
 * 401/403: the server refused the API key: an actionable ERROR at most once a
   minute, ``/readyz`` says why (the readiness observer sees the status), and
   waits from ``AUTH_MIN`` doubling to ``AUTH_MAX`` (5 min) until it accepts.
+  With a key file (``api_key_file``) the file is re-read every
+  ``KEY_FILE_POLL`` seconds while the server refuses the key (on get-task or
+  on upload); a new key ends the wait, lifts the uploads' hold and makes the
+  results waiting for a retry due at once.
 
 Every wait ends when the stage stops. Once a stop begins no new get-task is
 sent (``ACClient.stop_fetching``, looked at right before each send); one the
@@ -34,6 +38,7 @@ import random
 import time
 from typing import Optional
 
+from .config import AC_SERVER_CONCURRENT_LIMIT, AgentConfig
 from .errors import (
     ACConnectionError,
     ACError,
@@ -47,12 +52,35 @@ from .hints import hint_for
 from .logs import error_fields
 from .logthrottle import LogThrottle
 from .models import Result, Task, echo_fields
+from .spool import Origin
 from .stage import Stage, StageContext
 
 log = logging.getLogger("acagent.fetcher")
 
-#: the hint logged when the AC server refuses the API key
-AUTH_HINT = "the AC server refused the API key: check --apiKey / api_key"
+#: the hint logged when the AC server refuses an API key given by flag or environment
+AUTH_HINT = (
+    "the AC server refused the API key: check --apiKey / api_key (a key given so cannot "
+    "change while the agent runs; --apiKeyFile is re-read, so a rotated key needs no restart)"
+)
+
+#: the hold set while the AC server refuses the API key for uploads
+AUTH_HOLD = "auth"
+
+#: what a "Too many concurrent requests" 429 means, for the log line
+CONCURRENCY_HINT = (
+    f"Too many concurrent requests (429): more than {AC_SERVER_CONCURRENT_LIMIT} AC requests "
+    "were in flight on this API key (another agent on the same key? see --coordinationUrl)"
+)
+
+
+def auth_hint(config: AgentConfig) -> str:
+    """What to do when the AC server refuses the key, for where the key came from."""
+    if config.api_key_file is None:
+        return AUTH_HINT
+    return (
+        f"the AC server refused the API key read from {config.api_key_file}: put the right key "
+        "there (--apiKeyFile; it is re-read every few seconds, and on SIGHUP)"
+    )
 
 
 class Fetcher(Stage):
@@ -72,6 +100,8 @@ class Fetcher(Stage):
     CAPACITY_POLL = 0.5
     #: a "Too many concurrent requests" 429 without a wait header waits 0..this
     CONCURRENCY_WAIT_MAX = 10.0
+    #: while the server refuses the key: seconds between two reads of the key file
+    KEY_FILE_POLL = 1.0
 
     def __init__(self, ctx: StageContext) -> None:
         super().__init__(ctx)
@@ -79,6 +109,8 @@ class Fetcher(Stage):
         self._auth_failures = 0
         self._rng = random.Random()
         self._auth_log = LogThrottle(60.0)
+        self._key_seen = ctx.client.key_version
+        self._next_key_read = 0.0
 
     # ------------------------------------------------------------ lifecycle
     def start_threads(self) -> None:
@@ -92,6 +124,7 @@ class Fetcher(Stage):
     def fetch_step(self) -> None:
         """Reserve room, ask for one task, hand it to the Ledger; then wait as the reply says."""
         ledger = self.ctx.ledger
+        self._check_key()
         if self.ctx.client.fetch_stop.is_set():
             self.wait(self.CAPACITY_POLL)  # a signal came: the stop itself follows
             return
@@ -124,7 +157,47 @@ class Fetcher(Stage):
             if reserved:
                 ledger.cancel()
             if pause > 0:
-                self.wait(pause)
+                self._pause(pause)
+
+    def _pause(self, seconds: float) -> None:
+        """Wait ``seconds``; while the key is refused, only until a new key comes."""
+        if self.config.api_key_file is None:
+            self.wait(seconds)
+            return
+        deadline = time.monotonic() + seconds
+        while not self._check_key():
+            left = deadline - time.monotonic()
+            if left <= 0 or self.wait(min(left, self.KEY_FILE_POLL)):
+                return
+
+    def _check_key(self) -> bool:
+        """While the server refuses the key, re-read the key file (at most every
+        ``KEY_FILE_POLL`` s). True once the key changed since the last look (a
+        SIGHUP may have changed it too): then new spool records name the new
+        key, the uploads' hold is lifted and the results waiting for a retry
+        are due, so all goes on with the new key."""
+        client = self.ctx.client
+        if client.key_refused and self.config.api_key_file is not None:
+            now = time.monotonic()
+            if now >= self._next_key_read:
+                self._next_key_read = now + self.KEY_FILE_POLL
+                client.reload_api_key()
+        version = client.key_version
+        if version == self._key_seen:
+            return False
+        self._key_seen = version
+        self._auth_failures = 0
+        spool = self.ctx.spool
+        if spool.origin is not None:
+            # records written from now on belong to the new key (a restart with it sends them)
+            spool.set_origin(Origin.of(self.config.base_url, client.api_key))
+        ledger = self.ctx.ledger
+        # Results refused with the old key wait out backoffs of up to a minute:
+        # due now, in the order they were due, so they go with the new key.
+        for delivery in ledger.results.take_all():
+            ledger.results.put(delivery)
+        ledger.release(AUTH_HOLD)
+        return True
 
     # ------------------------------------------------------------ hooks
     def fetch_one(self) -> Optional[Task]:
@@ -159,7 +232,8 @@ class Fetcher(Stage):
                     else self.DOWN_MIN
                 )
             log.warning(
-                "get-task: rate limited by the AC server; waiting %.1fs",
+                "get-task: %s; waiting %.1fs",
+                CONCURRENCY_HINT if exc.concurrency else "rate limited by the AC server (429)",
                 wait,
                 extra=error_fields(exc, wait),
             )
@@ -171,7 +245,7 @@ class Fetcher(Stage):
                 log.error(
                     "get-task: HTTP %d: %s; retrying in %.0fs",
                     exc.status,
-                    AUTH_HINT,
+                    auth_hint(self.config),
                     wait,
                     extra=error_fields(exc, wait),
                 )

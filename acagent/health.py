@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-__all__ = ["METRICS_CONTENT_TYPE", "HealthServer", "ReadinessTracker"]
+__all__ = ["METRICS_CONTENT_TYPE", "HealthServer", "ListenError", "ReadinessTracker"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,17 @@ log = logging.getLogger(__name__)
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 Check = Callable[[], Tuple[bool, str]]
+
+
+class ListenError(OSError):
+    """The listener cannot bind its address (taken, not this machine's, no right)."""
+
+    def __init__(self, address: str, exc: OSError) -> None:
+        super().__init__(exc.errno, f"cannot listen on {address}: {exc.strerror or exc}")
+        self.address = address
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class ReadinessTracker:
@@ -248,12 +259,16 @@ class HealthServer:
         return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> HealthServer:
-        """Bind and serve in a background thread. Raises OSError if the port is taken."""
+        """Bind and serve in a background thread. Raises ListenError if the port is taken."""
         with self._lock:
             if self._server is not None:
                 return self
             self._stop.clear()
-            self._server = _Server((self.host, self.port), self)
+            try:
+                self._server = _Server((self.host, self.port), self)
+            except OSError as exc:
+                shown = f"[{self.host}]" if ":" in self.host else self.host
+                raise ListenError(f"{shown}:{self.port}", exc) from None
             self._bound_port = int(self._server.server_address[1])
             self._wake = socket.socketpair()
             self._thread = threading.Thread(target=self._serve, name="acagent-health", daemon=True)

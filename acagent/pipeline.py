@@ -78,8 +78,9 @@ class Pipeline:
     """The agent. ``start()``, then ``stop()``; or ``run_forever()``; or ``with Pipeline(...)``.
 
     For callers: ``start``, ``stop``, ``run_forever``, ``request_stop``,
-    ``stop_now`` and ``request_status`` (from any thread), ``signal_stop`` and
-    ``signal_status`` (from a signal handler), ``liveness``,
+    ``stop_now``, ``request_status`` and ``reload_api_key`` (from any thread),
+    ``signal_stop``, ``signal_status`` and ``signal_reload`` (from a signal
+    handler), ``liveness``,
     ``readiness``, ``fatal_reason``. Wired parts, read-only: ``config``,
     ``client``, ``ledger``, ``spool``, ``settings``, ``metrics``,
     ``observers``, ``fetcher``, ``executor``, ``uploader``, ``health``.
@@ -168,6 +169,7 @@ class Pipeline:
         self._signalled_stop = False
         self._signalled_hurry = False
         self._signalled_status = False
+        self._signalled_reload = False
         self._started = False
         self._stop_lock = threading.Lock()
         self._monitor = threading.Thread(
@@ -425,12 +427,30 @@ class Pipeline:
         """From a signal handler (SIGUSR1): a status line soon. Sets a flag only."""
         self._signalled_status = True
 
+    def signal_reload(self) -> None:
+        """From a signal handler (SIGHUP): re-read the API key file soon. Sets a flag only."""
+        self._signalled_reload = True
+
+    def reload_api_key(self) -> bool:
+        """Re-read the API key file now; True if the key changed. From any thread."""
+        path = self.config.api_key_file
+        if path is None:
+            log.info("reload asked: nothing to reload, the API key is not read from a file")
+            return False
+        changed = self.client.reload_api_key()
+        if not changed:
+            log.info("reload asked: no new API key in %s", path)
+        return changed
+
     def _take_signals(self) -> bool:
         """Act on what signal handlers asked for (never from a handler); True
         once a stop was asked."""
         if self._signalled_status:
             self._signalled_status = False
             self._wake.set()
+        if self._signalled_reload:
+            self._signalled_reload = False
+            self.reload_api_key()
         if self._signalled_hurry:
             self._hurry.set()
         if self._signalled_stop:

@@ -61,7 +61,7 @@ from .breaker import ClassBreaker
 from .compress import LEVEL, gzip_bytes, gzip_file
 from .config import INLINE_BODY_LIMIT
 from .errors import ACError, ACHTTPError, ACRateLimitError, AgentStopping, UploadURLRefused
-from .fetcher import AUTH_HINT
+from .fetcher import AUTH_HOLD, CONCURRENCY_HINT, auth_hint
 from .hints import hint_for
 from .ledger import Delivery
 from .logs import error_fields
@@ -80,9 +80,6 @@ from .spool import LINKED_BODY, read_head
 from .stage import Stage, StageContext
 
 log = logging.getLogger("acagent.uploader")
-
-#: the hold set while the AC server refuses the API key for uploads
-AUTH_HOLD = "auth"
 
 #: statuses that mean "the server will not take this content as it is"
 CONTENT_REFUSED = frozenset({400, 422})
@@ -249,12 +246,13 @@ class Uploader(Stage):
                 wait = self._rng.uniform(0.0, self.CONCURRENCY_WAIT_MAX)
             else:
                 wait = self._retry_wait(delivery.attempts)
-            reason = "rate limited (429)"
+            reason = CONCURRENCY_HINT if exc.concurrency else "rate limited (429)"
         elif status in (401, 403):
             wait = self._auth_wait(delivery)
-            self.ctx.ledger.hold(AUTH_HOLD, f"{AUTH_HINT} (HTTP {status} on upload)")
+            auth = auth_hint(self.config)
+            self.ctx.ledger.hold(AUTH_HOLD, f"{auth} (HTTP {status} on upload)")
             if self._auth_log.ready():
-                log.error("upload: HTTP %d: %s; results are kept and retried", status, AUTH_HINT)
+                log.error("upload: HTTP %d: %s; results are kept and retried", status, auth)
             reason = f"HTTP {status}"
         elif (
             status == 413 and result.key not in self._via_upload_result and self._is_inline(result)
@@ -287,7 +285,7 @@ class Uploader(Stage):
             wait = self._retry_wait(delivery.attempts)
             reason = f"{type(exc).__name__}"
         level = logging.WARNING if delivery.attempts <= 3 else logging.DEBUG
-        hint = hint_for(exc)
+        hint = auth_hint(self.config) if status in (401, 403) else hint_for(exc)
         log.log(
             level,
             "task %s: upload failed (%s); retry %d in %.1fs%s",

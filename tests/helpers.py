@@ -152,16 +152,16 @@ class AgentProcess:
         log_path: Path,
         extra: Sequence[str] = (),
         env: Optional[Dict[str, str]] = None,
-        api_key: str = "k",
+        api_key: Optional[str] = "k",
     ) -> None:
+        """``api_key`` None: no ``--apiKey`` (give ``--apiKeyFile`` in ``extra``)."""
         args = [
             sys.executable,
             "-m",
             "acagent",
             "--serverUrl",
             server_url,
-            "--apiKey",
-            api_key,
+            *(["--apiKey", api_key] if api_key is not None else []),
             "--spoolDir",
             str(spool_dir),
             "--pollInterval",

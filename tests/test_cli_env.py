@@ -61,6 +61,11 @@ def _special(flag: str, tmp_path: Path) -> List[str]:
         return ["https://other.example"]
     if flag == "--apiKey":
         return ["other-key"]
+    if flag in ("--apiKeyFile", "--coordinationPasswordFile"):
+        path = tmp_path / flag.strip("-")
+        path.write_text("from-a-file\n")
+        path.chmod(0o600)
+        return [str(path)]
     return []
 
 
@@ -83,6 +88,12 @@ def test_every_flag_is_settable_from_its_acagent_variable(
         env[name] = _special(flag, tmp_path)[0]
         cfg = config_from_args([], env)
         assert getattr(cfg, field) == env[name]
+        return
+    if flag == "--apiKeyFile":  # instead of the key itself, not on top of it
+        env = {k: v for k, v in env.items() if k != "ACAGENT_API_KEY"}
+        env[name] = _special(flag, tmp_path)[0]
+        cfg = config_from_args([], env)
+        assert (cfg.api_key_file, cfg.api_key) == (env[name], "from-a-file")
         return
     default = config_from_args([], env)
     target = "executor_pool_size" if field == "pool_size" else field

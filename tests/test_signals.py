@@ -3,9 +3,9 @@
 - one SIGTERM (or SIGINT) while tasks run: stop fetching, finish the running
   tasks and the one waiting for a thread (prefetch), upload every result,
   exit 0 well within ``--shutdownTimeout``;
-- the deadline passes with tasks still running: exit 0 at the deadline, the
-  unfinished tasks answered "agent shutting down" in the spool;
-- a second SIGTERM during the graceful stop: exit at once, the rest spooled;
+- the deadline passes with tasks still running: exit 3 (``EXIT_KEPT``) at
+  the deadline, the unfinished tasks answered "agent shutting down" in the spool;
+- a second SIGTERM during the graceful stop: exit 3 at once, the rest spooled;
   the next start delivers what was spooled.
 
 Every task the server handed out must end with a result at the server or a
@@ -29,6 +29,7 @@ import pytest
 from helpers import WAIT, AgentProcess, make_config, make_pipeline, spool_records, wait_until
 
 from acagent import Pipeline
+from acagent.cli import EXIT_KEPT
 from acagent.testing import FakeACServer, FakeTarget, expected_sha256
 
 
@@ -104,7 +105,7 @@ def test_deadline_passes_with_tasks_running_rest_is_spooled(tmp_path: Path) -> N
             agent.signal(signal.SIGTERM)
             code = agent.wait(10)
             took = time.monotonic() - sent
-            assert code == 0, agent.output()
+            assert code == EXIT_KEPT, agent.output()  # work was cut short: kept in the spool
         # the deadline (1.5 s) plus the short join grace, not the targets' 30 s
         assert took < 6, took
         assert ac.tasks_handed_out == 5
@@ -138,7 +139,7 @@ def test_second_sigterm_exits_at_once_and_spools_the_rest(tmp_path: Path) -> Non
             agent.signal(signal.SIGTERM)
             code = agent.wait(10)
             took = time.monotonic() - sent
-            assert code == 0, agent.output()
+            assert code == EXIT_KEPT, agent.output()
         assert took < 3, took
         assert ac.results == {}
         spooled = _spooled(spool)
