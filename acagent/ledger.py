@@ -310,8 +310,10 @@ class Ledger:
         thread: an unlink can wait milliseconds behind other threads' fsyncs,
         and the Uploader's thread is the one that keeps the AC link busy. A
         record whose removal has not happened yet when the agent dies is sent
-        again at the next start (at-least-once, as ``ResultSpool`` says).
+        again at the next start (at-least-once, as ``ResultSpool`` says). It
+        leaves the spool's count at once (``ResultSpool.delivered``).
         """
+        self.spool.delivered(delivery.result.key)
         self._removals.put(delivery.result.key)
         if delivery.counted:
             with self._cond:

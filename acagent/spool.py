@@ -536,6 +536,10 @@ class ResultSpool:
         # Keys of records that belong to another origin (``recover``): on disk,
         # never delivered nor removed by this agent, not counted by ``size``.
         self._aside: Set[str] = set()
+        # Keys of results the server has, whose files ``remove`` has not yet
+        # unlinked (``delivered``): not counted by ``size``. set.add and
+        # membership tests are atomic, so ``delivered`` takes no lock.
+        self._leaving: Set[str] = set()
         # This agent's origin as ``_encode`` writes it (``set_origin``).
         self._origin: Optional[Origin] = None
         self._origin_field: Dict[str, str] = {}
@@ -736,6 +740,12 @@ class ResultSpool:
             raise
         self._keys.add(key)
 
+    def delivered(self, key: str) -> None:
+        """The server has the result of ``key``: it leaves ``size`` now, its
+        files later (``remove``, on another thread). No lock, no disk."""
+        if key in self._keys:
+            self._leaving.add(key)
+
     def remove(self, key: str) -> None:
         """Remove the record and then the body of ``key``; missing files are fine.
 
@@ -922,6 +932,7 @@ class ResultSpool:
             self._keys = keys
             self._journaled &= keys
             self._aside &= keys
+            self._leaving &= keys
         found.sort(key=lambda item: (item[0], item[1]))
         return [(key, record, own) for _, key, record, own in found]
 
@@ -1030,7 +1041,7 @@ class ResultSpool:
         (an in-memory count, no disk access)."""
         # Reading the length of a set is atomic; no lock, so a metrics scrape
         # never waits behind an fsync.
-        return len(self._keys) - len(self._journaled) - len(self._aside)
+        return len(self._keys) - len(self._journaled) - len(self._aside) - len(self._leaving)
 
     def __len__(self) -> int:
         return self.size()
@@ -1176,6 +1187,7 @@ class ResultSpool:
         self._bodiless.discard(key)
         self._body_sums.pop(key, None)
         self._aside.discard(key)
+        self._leaving.discard(key)
 
     def _note_rename(self) -> int:
         """Count a change of the folder's entries (a rename or unlinks; lock held):
