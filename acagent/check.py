@@ -308,7 +308,9 @@ def run_check(
     with the configuration step."""
     report = CheckReport(out)
     source = f"; API key from {key_source}" if key_source is not None else ""
-    report.ok("configuration", (description or config.describe()) + source)
+    rate = config.rate_limit_per_min
+    limit = f"; rate limit {rate}/min each for get-task and uploads" if rate else "; rate limit off"
+    report.ok("configuration", (description or config.describe()) + source + limit)
     for line in warnings:
         report.note("configuration", line)
     _spool(config, report)

@@ -45,7 +45,7 @@ from ._version import __version__
 from .client import ACClient, force_ipv4
 from .config import AgentConfig, parse_host_port
 from .executor import Executor
-from .fetcher import Fetcher
+from .fetcher import Fetcher, auth_hint
 from .globalconfig import GlobalConfigObserver, RuntimeSettings
 from .health import HealthServer
 from .ledger import Ledger
@@ -105,7 +105,7 @@ class Pipeline:
         #: the one stop signal of the stages: set when the agent must stop at once
         self.abort = threading.Event()
         self.metrics = metrics if metrics is not None else AgentMetrics()
-        self.readiness = Readiness(config.ready_window)
+        self.readiness = Readiness(config.ready_window, auth_hint(config))
         self.observers = Observers((MetricsObserver(self.metrics), self.readiness, *observers))
         if config.ipv4_fallback:
             force_ipv4()

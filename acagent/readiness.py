@@ -17,7 +17,9 @@ from .observers import Observer
 
 
 class Readiness(Observer):
-    def __init__(self, window: float) -> None:
+    def __init__(self, window: float, auth_hint: str = AUTH_HINT) -> None:
+        #: what /readyz says while the server refuses the key (``fetcher.auth_hint``)
+        self.auth_hint = auth_hint
         self.tracker = ReadinessTracker(window)
         self._lock = threading.Lock()
         self._holds: Dict[str, str] = {}
@@ -59,5 +61,5 @@ class Readiness(Observer):
             if not ok:
                 return False, reason
         if self._key_refused:
-            return False, AUTH_HINT
+            return False, self.auth_hint
         return self.tracker.check()

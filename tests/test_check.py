@@ -7,7 +7,7 @@ import ssl
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator, List
+from typing import Iterator, List, Tuple
 
 import pytest
 import trustme
@@ -167,3 +167,15 @@ def test_a_result_the_server_refuses_fails_the_check(ac: FakeACServer, tmp_path:
     assert "FAIL  authenticate" in proc.stdout
     assert "refused the result of task t-refused" in proc.stdout
     assert ac.count("put-result", 400) == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [((), "rate limit 250/min each"), (("--rateLimitPerMin", "0"), "rate limit off")],
+)
+def test_check_names_the_active_rate_limit(
+    ac: FakeACServer, tmp_path: Path, args: Tuple[str, ...], shown: str
+) -> None:
+    proc = run_check(tmp_path, "--serverUrl", ac.url, "--apiKey", "right-key", *args)
+    (config_line,) = [line for line in ok_lines(proc.stdout) if "configuration" in line]
+    assert shown in config_line, proc.stdout

@@ -44,7 +44,9 @@ from acagent.cli import _OPTIONS, _seconds, _seconds_or_zero, read_settings
 from acagent.client import ACClient
 from acagent.config import AgentConfig, read_secret_file
 from acagent.errors import ACHTTPError, ConfigError
+from acagent.fetcher import auth_hint
 from acagent.observers import Observer
+from acagent.readiness import Readiness
 from acagent.spool import Origin
 from acagent.testing import FakeACServer, FakeTarget, expected_sha256
 
@@ -565,3 +567,12 @@ def test_rotation_in_the_cli_agent_with_its_own_waits(tmp_path: Path) -> None:
         assert len(got) == 1 and got[0].body_sha256 == expected_sha256(300 + i, i), i
     assert f"API key reloaded from {key_path}" in output
     assert OLD_KEY not in output and NEW_KEY not in output
+
+
+def test_readyz_names_the_key_file_when_the_key_is_refused(tmp_path: Path) -> None:
+    path = _key_file(tmp_path / "key", "file-key")
+    config = AgentConfig(server_url="https://ac.example", api_key_file=str(path))
+    readiness = Readiness(60.0, auth_hint(config))
+    readiness.on_exchange("get-task", "401", 0.01)
+    ready, why = readiness.check()
+    assert not ready and str(path) in why and "--apiKeyFile" in why
