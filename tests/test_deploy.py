@@ -1,24 +1,38 @@
-"""The deployment files agree with each other and with the agent's defaults."""
+"""The deployment files agree with each other and with the agent's defaults.
+
+The Kubernetes manifests are checked as ``kubectl kustomize`` renders them
+(the base and the scale-out overlay), so what is tested is what ``kubectl
+apply -k`` would create.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
+import requests
+import yaml
 
+from acagent.cli import _OPTIONS, config_from_args, env_name_for
 from acagent.config import AgentConfig
-
-yaml = pytest.importorskip("yaml")
+from acagent.health import HealthServer
+from acagent.metrics import AgentMetrics
+from acagent.permits import PASSWORD_ENV
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 K8S = DEPLOY / "kubernetes"
+BASE = K8S / "base"
+SCALE_OUT = K8S / "scale-out"
 
 
 def _default(name: str) -> Any:
@@ -31,34 +45,25 @@ def _default(name: str) -> Any:
 
 DEFAULT_SHUTDOWN_TIMEOUT = float(_default("shutdown_timeout"))
 
+#: the variables naming the files of the API key and the Redis password (the
+#: tests that build a config from the manifests show the CLI reads them)
+SECRET_FILE_ENV = {"ACAGENT_API_KEY_FILE", "ACAGENT_COORDINATION_PASSWORD_FILE"}
 
-def _docs() -> List[Dict[str, Any]]:
-    docs: List[Dict[str, Any]] = []
-    for path in sorted(K8S.glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
-            if doc is not None:
-                assert isinstance(doc, dict), path
-                doc["__file__"] = path.name
-                docs.append(doc)
-    return docs
+#: every environment name the CLI reads (one per flag, the old names, the secrets' files)
+KNOWN_ENV = (
+    {env_name_for(flag) for flag, *_ in _OPTIONS}
+    | {name for *_, envs, _ in _OPTIONS for name in envs}
+    | {PASSWORD_ENV}
+    | SECRET_FILE_ENV
+)
 
-
-def _of_kind(kind: str) -> List[Dict[str, Any]]:
-    return [d for d in _docs() if d.get("kind") == kind]
-
-
-def _deployment() -> Dict[str, Any]:
-    """The single-agent Deployment of deployment.yaml (other files may add set-ups)."""
-    deployments = [d for d in _of_kind("Deployment") if d["__file__"] == "deployment.yaml"]
-    assert len(deployments) == 1
-    return deployments[0]
-
-
-def _container() -> Dict[str, Any]:
-    containers = _deployment()["spec"]["template"]["spec"]["containers"]
-    assert len(containers) == 1
-    container: Dict[str, Any] = containers[0]
-    return container
+#: the tests that run the CLI's parsing on the manifests need --apiKeyFile
+needs_key_files = pytest.mark.xfail(
+    "--apiKeyFile" not in {flag for flag, *_ in _OPTIONS},
+    reason="the CLI does not read --apiKeyFile / ACAGENT_API_KEY_FILE yet",
+    raises=SystemExit,
+    strict=True,
+)
 
 
 def _flag(args: List[str], name: str) -> str:
@@ -71,72 +76,286 @@ def _flag(args: List[str], name: str) -> str:
     raise AssertionError(f"{name} not in {args}")
 
 
-def _args() -> List[str]:
-    return [str(a) for a in _container().get("command", []) + _container().get("args", [])]
+# -- Kubernetes, as kubectl kustomize renders it ------------------------------
+def _kubectl() -> str:
+    found = shutil.which("kubectl") or ("/usr/bin/kubectl" if Path("/usr/bin/kubectl").exists() else None)
+    assert found, "kubectl is needed to render the kustomizations (apt-get install kubectl)"
+    return found
 
 
-def test_all_yaml_parses_and_has_kind() -> None:
-    docs = _docs()
-    kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "ConfigMap", "Secret"} <= kinds
-    for doc in docs:
-        assert doc.get("apiVersion"), doc["__file__"]
+@functools.cache
+def _rendered_text(folder: Path) -> str:
+    proc = subprocess.run(
+        [_kubectl(), "kustomize", str(folder)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, f"kubectl kustomize {folder}: {proc.stderr}"
+    return proc.stdout
 
 
-def test_deployment_shape() -> None:
-    spec = _deployment()["spec"]
-    # one agent per API key without a shared budget (the multi-replica set-up is separate)
-    assert spec["replicas"] == 1
-    # the spool claim is ReadWriteOnce: the old pod must let go before the new one starts
-    assert spec["strategy"]["type"] == "Recreate"
+def _render(folder: Path) -> List[Dict[str, Any]]:
+    docs = [d for d in yaml.safe_load_all(_rendered_text(folder)) if d is not None]
+    assert all(isinstance(d, dict) and d.get("apiVersion") and d.get("kind") for d in docs)
+    return docs
+
+
+def _one(docs: List[Dict[str, Any]], kind: str, name: str) -> Dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)}"
+    return found[0]
+
+
+def _agent(docs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    return _one(docs, "StatefulSet", "acagent")
+
+
+def _pod(docs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    pod: Dict[str, Any] = _agent(docs)["spec"]["template"]["spec"]
+    return pod
+
+
+def _container(docs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    containers = _pod(docs)["containers"]
+    assert len(containers) == 1
+    container: Dict[str, Any] = containers[0]
+    return container
+
+
+def _env(docs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The agent container's environment: name -> literal value, or the env entry
+    itself when the value comes from a Secret (``valueFrom``). ``env`` beats ``envFrom``."""
+    container = _container(docs)
+    env: Dict[str, Any] = {}
+    for source in container.get("envFrom", []):
+        config = _one(docs, "ConfigMap", source["configMapRef"]["name"])
+        env.update({k: str(v) for k, v in config["data"].items()})
+    for entry in container.get("env", []):
+        if "value" in entry:
+            env[entry["name"]] = str(entry["value"])
+        else:
+            ref = entry["valueFrom"].get("configMapKeyRef")
+            if ref:
+                env[entry["name"]] = str(_one(docs, "ConfigMap", ref["name"])["data"][ref["key"]])
+            else:
+                env[entry["name"]] = entry
+    return env
+
+
+def _secret_file(docs: List[Dict[str, Any]], path: str) -> tuple[str, str]:
+    """(Secret name, key) of the file ``path`` in the agent container, from its mounts."""
+    container, pod = _container(docs), _pod(docs)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for mount in container["volumeMounts"]:
+        folder = mount["mountPath"].rstrip("/")
+        if path.startswith(folder + "/"):
+            secret = volumes[mount["name"]]["secret"]
+            assert mount.get("readOnly") is True, mount
+            # 0440 with the pod's fsGroup: the agent's group may read it, nobody else
+            assert secret["defaultMode"] & 0o037 == 0, oct(secret["defaultMode"])
+            assert secret["defaultMode"] & 0o040, "the agent (fsGroup) must be able to read it"
+            name = path[len(folder) + 1 :]
+            item = next(i for i in secret["items"] if i["path"] == name)
+            return secret["secretName"], item["key"]
+    raise AssertionError(f"{path} is not in a mounted Secret volume")
+
+
+def _agent_config(env: Dict[str, Any], tmp_path: Path, args: Optional[List[str]] = None) -> AgentConfig:
+    """What the agent makes of this environment (and arguments), through the CLI's own
+    parsing. Files the manifests mount are stood in for by files under tmp_path, and
+    values from Secrets by placeholders."""
+    environ: Dict[str, str] = {}
+    for name, value in env.items():
+        if isinstance(value, dict):  # a secretKeyRef
+            ref = value["valueFrom"]["secretKeyRef"]
+            assert ref["key"] == "coordination_url", f"only the Redis URL comes from a Secret: {name}"
+            environ[name] = "redis://acagent-redis:6379/0"
+        elif name.endswith("_FILE") and value.startswith("/run/secrets/"):
+            stand_in = tmp_path / value.strip("/").replace("/", "_")
+            stand_in.write_text(f"contents of {value}\n")
+            stand_in.chmod(0o600)
+            environ[name] = str(stand_in)
+        else:
+            environ[name] = value
+    # the manifests' folders, under tmp_path: the CLI checks they can work
+    for name in ("ACAGENT_SPOOL_DIR", "ACAGENT_LOG_DIR"):
+        if name in environ:
+            environ[name] = str(tmp_path / environ[name].strip("/"))
+    return config_from_args(list(args or []), environ=environ)
+
+
+def _quantity(text: str) -> int:
+    match = re.fullmatch(r"(\d+)(Mi|Gi)", str(text))
+    assert match, text
+    return int(match.group(1)) * (MIB if match.group(2) == "Mi" else 1024 * MIB)
+
+
+def _under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+MIB = 1024 * 1024
+#: what fetch-logs zips at most (acagent.logs.zip_logs max_bytes)
+LOG_ZIP_MAX = 50 * MIB
+#: room the arithmetic leaves for the log files on the data volume
+LOG_ALLOWANCE = 256 * MIB
+
+
+def test_every_kubernetes_file_parses_and_the_overlay_is_outside_its_base() -> None:
+    files = sorted(K8S.rglob("*.yaml"))
+    assert files
+    for path in files:
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            assert isinstance(doc, dict) and doc.get("apiVersion") and doc.get("kind"), path
+    # kustomize refuses an overlay inside its base ("cycle detected")
+    overlay = yaml.safe_load((SCALE_OUT / "kustomization.yaml").read_text(encoding="utf-8"))
+    for resource in overlay["resources"]:
+        target = (SCALE_OUT / resource).resolve()
+        assert not _under(str(SCALE_OUT.resolve()), str(target)), resource
+    assert (BASE / "kustomization.yaml").is_file()
+    assert not (K8S / "kustomization.yaml").exists(), "one base, in base/"
+
+
+@pytest.mark.parametrize("folder, replicas", [(BASE, 1), (SCALE_OUT, 3)], ids=["base", "scale-out"])
+def test_every_agent_pod_gets_its_own_spool_claim(folder: Path, replicas: int) -> None:
+    docs = _render(folder)
+    agent = _agent(docs)
+    spec = agent["spec"]
+    assert spec["replicas"] == replicas
+    assert [d["kind"] for d in docs].count("StatefulSet") == 1
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"], "no claim shared by pods"
     selector = spec["selector"]["matchLabels"]
     labels = spec["template"]["metadata"]["labels"]
     assert selector.items() <= labels.items()
+    service = _one(docs, "Service", spec["serviceName"])
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"].items() <= labels.items()
+    # the spool and the logs are on the claim template: one claim per pod
+    env = _env(docs)
+    templates = {t["metadata"]["name"]: t for t in spec["volumeClaimTemplates"]}
+    container, pod = _container(docs), _pod(docs)
+    mount = next(m for m in container["volumeMounts"] if _under(env["ACAGENT_SPOOL_DIR"], m["mountPath"]))
+    assert mount["name"] in templates, "the spool is on a per-pod claim"
+    assert mount["name"] not in {v["name"] for v in pod["volumes"]}
+    assert _under(env["ACAGENT_LOG_DIR"], mount["mountPath"])
+    assert templates[mount["name"]]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    # no pod volume is a claim every replica would share
+    assert not any("persistentVolumeClaim" in v for v in pod["volumes"])
+    # the claims outlive a scale-down: their results are re-sent when it scales up
+    assert spec["persistentVolumeClaimRetentionPolicy"]["whenScaled"] == "Retain"
 
 
-def test_probes_hit_health_and_readiness_on_the_health_port() -> None:
-    container = _container()
+@pytest.mark.parametrize("folder", [BASE, SCALE_OUT], ids=["base", "scale-out"])
+def test_claim_and_scratch_sizes_fit_the_arithmetic(folder: Path) -> None:
+    docs = _render(folder)
+    env = _env(docs)
+    cap = int(env["ACAGENT_MAX_RESPONSE_BYTES"])
+    assert cap > 0, "without a cap nothing bounds the disk"
+    threshold = int(env["ACAGENT_RESPONSE_QUEUE_THRESHOLD"])
+    pool = int(env["ACAGENT_EXECUTOR_POOL_SIZE"])
+    claim = next(iter(_agent(docs)["spec"]["volumeClaimTemplates"]))
+    needed = (pool + threshold) * cap + LOG_ALLOWANCE
+    assert needed <= _quantity(claim["spec"]["resources"]["requests"]["storage"])
+    # scratch: one gzip copy of the body being uploaded and one log zip
+    container, pod = _container(docs), _pod(docs)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    tmp = next(m for m in container["volumeMounts"] if m["mountPath"] == "/tmp")
+    assert cap + LOG_ZIP_MAX <= _quantity(volumes[tmp["name"]]["emptyDir"]["sizeLimit"])
+    assert env["TMPDIR"] == "/tmp"
+
+
+def test_the_overlay_keeps_every_setting_of_the_base_and_adds_redis() -> None:
+    base, scaled = _env(_render(BASE)), _env(_render(SCALE_OUT))
+    for name, value in base.items():
+        assert scaled.get(name) == value, name
+    added = set(scaled) - set(base)
+    assert added == {
+        "ACAGENT_COORDINATION_URL",
+        "ACAGENT_COORDINATION_PASSWORD_FILE",
+        "ACAGENT_COORDINATION_LEASE",
+    }
+    # settings are environment only: no args a patch could replace
+    for folder in (BASE, SCALE_OUT):
+        container = _container(_render(folder))
+        assert "args" not in container and "command" not in container, folder.name
+    docs = _render(SCALE_OUT)
+    secret, key = _secret_file(docs, scaled["ACAGENT_COORDINATION_PASSWORD_FILE"])
+    assert (secret, key) == ("acagent-redis", "password")
+    redis_secret = yaml.safe_load((SCALE_OUT / "redis-secret.example.yaml").read_text())
+    service = _one(docs, "Service", "acagent-redis")
+    assert redis_secret["stringData"]["coordination_url"].startswith(
+        f"redis://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}/"
+    )
+    assert scaled["ACAGENT_COORDINATION_URL"]["valueFrom"]["secretKeyRef"]["name"] == "acagent-redis"
+
+
+@needs_key_files
+def test_the_agent_reads_the_overlay_as_meant(tmp_path: Path) -> None:
+    """Caps, health port and Redis, through the CLI's own parsing of the rendered env."""
+    config = _agent_config(_env(_render(SCALE_OUT)), tmp_path)
+    assert config.max_response_bytes == 52428800
+    assert config.response_queue_threshold == 20
+    assert config.executor_pool_size == 10
+    assert config.health_addr == "0.0.0.0:8080"
+    assert config.log_format == "json"
+    assert config.coordination_url == "redis://acagent-redis:6379/0"
+    assert config.coordination_password == "contents of /run/secrets/acagent-redis/password"
+    assert config.coordination_lease == 10
+
+
+@pytest.mark.parametrize("folder", [BASE, SCALE_OUT], ids=["base", "scale-out"])
+def test_the_api_key_is_a_file_from_the_secret(folder: Path) -> None:
+    docs = _render(folder)
+    env = _env(docs)
+    assert "ACAGENT_API_KEY" not in env and "api_key" not in env
+    secret, key = _secret_file(docs, env["ACAGENT_API_KEY_FILE"])
+    example = yaml.safe_load((BASE / "secret.example.yaml").read_text(encoding="utf-8"))
+    assert (secret, key) == (example["metadata"]["name"], next(iter(example["stringData"])))
+
+
+@needs_key_files
+@pytest.mark.parametrize("folder", [BASE, SCALE_OUT], ids=["base", "scale-out"])
+def test_the_agent_reads_the_key_from_the_mounted_file(folder: Path, tmp_path: Path) -> None:
+    config = _agent_config(_env(_render(folder)), tmp_path)
+    assert config.api_key == "contents of /run/secrets/acagent/api-key"
+    assert config.server_url == "https://web-agent.armorcode.com"
+
+
+@pytest.mark.parametrize("folder", [BASE, SCALE_OUT], ids=["base", "scale-out"])
+def test_probes_hit_health_and_readiness_on_the_health_port(folder: Path) -> None:
+    docs = _render(folder)
+    container = _container(docs)
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    _host, _, port = _flag(_args(), "--healthAddr").rpartition(":")
+    _host, _, port = _env(docs)["ACAGENT_HEALTH_ADDR"].rpartition(":")
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["health"] == int(port)
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
-        if probe not in container:
-            continue
         probe_port = container[probe]["httpGet"]["port"]
         assert ports.get(probe_port, probe_port) == int(port), probe
+    annotations = _agent(docs)["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == port
 
 
 def test_grace_period_exceeds_the_shutdown_timeout() -> None:
-    grace = _deployment()["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert grace > float(_flag(_args(), "--shutdownTimeout"))
+    docs = _render(BASE)
+    grace = _pod(docs)["terminationGracePeriodSeconds"]
+    assert grace > float(_env(docs)["ACAGENT_SHUTDOWN_TIMEOUT"])
     assert grace > DEFAULT_SHUTDOWN_TIMEOUT
 
 
-def test_secrets_come_from_secret_refs() -> None:
-    env = {e["name"]: e for e in _container()["env"]}
-    assert "secretKeyRef" in env["api_key"]["valueFrom"]
-    assert "value" not in env["api_key"]
-    server_url = env["server_url"]
-    assert "value" in server_url or "configMapKeyRef" in server_url.get("valueFrom", {})
-    secret_names = {d["metadata"]["name"] for d in _of_kind("Secret")}
-    assert env["api_key"]["valueFrom"]["secretKeyRef"]["name"] in secret_names
-    config_names = {d["metadata"]["name"] for d in _of_kind("ConfigMap")}
-    for entry in env.values():
-        ref = entry.get("valueFrom", {}).get("configMapKeyRef")
-        if ref:
-            assert ref["name"] in config_names
-    # no literal secret anywhere in the container spec
-    assert "api_key" not in " ".join(_args()).lower().replace("--", "")
-    assert not any("apikey" in a.lower() for a in _args())
+@pytest.mark.parametrize("folder", [BASE, SCALE_OUT], ids=["base", "scale-out"])
+def test_every_environment_name_is_one_the_cli_reads(folder: Path) -> None:
+    env = _env(_render(folder))
+    unknown = [n for n in env if n != "TMPDIR" and n not in KNOWN_ENV]
+    assert not unknown, unknown
+    assert all(n.startswith("ACAGENT_") for n in env if n != "TMPDIR"), sorted(env)
 
 
 def test_pod_runs_non_root_read_only_with_writable_tmp() -> None:
-    pod = _deployment()["spec"]["template"]["spec"]
-    container = _container()
+    docs = _render(BASE)
+    pod, container = _pod(docs), _container(docs)
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"].get("runAsUser", 1) != 0
+    assert pod["automountServiceAccountToken"] is False
     csc = container["securityContext"]
     assert csc["readOnlyRootFilesystem"] is True
     assert csc["allowPrivilegeEscalation"] is False
@@ -148,14 +367,56 @@ def test_pod_runs_non_root_read_only_with_writable_tmp() -> None:
     assert resources["limits"]["memory"]
 
 
-def test_args_use_flags_the_config_knows() -> None:
-    args = _args()
-    assert _flag(args, "--logFormat") == "json"
-    fields = {f.name for f in dataclasses.fields(AgentConfig)}
-    for arg in args:
-        if arg.startswith("--"):
-            snake = re.sub(r"(?<!^)(?=[A-Z])", "_", arg[2:].split("=", 1)[0]).lower()
-            assert snake in fields, arg
+# -- no API key in argv or env, anywhere under deploy/ ------------------------
+#: an API key passed as an argument (``--apiKey KEY``, not ``--apiKeyFile``) or set
+#: in an environment (``ACAGENT_API_KEY=``, ``-e api_key``, ``name: api_key``)
+_KEY_IN_ARGV_OR_ENV = re.compile(
+    r"--apiKey(?![A-Za-z])"
+    r"|\b(?:ACAGENT_API_KEY|api_key)\b(?!_)\s*[=:]"
+    r"|(?:-e|--env)\s+(?:ACAGENT_API_KEY|api_key)\b(?!_)"
+    r"|\bname:\s*[\"']?(?:ACAGENT_API_KEY|api_key)\b(?!_)"
+)
+
+
+def key_in_argv_or_env(text: str) -> List[str]:
+    """The places in ``text`` that hand the API key over as an argument or a variable."""
+    return [m.group(0) for m in _KEY_IN_ARGV_OR_ENV.finditer(text)]
+
+
+@pytest.mark.parametrize(
+    "text, found",
+    [
+        ("docker run -e ACAGENT_API_KEY=\"$KEY\" acagent", True),
+        ("docker run -e ACAGENT_API_KEY acagent", True),
+        ("ACAGENT_API_KEY=abc", True),
+        ("ExecStart=python -m acagent --apiKey abc", True),
+        ("args: [\"--apiKey=abc\"]", True),
+        ("- --apiKey\n- abc", True),
+        ("- name: api_key\n  valueFrom: {}", True),
+        ("env:\n  - {name: ACAGENT_API_KEY, value: x}", True),
+        ("api_key: x", True),
+        ("--apiKeyFile /run/secrets/api-key", False),
+        ("ACAGENT_API_KEY_FILE=/run/secrets/api-key", False),
+        ("- name: ACAGENT_API_KEY_FILE\n  value: /run/secrets/acagent/api-key", False),
+        ("kubectl create secret generic acagent-secret --from-file=api-key=./api-key", False),
+        ("LoadCredential=api-key:/etc/acagent/api-key", False),
+    ],
+)
+def test_the_key_rule(text: str, found: bool) -> None:
+    assert bool(key_in_argv_or_env(text)) is found, text
+
+
+def test_no_manifest_passes_the_api_key_in_argv_or_env() -> None:
+    sources = {f"kustomize {f.name}": _rendered_text(f) for f in (BASE, SCALE_OUT)}
+    for path in sorted(DEPLOY.rglob("*")):
+        if path.is_file():
+            sources[str(path.relative_to(DEPLOY))] = path.read_text(encoding="utf-8")
+    assert {"Dockerfile", "systemd/acagent.service", "systemd/acagent.env.example", "README.md"} <= set(sources)
+    found = {name: hits for name, text in sources.items() if (hits := key_in_argv_or_env(text))}
+    assert not found, found
+    # and each one hands over a file instead
+    assert "ACAGENT_API_KEY_FILE" in sources["Dockerfile"]
+    assert "--apiKeyFile ${CREDENTIALS_DIRECTORY}/" in sources["systemd/acagent.service"]
 
 
 # -- Dockerfile ---------------------------------------------------------------
@@ -187,8 +448,9 @@ def test_dockerfile_exec_form_entrypoint_and_non_root_user() -> None:
     assert last_user > last_run
     assert ("STOPSIGNAL", "SIGTERM") in instructions
     assert any(kw == "EXPOSE" and "8080" in rest.split() for kw, rest in instructions)
-    cmd = json.loads([rest for kw, rest in instructions if kw == "CMD"][-1])
-    assert _flag(cmd, "--healthAddr").endswith(":8080")
+    # the image's settings are ENV, so that arguments add to them (see below)
+    assert json.loads([rest for kw, rest in instructions if kw == "CMD"][-1]) == ["run"]
+    assert _docker_env()["ACAGENT_HEALTH_ADDR"].endswith(":8080")
     froms = [rest for kw, rest in instructions if kw == "FROM"]
     assert _resolve_args(froms[-1].split()[0]).startswith("python:3.11.")
 
@@ -237,11 +499,6 @@ def test_systemd_unit_stops_gracefully_and_is_hardened() -> None:
 
 
 # -- data survives, disk is bounded, builds are reproducible ------------------
-MIB = 1024 * 1024
-#: what fetch-logs zips at most (acagent.logs.zip_logs max_bytes)
-LOG_ZIP_MAX = 50 * MIB
-#: room the arithmetic leaves for the log files on the data volume
-LOG_ALLOWANCE = 256 * MIB
 
 
 def _docker_args() -> Dict[str, str]:
@@ -267,43 +524,6 @@ def _docker_env() -> Dict[str, str]:
     return env
 
 
-def _quantity(text: str) -> int:
-    match = re.fullmatch(r"(\d+)(Mi|Gi)", str(text))
-    assert match, text
-    return int(match.group(1)) * (MIB if match.group(2) == "Mi" else 1024 * MIB)
-
-
-def _under(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip("/") + "/")
-
-
-def test_kubernetes_keeps_the_spool_on_a_claim_and_its_size_fits_the_arithmetic() -> None:
-    container = _container()
-    env = {e["name"]: e for e in container["env"]}
-    spool = env["ACAGENT_SPOOL_DIR"]["value"]
-    pod = _deployment()["spec"]["template"]["spec"]
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    mount = next(m for m in container["volumeMounts"] if _under(spool, m["mountPath"]))
-    claim_name = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
-    claims = {d["metadata"]["name"]: d for d in _of_kind("PersistentVolumeClaim")}
-    claim = claims[claim_name]
-    assert _under(env["ACAGENT_LOG_DIR"]["value"], mount["mountPath"])
-    # (executor threads + results waiting) bodies of at most the cap, plus the logs
-    args = _args()
-    cap = int(_flag(args, "--maxResponseBytes"))
-    assert cap > 0, "without a cap nothing bounds the disk"
-    threshold = int(_flag(args, "--responseQueueThreshold"))
-    pool_ref = env["EXECUTOR_POOL_SIZE"]["valueFrom"]["configMapKeyRef"]
-    config = next(d for d in _of_kind("ConfigMap") if d["metadata"]["name"] == pool_ref["name"])
-    pool = int(config["data"][pool_ref["key"]])
-    needed = (pool + threshold) * cap + LOG_ALLOWANCE
-    assert needed <= _quantity(claim["spec"]["resources"]["requests"]["storage"])
-    # scratch: one gzip copy of the body being uploaded and one log zip
-    tmp = next(m for m in container["volumeMounts"] if m["mountPath"] == "/tmp")
-    assert cap + LOG_ZIP_MAX <= _quantity(volumes[tmp["name"]]["emptyDir"]["sizeLimit"])
-    assert "pvc.yaml" in (K8S / "kustomization.yaml").read_text(encoding="utf-8")
-
-
 def test_docker_image_keeps_the_spool_on_a_volume_and_uses_the_same_cap() -> None:
     instructions = list(_dockerfile_instructions())
     env = _docker_env()
@@ -316,10 +536,77 @@ def test_docker_image_keeps_the_spool_on_a_volume_and_uses_the_same_cap() -> Non
     example = run_example.group(0)
     assert "--rm" not in example or "-v " in example
     assert any(f":{v}" in example for v in volumes), "the example mounts the data volume"
+    assert "ACAGENT_API_KEY_FILE=/run/secrets/" in example, "the example mounts the key file"
+    k8s = _env(_render(BASE))
+    for name in ("ACAGENT_MAX_RESPONSE_BYTES", "ACAGENT_RESPONSE_QUEUE_THRESHOLD", "ACAGENT_LOG_FORMAT"):
+        assert env[name] == k8s[name], name
+
+
+def _docker_run(image_args: List[str], tmp_path: Path) -> AgentConfig:
+    """The AgentConfig of ``docker run -e ACAGENT_SERVER_URL=... -e ACAGENT_API_KEY_FILE=...
+    IMAGE *image_args``: the image's ENV plus the run's, ENTRYPOINT plus the arguments
+    (or CMD without any), read by the CLI's own parsing."""
+    instructions = list(_dockerfile_instructions())
+    entrypoint = json.loads([rest for kw, rest in instructions if kw == "ENTRYPOINT"][-1])
     cmd = json.loads([rest for kw, rest in instructions if kw == "CMD"][-1])
-    k8s = _args()
-    for flag in ("--maxResponseBytes", "--responseQueueThreshold"):
-        assert _flag(cmd, flag) == _flag(k8s, flag), flag
+    argv = entrypoint + (image_args or cmd)
+    assert argv[:3] == ["python", "-m", "acagent"]
+    args = argv[3:]
+    if args[:1] == ["run"]:  # what acagent.cli.main does with its first word
+        args = args[1:]
+    env = dict(_docker_env())
+    env.update(
+        ACAGENT_SERVER_URL="https://web-agent.armorcode.com",
+        ACAGENT_API_KEY_FILE="/run/secrets/api-key",
+    )
+    return _agent_config(env, tmp_path, args)
+
+
+@needs_key_files
+def test_docker_run_arguments_add_to_the_image_settings(tmp_path: Path) -> None:
+    plain = _docker_run([], tmp_path)
+    more = _docker_run(["--executorPoolSize", "20"], tmp_path)
+    assert more.executor_pool_size == 20
+    for config in (plain, more):
+        assert config.health_addr == "0.0.0.0:8080"
+        assert config.log_format == "json"
+        assert config.max_response_bytes == 52428800
+        assert config.response_queue_threshold == 20
+        assert config.api_key == "contents of /run/secrets/api-key"
+    # an argument still beats the image's value
+    assert _docker_run(["--maxResponseBytes", "1000"], tmp_path).max_response_bytes == 1000
+
+
+def _healthcheck() -> List[str]:
+    checks = [rest for kw, rest in _dockerfile_instructions() if kw == "HEALTHCHECK"]
+    assert len(checks) == 1, "one HEALTHCHECK"
+    options, _, command = checks[0].partition("CMD ")
+    assert re.search(r"--timeout=(\d+)s", options) and re.search(r"--interval=(\d+)s", options)
+    argv = json.loads(command)
+    assert argv[0] == "python", "exec form with the image's python (a slim image has no curl)"
+    return [sys.executable, *argv[1:]]
+
+
+def test_the_healthcheck_passes_on_a_live_agent_and_fails_otherwise() -> None:
+    state = {"alive": True}
+    server = HealthServer(
+        "127.0.0.1",
+        0,
+        liveness=lambda: (state["alive"], "ok" if state["alive"] else "stage thread(s) not running"),
+        readiness=lambda: (False, "not ready: liveness only"),
+        registry=AgentMetrics().registry,
+    )
+    server.start()
+    try:
+        env = dict(os.environ, ACAGENT_HEALTH_ADDR=f"0.0.0.0:{server.address[1]}")
+        run = functools.partial(subprocess.run, _healthcheck(), env=env, capture_output=True, timeout=30)
+        assert run().returncode == 0
+        state["alive"] = False
+        assert requests.get(server.url + "/healthz", timeout=5).status_code == 503
+        assert run().returncode != 0
+    finally:
+        server.stop()
+    assert run().returncode != 0, "nothing listening"
 
 
 def test_docker_base_image_is_pinned_by_version_and_digest() -> None:
@@ -367,25 +654,57 @@ def test_systemd_keeps_the_spool_in_the_state_folder_and_installs_with_install_d
     assert _under(environment["ACAGENT_SPOOL_DIR"], state)
     assert _under(environment["ACAGENT_LOG_DIR"], state)
     assert any(_under(state, p) for p in service["ReadWritePaths"])
-    exec_start = shlex.split(service["ExecStart"][-1])
-    k8s = _args()
-    for flag in ("--maxResponseBytes", "--responseQueueThreshold"):
-        assert _flag(exec_start, flag) == _flag(k8s, flag), flag
+    k8s = _env(_render(BASE))
+    for name in ("ACAGENT_MAX_RESPONSE_BYTES", "ACAGENT_RESPONSE_QUEUE_THRESHOLD"):
+        assert environment[name] == k8s[name], name
+    assert float(environment["ACAGENT_SHUTDOWN_TIMEOUT"]) < _seconds(service["TimeoutStopSec"][-1])
     text = (DEPLOY / "systemd" / "acagent.service").read_text(encoding="utf-8")
     installs = [line for line in text.splitlines() if re.search(r"\bsudo install\s", line)]
     assert installs and all(" -D " in line for line in installs), installs
     assert "/etc/acagent/" in " ".join(installs)
 
 
-def test_example_env_file_uses_names_the_cli_knows() -> None:
-    from acagent.cli import _OPTIONS, env_name_for
+@needs_key_files
+def test_systemd_hands_the_key_over_as_a_credential_file(tmp_path: Path) -> None:
+    service = _unit()["Service"]
+    (credential,) = service["LoadCredential"]
+    name, _, source = credential.partition(":")
+    assert source.startswith("/etc/acagent/")
+    text = (DEPLOY / "systemd" / "acagent.service").read_text(encoding="utf-8")
+    install = next(line for line in text.splitlines() if f" {source}" in line and "install" in line)
+    assert "-m 0600 -o root" in install, install
+    exec_start = shlex.split(service["ExecStart"][-1])
+    assert _flag(exec_start, "--apiKeyFile") == "${CREDENTIALS_DIRECTORY}/" + name
+    # what systemd starts: $CREDENTIALS_DIRECTORY set, the Environment= lines, then the file's
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / name).write_text("the key\n")
+    args = [a.replace("${CREDENTIALS_DIRECTORY}", str(credentials)) for a in exec_start[3:]]
+    env = dict(e.split("=", 1) for e in service["Environment"])
+    env.update(_env_file(DEPLOY / "systemd" / "acagent.env.example"))
+    for folder in ("ACAGENT_SPOOL_DIR", "ACAGENT_LOG_DIR"):
+        env[folder] = str(tmp_path / env[folder].strip("/"))
+    config = config_from_args(args, environ=env)
+    assert config.api_key == "the key"
+    assert config.health_addr == "127.0.0.1:8080"
+    assert config.max_response_bytes == 52428800
 
-    known = {env_name_for(flag) for flag, *_ in _OPTIONS}
+
+def _env_file(path: Path) -> Dict[str, str]:
+    pairs = (line.split("=", 1) for line in path.read_text(encoding="utf-8").splitlines()
+             if line and not line.startswith("#"))
+    return {k: v for k, v in pairs}
+
+
+def test_example_env_file_uses_names_the_cli_knows() -> None:
     text = (DEPLOY / "systemd" / "acagent.env.example").read_text(encoding="utf-8")
-    for line in text.splitlines():
-        name = line.lstrip("# ").split("=", 1)[0]
-        if name.startswith("ACAGENT_"):
-            assert name in known, name
+    names = [line.lstrip("# ").split("=", 1)[0] for line in text.splitlines()]
+    acagent_names = [n for n in names if n.startswith("ACAGENT_")]
+    assert acagent_names
+    assert all(n in KNOWN_ENV for n in acagent_names), acagent_names
+    service = _unit()["Service"]
+    assert all(e.split("=", 1)[0] in KNOWN_ENV for e in service["Environment"]
+               if e.startswith("ACAGENT_"))
 
 
 # -- the image's install steps, run without Docker ----------------------------

@@ -204,34 +204,6 @@ def test_redis_stopped_mid_run_pauses_ac_calls_and_loses_nothing(
     )
 
 
-def test_scale_out_manifests_run_several_replicas_only_with_redis() -> None:
-    import yaml
-
-    from acagent.cli import config_from_args
-    from acagent.permits import PASSWORD_ENV
-
-    here = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes" / "scale-out"
-    kustomization = yaml.safe_load((here / "kustomization.yaml").read_text())
-    assert kustomization["resources"] == ["../", "redis.yaml"]
-    patch = yaml.safe_load((here / "agent-patch.yaml").read_text())
-    assert patch["spec"]["replicas"] == 3
-    container = patch["spec"]["template"]["spec"]["containers"][0]
-    env = {e["name"]: e for e in container["env"]}
-    assert env[PASSWORD_ENV]["valueFrom"]["secretKeyRef"]["key"] == "password"
-    redis_docs = {d["kind"]: d for d in yaml.safe_load_all((here / "redis.yaml").read_text())}
-    service = redis_docs["Service"]["metadata"]["name"]
-    secret = yaml.safe_load((here / "redis-secret.example.yaml").read_text())
-    url = secret["stringData"]["coordination_url"]
-    assert url.startswith(f"redis://{service}:6379/")
-    # the agent accepts the patched command line (Kubernetes expands $(COORDINATION_URL))
-    args = [str(a).replace("$(COORDINATION_URL)", url) for a in container["args"]]
-    cfg = config_from_args(
-        [*args, "--serverUrl", "https://ac.example", "--apiKey", "k"],
-        environ={PASSWORD_ENV: "pw"},
-    )
-    assert cfg.coordination_url == url and cfg.coordination_password == "pw"
-
-
 def test_demo_with_agents_runs_processes_with_a_private_redis() -> None:
     import shutil
     import sys
