@@ -5,17 +5,23 @@ hundred tasks of mixed sizes, runs them through the real Pipeline over HTTP
 on 127.0.0.1, shows its progress (a line redrawn in place on a terminal,
 plain lines every few seconds otherwise), then prints a summary and exits 0
 only if every result arrived exactly once and matched the target's bytes.
+
+It runs with settings a production agent would not use (no rate limit, a
+short poll interval): it says which at the start, and what a default run is
+limited to, so its throughput is not mistaken for a default run's.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence, TextIO, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple
 
+from .cli import FLAG_OF_FIELD
 from .config import INLINE_BODY_LIMIT, AgentConfig
 from .pipeline import Pipeline
 from .testing import FakeACServer, FakeTarget, expected_sha256
@@ -64,15 +70,102 @@ def intro_line(tasks: int, threads: int) -> str:
     )
 
 
+#: settings the notice leaves out: where things go and what is logged, not what a run can do
+_NOT_LIMITS = frozenset(
+    {"server_url", "api_key", "spool_dir", "log_dir", "enable_file_logging", "enable_metrics_file"}
+)
+
+
+def _defaults() -> Dict[str, Any]:
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(AgentConfig)
+        if f.default is not dataclasses.MISSING
+    }
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value == int(value):
+        return str(int(value))
+    return str(value)
+
+
+def not_as_a_default_run(settings: Mapping[str, Any], shared: bool = False) -> List[str]:
+    """One line per setting (AgentConfig field -> value) that a default run has otherwise.
+
+    The rate limit says what a default run is limited to: the demo's throughput
+    is not one a default agent reaches. ``shared``: agents sharing one budget
+    through Redis, whose rate limit is one for all of them.
+    """
+    defaults = _defaults()
+    lines = []
+    for name, value in settings.items():
+        if name in _NOT_LIMITS or name not in defaults or value == defaults[name]:
+            continue
+        flag = f"{FLAG_OF_FIELD.get(name, name)} {_shown(value)}"
+        if name == "rate_limit_per_min" and value == 0:
+            per_min = defaults[name]
+            lines.append(
+                f"{flag}: rate limit off here; a default run is limited to {per_min} "
+                f"get-tasks/min and {per_min} uploads/min, so at most {per_min} tasks/min"
+                + (" (all agents on the key together)" if shared else "")
+            )
+        else:
+            lines.append(f"{flag} (a default run: {_shown(defaults[name])})")
+    return lines
+
+
+def settings_notice(settings: Mapping[str, Any], shared: bool = False) -> str:
+    """The lines printed once at the start: what differs from a default production run."""
+    lines = not_as_a_default_run(settings, shared)
+    if not lines:
+        return "  settings: those of a default run\n"
+    return "".join(
+        ["  not as in a default production run:\n", *(f"    {line}\n" for line in lines)]
+    )
+
+
+class Progress:
+    """A progress line: redrawn in place on a terminal, else a plain line every few seconds.
+
+    A pipe or a file never gets a carriage return.
+    """
+
+    def __init__(self, out: TextIO, every: float = 2.0) -> None:
+        self.out = out
+        self.live = out.isatty()
+        self.every = every
+        self._next = time.monotonic() + every
+        self._width = 0
+
+    def show(self, text: str) -> None:
+        if self.live:
+            self.out.write("\r" + text.ljust(self._width))
+            self._width = len(text)
+            self.out.flush()
+            return
+        now = time.monotonic()
+        if now >= self._next:
+            self.out.write(text + "\n")
+            self.out.flush()
+            self._next = now + self.every
+
+    def done(self) -> None:
+        """Clear the redrawn line (nothing to do for plain lines)."""
+        if self.live and self._width:
+            self.out.write("\r" + " " * self._width + "\r")
+            self.out.flush()
+            self._width = 0
+
+
 def main(argv: Sequence[str] = ()) -> int:
     args = _parse(argv)
     rng = random.Random(args.seed)
     sizes = _pick_sizes(args.tasks, rng)
     out = sys.stdout
-    # A terminal gets one line redrawn in place; a pipe or a file gets plain lines.
-    live = out.isatty()
-    out.write(intro_line(len(sizes), args.executorPoolSize) + "\n")
-    out.flush()
+    progress = Progress(out, PLAIN_PROGRESS_EVERY)
     with FakeTarget() as target, FakeACServer(max_concurrent=2, latency=args.acLatency) as ac:
         expected: Dict[str, Tuple[int, Optional[str]]] = {}
         for i, size in enumerate(sizes):
@@ -97,31 +190,25 @@ def main(argv: Sequence[str] = ()) -> int:
                 rate_limit_per_min=0,
                 upload_to_ac=args.uploadToAc == "true",
             )
+            out.write(intro_line(len(sizes), args.executorPoolSize) + "\n")
+            out.write(settings_notice(dataclasses.asdict(config)))
+            out.flush()
             started = time.monotonic()
-            next_plain = started + PLAIN_PROGRESS_EVERY
             with Pipeline(config) as agent:
                 while not ac.wait_for_results(len(sizes), timeout=0.5):
                     now = time.monotonic()
-                    done = len(ac.results)
                     fetched = int(agent.metrics.counter_totals()["fetched"])
-                    progress = (
-                        f"  {done}/{len(sizes)} results  fetched={fetched}"
+                    progress.show(
+                        f"  {len(ac.results)}/{len(sizes)} results  fetched={fetched}"
                         f"  AC in flight max={ac.max_inflight}  {now - started:5.1f}s"
                     )
-                    if live:
-                        out.write("\r" + progress)
-                        out.flush()
-                    elif now >= next_plain:
-                        out.write(progress + "\n")
-                        out.flush()
-                        next_plain = now + PLAIN_PROGRESS_EVERY
                     if now - started > 300:
-                        out.write("\n  timed out after 300 s\n")
+                        progress.done()
+                        out.write("  timed out after 300 s\n")
                         break
             elapsed = time.monotonic() - started
-        if live:
-            out.write("\r" + " " * 78 + "\r")
-        return _summary(ac, expected, elapsed, out)
+        progress.done()
+        return _summary(ac, expected, elapsed, out, config.rate_limit_per_min)
 
 
 def _summary(
@@ -129,6 +216,7 @@ def _summary(
     expected: Dict[str, Tuple[int, Optional[str]]],
     elapsed: float,
     out: TextIO,
+    rate_limit_per_min: int,
 ) -> int:
     results = ac.results
     wrong: List[str] = []
@@ -148,7 +236,8 @@ def _summary(
         f"  tasks                  {len(expected)}",
         f"  results verified       {verified}/{len(expected)} (byte-for-byte, sha256)",
         f"  by path                {', '.join(f'{k}={v}' for k, v in sorted(by_via.items()))}",
-        f"  throughput             {len(expected) / elapsed * 60:.0f} tasks/min ({elapsed:.1f}s)",
+        f"  throughput             {len(expected) / elapsed * 60:.0f} tasks/min ({elapsed:.1f}s)"
+        + default_limit_note(rate_limit_per_min),
         f"  AC in flight, highest  {ac.max_inflight} (limit 2)",
         f"  AC 429 replies         {ac.count_429}",
         f"  AC connections opened  {ac.connections_opened}",
@@ -158,3 +247,10 @@ def _summary(
     lines.append("  result                 " + ("OK" if ok else "FAILED"))
     print("\n".join(lines), file=out)
     return 0 if ok else 1
+
+
+def default_limit_note(rate_limit_per_min: int) -> str:
+    """What a default run reaches at most, for a throughput figure got without the rate limit."""
+    if rate_limit_per_min:
+        return ""
+    return f"; a default run: at most {_defaults()['rate_limit_per_min']} tasks/min"

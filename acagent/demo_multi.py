@@ -22,12 +22,17 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, TextIO
+from typing import Any, Dict, List, Optional, Sequence, TextIO
 
+from .cli import FLAG_OF_FIELD
+from .demo import PLAIN_PROGRESS_EVERY, Progress, default_limit_note, settings_notice
 from .testing import FakeACServer, FakeTarget
 
 #: AC calls per task: one get-task, one put-result
 CALLS_PER_TASK = 2
+
+#: seconds a killed demo agent's shared permit comes back after (short, to show it)
+DEMO_LEASE = 3.0
 
 
 def free_port() -> int:
@@ -110,13 +115,31 @@ class LocalRedis:
         self.close()
 
 
+def agent_settings(
+    executor_pool_size: int = 10, lease: Optional[float] = DEMO_LEASE
+) -> Dict[str, Any]:
+    """The AgentConfig fields every demo agent sets, beyond its server, key and spool
+    (``lease``: the coordination lease of coordinated agents, None without Redis)."""
+    settings: Dict[str, Any] = {
+        "executor_pool_size": executor_pool_size,
+        "rate_limit_per_min": 0,
+        "poll_interval": 0.05,
+        "enable_file_logging": False,
+        "enable_metrics_file": False,
+        "shutdown_timeout": 10.0,
+    }
+    if lease is not None:
+        settings["coordination_lease"] = lease
+    return settings
+
+
 def agent_command(
     server_url: str,
     spool_dir: str,
     *,
     coordination_url: Optional[str],
     executor_pool_size: int = 10,
-    lease: float = 3.0,
+    lease: float = DEMO_LEASE,
     extra: Sequence[str] = (),
 ) -> List[str]:
     """The command line of one demo agent process."""
@@ -125,15 +148,12 @@ def agent_command(
         "--serverUrl", server_url,
         "--apiKey", "demo-key",
         "--spoolDir", spool_dir,
-        "--executorPoolSize", str(executor_pool_size),
-        "--rateLimitPerMin", "0",
-        "--pollInterval", "0.05",
-        "--enableFileLogging", "false",
-        "--metricsFile", "false",
-        "--shutdownTimeout", "10",
     ]  # fmt: skip
+    settings = agent_settings(executor_pool_size, lease if coordination_url else None)
+    for name, value in settings.items():
+        cmd += [FLAG_OF_FIELD[name], str(value).lower() if isinstance(value, bool) else str(value)]
     if coordination_url:
-        cmd += ["--coordinationUrl", coordination_url, "--coordinationLease", str(lease)]
+        cmd += ["--coordinationUrl", coordination_url]
     return cmd + list(extra)
 
 
@@ -232,20 +252,20 @@ def run_agents(
                     subprocess.Popen(cmd, stdout=log_file, stderr=log_file, env=env)  # noqa: S603
                 )
                 log_file.close()
+            progress = Progress(out, PLAIN_PROGRESS_EVERY) if out is not None else None
             while not ac.wait_for_results(tasks, timeout=0.5):
-                if out is not None:
-                    out.write(
-                        f"\r  {len(ac.results)}/{tasks} results  "
+                if progress is not None:
+                    progress.show(
+                        f"  {len(ac.results)}/{tasks} results  "
                         f"AC in flight max={ac.max_inflight}  429s={ac.count_429}  "
                         f"{time.monotonic() - started:5.1f}s"
                     )
-                    out.flush()
                 if time.monotonic() - started > timeout:
                     break
             elapsed = time.monotonic() - started
             stop_agents(procs)
-            if out is not None:
-                out.write("\r" + " " * 78 + "\r")
+            if progress is not None:
+                progress.done()
             received = sorted(r.received for r in ac.all_results())
             return MultiAgentRun(
                 agents=agents,
@@ -275,6 +295,14 @@ def run_demo(argv: Sequence[str], out: TextIO) -> int:
         coordinated = False
         out.write("the redis package is missing (pip install 'acagent[redis]'): the agents run ")
         out.write("UNCOORDINATED (expect 429s)\n")
+    out.write(
+        f"acagent demo: {args.agents} agent processes on one API key, {args.tasks} tasks, "
+        f"against a fake AC server (2 requests at once) on 127.0.0.1\n"
+    )
+    out.write(
+        settings_notice(agent_settings(lease=DEMO_LEASE if coordinated else None), coordinated)
+    )
+    out.flush()
     run = run_agents(
         args.agents,
         args.tasks,
@@ -290,7 +318,8 @@ def run_demo(argv: Sequence[str], out: TextIO) -> int:
         f"  AC in flight, highest  {run.max_inflight} (server limit 2, counted server-side)",
         f"  AC 429 replies         {run.count_429}",
         f"  throughput             {run.steady_per_min:.0f} tasks/min from first to last result "
-        f"({run.elapsed:.1f}s in all, start-up included)",
+        f"({run.elapsed:.1f}s in all, start-up included)"
+        + default_limit_note(agent_settings()["rate_limit_per_min"]),
         f"  AC bound               {run.bound_per_min:.0f} tasks/min (2 permits / "
         f"{CALLS_PER_TASK} calls per task / {run.ac_latency * 1000:.0f} ms AC latency)",
         f"  share of the bound     {run.steady_per_min / run.bound_per_min:.0%}",
