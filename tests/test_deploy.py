@@ -79,7 +79,7 @@ def _flag(args: List[str], name: str) -> str:
 # -- Kubernetes, as kubectl kustomize renders it ------------------------------
 def _kubectl() -> str:
     found = shutil.which("kubectl") or ("/usr/bin/kubectl" if Path("/usr/bin/kubectl").exists() else None)
-    assert found, "kubectl is needed to render the kustomizations (apt-get install kubectl)"
+    assert found, "kubectl (1.21 or later: its kustomize reads `patches`) is needed to render deploy/kubernetes"
     return found
 
 
@@ -170,7 +170,7 @@ def _agent_config(env: Dict[str, Any], tmp_path: Path, args: Optional[List[str]]
             environ[name] = "redis://acagent-redis:6379/0"
         elif name.endswith("_FILE") and value.startswith("/run/secrets/"):
             stand_in = tmp_path / value.strip("/").replace("/", "_")
-            stand_in.write_text(f"contents of {value}\n")
+            stand_in.write_text(_stand_in_secret(value) + "\n")
             stand_in.chmod(0o600)
             environ[name] = str(stand_in)
         else:
@@ -180,6 +180,11 @@ def _agent_config(env: Dict[str, Any], tmp_path: Path, args: Optional[List[str]]
         if name in environ:
             environ[name] = str(tmp_path / environ[name].strip("/"))
     return config_from_args(list(args or []), environ=environ)
+
+
+def _stand_in_secret(path: str) -> str:
+    """The text the tests put in the file a manifest mounts at ``path``."""
+    return "secret-of" + re.sub(r"\W", "-", path)
 
 
 def _quantity(text: str) -> int:
@@ -297,7 +302,7 @@ def test_the_agent_reads_the_overlay_as_meant(tmp_path: Path) -> None:
     assert config.health_addr == "0.0.0.0:8080"
     assert config.log_format == "json"
     assert config.coordination_url == "redis://acagent-redis:6379/0"
-    assert config.coordination_password == "contents of /run/secrets/acagent-redis/password"
+    assert config.coordination_password == _stand_in_secret("/run/secrets/acagent-redis/password")
     assert config.coordination_lease == 10
 
 
@@ -315,7 +320,7 @@ def test_the_api_key_is_a_file_from_the_secret(folder: Path) -> None:
 @pytest.mark.parametrize("folder", [BASE, SCALE_OUT], ids=["base", "scale-out"])
 def test_the_agent_reads_the_key_from_the_mounted_file(folder: Path, tmp_path: Path) -> None:
     config = _agent_config(_env(_render(folder)), tmp_path)
-    assert config.api_key == "contents of /run/secrets/acagent/api-key"
+    assert config.api_key == _stand_in_secret("/run/secrets/acagent/api-key")
     assert config.server_url == "https://web-agent.armorcode.com"
 
 
@@ -572,7 +577,7 @@ def test_docker_run_arguments_add_to_the_image_settings(tmp_path: Path) -> None:
         assert config.log_format == "json"
         assert config.max_response_bytes == 52428800
         assert config.response_queue_threshold == 20
-        assert config.api_key == "contents of /run/secrets/api-key"
+        assert config.api_key == _stand_in_secret("/run/secrets/api-key")
     # an argument still beats the image's value
     assert _docker_run(["--maxResponseBytes", "1000"], tmp_path).max_response_bytes == 1000
 
@@ -678,14 +683,14 @@ def test_systemd_hands_the_key_over_as_a_credential_file(tmp_path: Path) -> None
     # what systemd starts: $CREDENTIALS_DIRECTORY set, the Environment= lines, then the file's
     credentials = tmp_path / "credentials"
     credentials.mkdir()
-    (credentials / name).write_text("the key\n")
+    (credentials / name).write_text("key-from-the-credential\n")
     args = [a.replace("${CREDENTIALS_DIRECTORY}", str(credentials)) for a in exec_start[3:]]
     env = dict(e.split("=", 1) for e in service["Environment"])
     env.update(_env_file(DEPLOY / "systemd" / "acagent.env.example"))
     for folder in ("ACAGENT_SPOOL_DIR", "ACAGENT_LOG_DIR"):
         env[folder] = str(tmp_path / env[folder].strip("/"))
     config = config_from_args(args, environ=env)
-    assert config.api_key == "the key"
+    assert config.api_key == "key-from-the-credential"
     assert config.health_addr == "127.0.0.1:8080"
     assert config.max_response_bytes == 52428800
 
