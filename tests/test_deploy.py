@@ -535,10 +535,7 @@ def test_docker_image_keeps_the_spool_on_a_volume_and_uses_the_same_cap() -> Non
     volumes = [p for kw, rest in instructions if kw == "VOLUME" for p in json.loads(rest)]
     assert any(_under(env["ACAGENT_SPOOL_DIR"], v) for v in volumes)
     assert any(_under(env["ACAGENT_LOG_DIR"], v) for v in volumes)
-    text = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
-    run_example = re.search(r"#\s+docker run .*?acagent:\S+", text, re.S)
-    assert run_example, "the Dockerfile shows a docker run example"
-    example = run_example.group(0)
+    example = _docker_run_example()
     assert "--rm" not in example or "-v " in example
     assert any(f":{v}" in example for v in volumes), "the example mounts the data volume"
     assert "ACAGENT_API_KEY_FILE=/run/secrets/" in example, "the example mounts the key file"
@@ -547,10 +544,17 @@ def test_docker_image_keeps_the_spool_on_a_volume_and_uses_the_same_cap() -> Non
         assert env[name] == k8s[name], name
 
 
+def _docker_run_example() -> str:
+    text = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+    found = re.search(r"#\s+docker run .*?\sacagent:\S+", text, re.S)  # up to the image
+    assert found, "the Dockerfile shows a docker run example"
+    return re.sub(r"\\\n#\s*", " ", found.group(0))
+
+
 def _docker_run(image_args: List[str], tmp_path: Path) -> AgentConfig:
-    """The AgentConfig of ``docker run -e ACAGENT_SERVER_URL=... -e ACAGENT_API_KEY_FILE=...
-    IMAGE *image_args``: the image's ENV plus the run's, ENTRYPOINT plus the arguments
-    (or CMD without any), read by the CLI's own parsing."""
+    """The AgentConfig of the Dockerfile's ``docker run`` example with ``image_args``
+    after the image: the image's ENV plus the example's ``-e``, ENTRYPOINT plus the
+    arguments (or CMD without any), read by the CLI's own parsing."""
     instructions = list(_dockerfile_instructions())
     entrypoint = json.loads([rest for kw, rest in instructions if kw == "ENTRYPOINT"][-1])
     cmd = json.loads([rest for kw, rest in instructions if kw == "CMD"][-1])
@@ -559,12 +563,12 @@ def _docker_run(image_args: List[str], tmp_path: Path) -> AgentConfig:
     args = argv[3:]
     if args[:1] == ["run"]:  # what acagent.cli.main does with its first word
         args = args[1:]
-    env = dict(_docker_env())
-    env.update(
-        ACAGENT_SERVER_URL="https://web-agent.armorcode.com",
-        ACAGENT_API_KEY_FILE="/run/secrets/api-key",
-    )
-    return _agent_config(env, tmp_path, args)
+    example = shlex.split(_docker_run_example().lstrip("# "))
+    run_env = dict(example[i + 1].split("=", 1) for i, a in enumerate(example) if a == "-e")
+    # the key file is in a folder the example mounts read-only
+    mounts = [example[i + 1].split(":") for i, a in enumerate(example) if a == "-v"]
+    assert any(m[2:] == ["ro"] and _under(run_env["ACAGENT_API_KEY_FILE"], m[1]) for m in mounts)
+    return _agent_config({**_docker_env(), **run_env}, tmp_path, args)
 
 
 @needs_key_files
@@ -577,7 +581,8 @@ def test_docker_run_arguments_add_to_the_image_settings(tmp_path: Path) -> None:
         assert config.log_format == "json"
         assert config.max_response_bytes == 52428800
         assert config.response_queue_threshold == 20
-        assert config.api_key == _stand_in_secret("/run/secrets/api-key")
+        assert config.api_key == _stand_in_secret("/run/secrets/acagent/api-key")
+        assert config.server_url == "https://web-agent.armorcode.com"
     # an argument still beats the image's value
     assert _docker_run(["--maxResponseBytes", "1000"], tmp_path).max_response_bytes == 1000
 
