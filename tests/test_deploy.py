@@ -347,14 +347,6 @@ def test_grace_period_exceeds_the_shutdown_timeout() -> None:
     assert grace > DEFAULT_SHUTDOWN_TIMEOUT
 
 
-@pytest.mark.parametrize("folder", [BASE, SCALE_OUT], ids=["base", "scale-out"])
-def test_every_environment_name_is_one_the_cli_reads(folder: Path) -> None:
-    env = _env(_render(folder))
-    unknown = [n for n in env if n != "TMPDIR" and n not in KNOWN_ENV]
-    assert not unknown, unknown
-    assert all(n.startswith("ACAGENT_") for n in env if n != "TMPDIR"), sorted(env)
-
-
 def test_pod_runs_non_root_read_only_with_writable_tmp() -> None:
     docs = _render(BASE)
     pod, container = _pod(docs), _container(docs)
@@ -706,15 +698,35 @@ def _env_file(path: Path) -> Dict[str, str]:
     return {k: v for k, v in pairs}
 
 
-def test_example_env_file_uses_names_the_cli_knows() -> None:
-    text = (DEPLOY / "systemd" / "acagent.env.example").read_text(encoding="utf-8")
-    names = [line.lstrip("# ").split("=", 1)[0] for line in text.splitlines()]
-    acagent_names = [n for n in names if n.startswith("ACAGENT_")]
-    assert acagent_names
-    assert all(n in KNOWN_ENV for n in acagent_names), acagent_names
-    service = _unit()["Service"]
-    assert all(e.split("=", 1)[0] in KNOWN_ENV for e in service["Environment"]
-               if e.startswith("ACAGENT_"))
+#: variables of the process, not of the agent's settings
+PROCESS_ENV = frozenset(
+    {"TMPDIR", "NO_PROXY", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE",
+     "PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK", "PIP_CONSTRAINT"}
+)
+
+
+def _environment_names() -> Dict[str, List[str]]:
+    """The names each deploy file sets (examples commented out included)."""
+    example = (DEPLOY / "systemd" / "acagent.env.example").read_text(encoding="utf-8")
+    return {
+        "kustomize base": list(_env(_render(BASE))),
+        "kustomize scale-out": list(_env(_render(SCALE_OUT))),
+        "Dockerfile ENV": list(_docker_env()),
+        "systemd Environment=": [e.split("=", 1)[0] for e in _unit()["Service"]["Environment"]],
+        "acagent.env.example": [
+            m.group(1) for m in re.finditer(r"^#?\s*([A-Za-z_]\w*)=", example, re.M)
+        ],
+    }
+
+
+def test_every_environment_name_is_an_acagent_one_the_cli_reads() -> None:
+    found = _environment_names()
+    assert all(found.values()), found
+    for source, names in found.items():
+        # ACAGENT_* only: the old names (server_url, EXECUTOR_POOL_SIZE, ...) are gone
+        unknown = [n for n in names if n not in PROCESS_ENV and n not in KNOWN_ENV]
+        old = [n for n in names if n not in PROCESS_ENV and not n.startswith("ACAGENT_")]
+        assert not unknown and not old, (source, unknown, old)
 
 
 # -- the image's install steps, run without Docker ----------------------------
