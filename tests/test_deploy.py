@@ -45,24 +45,11 @@ def _default(name: str) -> Any:
 
 DEFAULT_SHUTDOWN_TIMEOUT = float(_default("shutdown_timeout"))
 
-#: the variables naming the files of the API key and the Redis password (the
-#: tests that build a config from the manifests show the CLI reads them)
-SECRET_FILE_ENV = {"ACAGENT_API_KEY_FILE", "ACAGENT_COORDINATION_PASSWORD_FILE"}
-
-#: every environment name the CLI reads (one per flag, the old names, the secrets' files)
+#: every environment name the CLI reads (one per flag, the old names, the Redis password)
 KNOWN_ENV = (
     {env_name_for(flag) for flag, *_ in _OPTIONS}
     | {name for *_, envs, _ in _OPTIONS for name in envs}
     | {PASSWORD_ENV}
-    | SECRET_FILE_ENV
-)
-
-#: the tests that run the CLI's parsing on the manifests need --apiKeyFile
-needs_key_files = pytest.mark.xfail(
-    "--apiKeyFile" not in {flag for flag, *_ in _OPTIONS},
-    reason="the CLI does not read --apiKeyFile / ACAGENT_API_KEY_FILE yet",
-    raises=SystemExit,
-    strict=True,
 )
 
 
@@ -292,7 +279,6 @@ def test_the_overlay_keeps_every_setting_of_the_base_and_adds_redis() -> None:
     assert scaled["ACAGENT_COORDINATION_URL"]["valueFrom"]["secretKeyRef"]["name"] == "acagent-redis"
 
 
-@needs_key_files
 def test_the_agent_reads_the_overlay_as_meant(tmp_path: Path) -> None:
     """Caps, health port and Redis, through the CLI's own parsing of the rendered env."""
     config = _agent_config(_env(_render(SCALE_OUT)), tmp_path)
@@ -316,7 +302,6 @@ def test_the_api_key_is_a_file_from_the_secret(folder: Path) -> None:
     assert (secret, key) == (example["metadata"]["name"], next(iter(example["stringData"])))
 
 
-@needs_key_files
 @pytest.mark.parametrize("folder", [BASE, SCALE_OUT], ids=["base", "scale-out"])
 def test_the_agent_reads_the_key_from_the_mounted_file(folder: Path, tmp_path: Path) -> None:
     config = _agent_config(_env(_render(folder)), tmp_path)
@@ -563,7 +548,6 @@ def _docker_run(image_args: List[str], tmp_path: Path) -> AgentConfig:
     return _agent_config({**_docker_env(), **run_env}, tmp_path, args)
 
 
-@needs_key_files
 def test_docker_run_arguments_add_to_the_image_settings(tmp_path: Path) -> None:
     plain = _docker_run([], tmp_path)
     more = _docker_run(["--executorPoolSize", "20"], tmp_path)
@@ -666,7 +650,6 @@ def test_systemd_keeps_the_spool_in_the_state_folder_and_installs_with_install_d
     assert "/etc/acagent/" in " ".join(installs)
 
 
-@needs_key_files
 def test_systemd_hands_the_key_over_as_a_credential_file(tmp_path: Path) -> None:
     service = _unit()["Service"]
     (credential,) = service["LoadCredential"]
