@@ -373,12 +373,24 @@ def read_secret_file(field_name: str, path: str) -> str:
 
 
 def secret_file_exposed(path: str) -> bool:
-    """True when the group or others may read ``path`` (a secret should be 0600 or 0400)."""
+    """True when others than this user may read ``path`` and this user could
+    change that (a secret should be 0600 or 0400; see ``secret_mode_exposed``)."""
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
     except OSError:
         return False
-    return bool(mode & (stat.S_IRGRP | stat.S_IROTH))
+    euid = os.geteuid() if hasattr(os, "geteuid") else st.st_uid
+    return secret_mode_exposed(st.st_mode, st.st_uid, euid)
+
+
+def secret_mode_exposed(mode: int, owner: int, euid: int) -> bool:
+    """The rule of ``secret_file_exposed``. Readable by others: exposed. Readable
+    by the group: exposed only in a file this user owns; one owned by another
+    user (root) and readable through a group is how a Kubernetes Secret volume
+    with ``fsGroup`` hands a key over (0440), and no chmod can change it there."""
+    if mode & stat.S_IROTH:
+        return True
+    return bool(mode & stat.S_IRGRP) and owner == euid
 
 
 def _shown(value: Any) -> str:

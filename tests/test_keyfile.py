@@ -42,7 +42,7 @@ from helpers import (
 from acagent import logs
 from acagent.cli import _OPTIONS, _seconds, _seconds_or_zero, read_settings
 from acagent.client import ACClient
-from acagent.config import AgentConfig, read_secret_file
+from acagent.config import AgentConfig, read_secret_file, secret_mode_exposed
 from acagent.errors import ACHTTPError, ConfigError
 from acagent.fetcher import auth_hint
 from acagent.observers import Observer
@@ -576,3 +576,19 @@ def test_readyz_names_the_key_file_when_the_key_is_refused(tmp_path: Path) -> No
     readiness.on_exchange("get-task", "401", 0.01)
     ready, why = readiness.check()
     assert not ready and str(path) in why and "--apiKeyFile" in why
+
+
+@pytest.mark.parametrize(
+    ("mode", "owner", "exposed"),
+    [
+        (0o600, 1000, False),
+        (0o400, 1000, False),
+        (0o640, 1000, True),  # ours, group-readable: chmod 600 helps
+        (0o644, 1000, True),
+        (0o440, 0, False),  # a Secret volume with fsGroup: root's, read through the group
+        (0o444, 0, True),  # anyone may read it
+        (0o604, 0, True),
+    ],
+)
+def test_secret_mode_exposed_table(mode: int, owner: int, exposed: bool) -> None:
+    assert secret_mode_exposed(mode, owner, 1000) is exposed
