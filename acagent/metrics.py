@@ -256,6 +256,48 @@ class AgentMetrics:
             namespace=ns,
             registry=r,
         )
+        self.ready = Gauge(
+            "ready", "1 while /readyz answers ready, else 0.", namespace=ns, registry=r
+        )
+        self.fetch_held = Gauge(
+            "fetch_held",
+            "1 while fetching is held for this reason (auth, spool, ...), else 0.",
+            ("reason",),
+            namespace=ns,
+            registry=r,
+        )
+        self.result_retries_total = Counter(
+            "result_retries",
+            "Failed upload attempts that will be retried, by reason.",
+            ("reason",),
+            namespace=ns,
+            registry=r,
+        )
+        self.result_retry_wait_seconds = Histogram(
+            "result_retry_wait_seconds",
+            "Waits before an upload is retried (a 429's Retry-After included).",
+            namespace=ns,
+            registry=r,
+            buckets=DEFAULT_BUCKETS,
+        )
+        self.results_retrying = Gauge(
+            "results_retrying",
+            "Results waiting for a retry of their upload now.",
+            namespace=ns,
+            registry=r,
+        )
+        self.response_queue_threshold = Gauge(
+            "response_queue_threshold",
+            "Results waiting for upload at which fetching pauses (--responseQueueThreshold).",
+            namespace=ns,
+            registry=r,
+        )
+        self.executor_threads = Gauge(
+            "executor_threads",
+            "Executor threads (--executorPoolSize, or globalConfig poolSize).",
+            namespace=ns,
+            registry=r,
+        )
         self.rate_window = RateWindow(60.0, clock=clock)
 
     def counter_totals(self) -> Dict[str, float]:

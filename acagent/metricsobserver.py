@@ -7,6 +7,8 @@ never call either: they emit events (see ``observers.py``).
 
 from __future__ import annotations
 
+from typing import Optional
+
 from .client import API_PREFIX, endpoint_method
 from .logs import current_task_id
 from .metrics import AgentMetrics
@@ -14,10 +16,35 @@ from .metricsfile import MetricsFileWriter, request_tags
 from .models import Result, Task
 from .observers import Observer
 
+#: the reasons fetching is held for (Ledger holds), shown at 0 from the start
+#: so an alert sees a series before the first hold
+HOLD_REASONS = ("auth", "spool")
+#: the bounded label values of ``acagent_result_retries_total`` (``retry_kind``)
+RETRY_KINDS = ("concurrency", "rate_limited", "auth", "refused", "http_error", "network", "other")
+
+
+def retry_kind(reason: str) -> str:
+    """The metric label of an upload retry's reason text (a bounded set)."""
+    if reason.startswith("Too many concurrent requests"):
+        return "concurrency"
+    if reason.startswith("rate limited"):
+        return "rate_limited"
+    if reason in ("HTTP 401", "HTTP 403"):
+        return "auth"
+    if reason.startswith("refused by the server"):
+        return "refused"
+    if ": HTTP " in reason:
+        return "http_error"
+    return "network" if ": " in reason else "other"
+
 
 class MetricsObserver(Observer):
     def __init__(self, metrics: AgentMetrics) -> None:
         self.metrics = metrics
+        for reason in HOLD_REASONS:
+            metrics.fetch_held.labels(reason=reason).set(0)
+        for kind in RETRY_KINDS:
+            metrics.result_retries_total.labels(reason=kind)
 
     def on_task_fetched(self, task: Task) -> None:
         self.metrics.tasks_fetched_total.inc()
@@ -44,6 +71,13 @@ class MetricsObserver(Observer):
 
     def on_exchange(self, endpoint: str, status: str, seconds: float) -> None:
         self.metrics.ac_requests_total.labels(endpoint=endpoint, status=status).inc()
+
+    def on_result_retry(self, result: Result, reason: str, wait: float) -> None:
+        self.metrics.result_retries_total.labels(reason=retry_kind(reason)).inc()
+        self.metrics.result_retry_wait_seconds.observe(wait)
+
+    def on_hold(self, reason_key: str, message: Optional[str]) -> None:
+        self.metrics.fetch_held.labels(reason=reason_key).set(0 if message is None else 1)
 
 
 class MetricsFileObserver(Observer):

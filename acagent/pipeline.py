@@ -185,6 +185,10 @@ class Pipeline:
         m.task_queue_size.set_function(lambda: float(self.ledger.tasks.qsize()))
         m.result_queue_size.set_function(lambda: float(len(self.ledger.results)))
         m.executor_busy_threads.set_function(lambda: float(_busy(self.executor)))
+        m.executor_threads.set_function(lambda: float(self.settings.pool_size))
+        m.response_queue_threshold.set(self.config.response_queue_threshold)
+        m.results_retrying.set_function(lambda: float(_retrying(self.uploader)))
+        m.ready.set_function(lambda: 1.0 if self.readiness.check()[0] else 0.0)
         m.spool_size.set_function(lambda: float(self.spool.size()))
         permits = self.client.permits
         permits.on_wait = m.ac_permit_wait_seconds.observe

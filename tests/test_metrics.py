@@ -16,8 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import acagent
 from acagent import AgentConfig, Pipeline
+from acagent.fetcher import CONCURRENCY_HINT
 from acagent.health import METRICS_CONTENT_TYPE, HealthServer
 from acagent.metrics import DEFAULT_BUCKETS, AgentMetrics, RateWindow, metric_value
+from acagent.metricsobserver import HOLD_REASONS, RETRY_KINDS, MetricsObserver, retry_kind
 from acagent.testing import FakeACServer, FakeTarget
 
 WAIT = 20.0
@@ -379,3 +381,35 @@ def test_a_pipeline_on_a_callers_registry(
         if s.name == "acagent_tasks_uploaded_total"
     ]
     assert sum(uploaded) == 4
+
+
+@pytest.mark.parametrize(
+    ("reason", "kind"),
+    [
+        (CONCURRENCY_HINT, "concurrency"),
+        ("rate limited (429)", "rate_limited"),
+        ("HTTP 401", "auth"),
+        ("HTTP 403", "auth"),
+        ("refused by the server (HTTP 422)", "refused"),
+        ("put-result: HTTP 503: upstream down", "http_error"),
+        ("upload-result: ConnectionError: connection reset", "network"),
+        ("KeyError", "other"),
+    ],
+)
+def test_retry_kind_is_a_bounded_label(reason: str, kind: str) -> None:
+    assert retry_kind(reason) == kind
+    assert kind in RETRY_KINDS
+
+
+def test_holds_and_retries_show_in_the_metrics_by_reason() -> None:
+    metrics = AgentMetrics()
+    observer = MetricsObserver(metrics)
+    held = metrics.fetch_held
+    assert [held.labels(reason=r)._value.get() for r in HOLD_REASONS] == [0.0, 0.0]
+    observer.on_hold("spool", "no space left on the spool folder")
+    assert held.labels(reason="spool")._value.get() == 1.0
+    observer.on_hold("spool", None)
+    assert held.labels(reason="spool")._value.get() == 0.0
+    observer.on_result_retry(None, "rate limited (429)", 3.0)  # type: ignore[arg-type]
+    assert metrics.result_retries_total.labels(reason="rate_limited")._value.get() == 1.0
+    assert metrics.result_retry_wait_seconds._sum.get() == 3.0
