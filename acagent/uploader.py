@@ -96,8 +96,12 @@ class Uploader(Stage):
     POLL = 0.5
     #: how long the borrowing sender steps aside while a get-task waits for a permit
     BORROW_PAUSE = 0.02
-    #: longest the borrowing sender sleeps waiting for a backlog before looking again
-    BACKLOG_WAIT = 5.0
+    #: longest the borrowing sender sleeps before it looks again at the backlog
+    #: and at the senders' lanes
+    BACKLOG_WAIT = 1.0
+    #: an attempt on a sender's lane this long makes the lane "held": small
+    #: results then go out on get-task's permit (``borrow_step``)
+    LANE_HELD = 1.0
     #: per-result backoff after a transient failure: first wait, doubled up to RETRY_MAX
     RETRY_MIN = 0.5
     RETRY_MAX = 60.0
@@ -138,6 +142,8 @@ class Uploader(Stage):
         self._s3_failures: Dict[str, int] = {}
         self._lock = threading.Lock()
         self._retrying = 0
+        #: when the attempt running on each sender's lane began (thread ident)
+        self._lane_since: Dict[int, float] = {}
 
     # ------------------------------------------------------------ lifecycle
     def start_threads(self) -> None:
@@ -170,24 +176,37 @@ class Uploader(Stage):
         delivery = self.ctx.ledger.take_result(timeout=self.POLL)
         if delivery is None:
             return
-        with logs.task_context(delivery.result.task_id):
-            self._attempt(delivery)
+        lane = threading.get_ident()
+        self._lane_since[lane] = time.monotonic()  # a dict item set: atomic
+        try:
+            with logs.task_context(delivery.result.task_id):
+                self._attempt(delivery)
+        finally:
+            del self._lane_since[lane]
+
+    def lane_held(self) -> bool:
+        """Every sender's lane carries an attempt that began ``LANE_HELD`` ago or more."""
+        started = list(self._lane_since.values())
+        now = time.monotonic()
+        return len(started) >= self.senders and all(now - t >= self.LANE_HELD for t in started)
 
     def borrow_step(self) -> None:
         """Deliver one *small* result on get-task's permit while get-task cannot use it.
 
         Borrowing happens only while the results waiting for delivery are at
         ``--responseQueueThreshold`` (so no get-task can be made until
-        uploads drain them) and no get-task waits for a permit: get-task's
-        permit would sit idle, and uploads are what the agent lacks. Only
+        uploads drain them), or while one slow upload holds every sender's
+        lane (``lane_held``: a proxy slow on large POSTs must not delay every
+        other result), and no get-task waits for a permit. Only
         small results (inline put-result, error results) borrow, so a
         get-task that becomes possible meanwhile waits one short round trip
         at most; a large upload never borrows. So both permits stay busy when
         uploads are the bottleneck, and a slow upload never stops fetching
         while there is capacity.
         """
-        if not self.ctx.ledger.results_backlogged():
-            # Idle or keeping up: sleep until a backlog builds (no polling).
+        if not (self.ctx.ledger.results_backlogged() or self.lane_held()):
+            # Idle or keeping up: sleep until a backlog builds, or look again
+            # in a while for a held lane.
             self.ctx.ledger.wait_backlogged(self.BACKLOG_WAIT)
             return
         if self.ctx.client.fetch_waiting or self.breaker.remaining() > 0:

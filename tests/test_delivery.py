@@ -327,6 +327,49 @@ def test_a_fetch_logs_result_kept_across_a_restart_is_delivered(tmp_path: Path) 
     assert got.body_len > 0
 
 
+class _ReadyTimes(Observer):
+    """When each result was ready for delivery (monotonic), by task id."""
+
+    def __init__(self) -> None:
+        self.at: Dict[str, float] = {}
+
+    def on_result_ready(self, result: Result) -> None:
+        self.at[result.task_id] = time.monotonic()
+
+
+def test_one_held_upload_delays_no_small_result(tmp_path: Path) -> None:
+    # One upload-result held by the server (a proxy slow on large POSTs), far
+    # below any backlog: the 20 small results that become ready meanwhile go
+    # out on get-task's permit, between get-tasks, within 3 s each.
+    ready = _ReadyTimes()
+    with FakeTarget() as target, FakeACServer() as ac:
+        release = ac.stall("upload-result")
+        ac.add_task(_bytes_task(target, "held", 700_000, 1))
+        config = make_config(ac.url, tmp_path / "spool", poll_interval=0.2)
+        with running(make_pipeline(config, observers=[ready])):
+            try:
+                assert ac.wait_for(lambda: ac.arrivals("upload-result") == 1, WAIT)
+                ac.add_tasks(_bytes_task(target, f"small-{i}", 100 + i, i) for i in range(20))
+                assert ac.wait_for(lambda: len(ac.results) == 20, WAIT), sorted(ac.results)
+                assert "held" not in ac.results
+            finally:
+                release.set()
+            assert ac.wait_for_results(21, WAIT)
+        results = ac.results
+    delays = [got[0].received - ready.at[tid] for tid, got in results.items() if tid != "held"]
+    print(f"\nsmall results behind a held upload: slowest {max(delays):.2f}s after ready")
+    late = {
+        tid: round(got[0].received - ready.at[tid], 2)
+        for tid, got in results.items()
+        if tid != "held" and got[0].received - ready.at[tid] > 3.0
+    }
+    assert late == {}
+    assert ac.max_inflight <= 2 and ac.rejected_concurrent == 0
+    (held,) = results["held"]
+    assert held.via == "upload" and held.body_sha256 == expected_sha256(700_000, 1)
+    assert held.received > max(got[0].received for tid, got in results.items() if tid != "held")
+
+
 def test_small_results_borrow_the_idle_fetch_permit_when_uploads_are_the_bottleneck(
     tmp_path: Path,
 ) -> None:
