@@ -239,3 +239,13 @@ def result_payload(task_id: str, **extra: Any) -> Dict[str, Any]:
     }
     payload.update(extra)
     return payload
+
+
+class FakeClock:
+    """A clock for code that takes one (``clock=``): time moves only when a test moves ``now``."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now

@@ -6,22 +6,14 @@ from __future__ import annotations
 import threading
 from typing import List, Optional
 
-from helpers import WAIT
+from helpers import WAIT, FakeClock
 
 from acagent.duequeue import DueQueue
 from acagent.logthrottle import LogThrottle
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_items_come_out_in_due_order_fifo_among_equals() -> None:
-    clock = Clock()
+    clock = FakeClock()
     queue: DueQueue[str] = DueQueue(clock)
     queue.put("retry-late", delay=5.0)
     queue.put("fresh-1")
@@ -37,7 +29,7 @@ def test_items_come_out_in_due_order_fifo_among_equals() -> None:
 
 
 def test_a_negative_delay_is_due_now_and_does_not_jump_the_queue() -> None:
-    clock = Clock()
+    clock = FakeClock()
     queue: DueQueue[str] = DueQueue(clock)
     queue.put("first")
     queue.put("second", delay=-10.0)
@@ -45,7 +37,7 @@ def test_a_negative_delay_is_due_now_and_does_not_jump_the_queue() -> None:
 
 
 def test_accept_takes_the_longest_due_acceptable_item_and_keeps_the_others_in_order() -> None:
-    clock = Clock()
+    clock = FakeClock()
     queue: DueQueue[int] = DueQueue(clock)
     for n in (1, 2, 3, 4):
         queue.put(n)
@@ -59,7 +51,7 @@ def test_accept_takes_the_longest_due_acceptable_item_and_keeps_the_others_in_or
 
 
 def test_take_all_empties_in_due_order_and_close_ends_gets() -> None:
-    clock = Clock()
+    clock = FakeClock()
     queue: DueQueue[str] = DueQueue(clock)
     queue.put("b", delay=2.0)
     queue.put("a")
@@ -98,7 +90,7 @@ def test_a_waiting_get_is_woken_by_close() -> None:
 
 
 def test_log_throttle_says_yes_once_per_interval() -> None:
-    clock = Clock()
+    clock = FakeClock()
     throttle = LogThrottle(60.0, clock)
     answers = [throttle.ready()]
     for step in (1.0, 58.0, 0.999, 0.001, 30.0, 30.0):

@@ -11,6 +11,7 @@ from typing import Iterator, List, Tuple
 
 import pytest
 import requests
+from helpers import FakeClock
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 
@@ -215,14 +216,6 @@ def test_a_half_open_client_does_not_block_others(server: HealthServer) -> None:
 
 
 # ---------------------------------------------------------------------------
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_readiness_tracker() -> None:
     clock = FakeClock()
     tracker = ReadinessTracker(60.0, clock=clock)
