@@ -24,7 +24,8 @@ from typing import Mapping, Optional
 
 from .errors import ConfigError
 
-#: not on Windows, which has no symbolic links in the POSIX sense here
+#: not on Windows, which has no symbolic links in the POSIX sense here (0
+#: there); every open of a file of the agent's (logs, spool) adds it
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 

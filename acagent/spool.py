@@ -70,6 +70,7 @@ from typing import (
 
 from .config import safe_url
 from .errors import SpoolLockedError
+from .folders import O_NOFOLLOW
 
 __all__ = [
     "QUARANTINE_DIR",
@@ -115,7 +116,6 @@ _NAME_RE: Final = re.compile(
 
 # Flags that exist only on some platforms; 0 where they do not.
 _O_BINARY: Final = getattr(os, "O_BINARY", 0)
-_O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 _O_DIRECTORY: Final = getattr(os, "O_DIRECTORY", 0)
 
 # errno values meaning "this file system cannot fsync a directory": not an error.
@@ -330,9 +330,9 @@ def _parse(raw: bytes) -> Optional[Record]:
 #: the agent never makes one), whatever it points to
 LINKED_BODY: Final = "the body file is a symbolic link, not a file the agent wrote"
 
-_CREATE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY | _O_NOFOLLOW
+_CREATE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY | O_NOFOLLOW
 #: a symbolic link in the place of a spool file is refused (ELOOP), never followed
-_READ_FLAGS: Final = os.O_RDONLY | _O_BINARY | _O_NOFOLLOW
+_READ_FLAGS: Final = os.O_RDONLY | _O_BINARY | O_NOFOLLOW
 #: bytes read at a time from a file of unknown size (a body being hashed)
 _CHUNK: Final = 256 * 1024
 
@@ -873,7 +873,7 @@ class ResultSpool:
         if self._lock_fd is not None:
             return
         path = self._dir / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -1167,7 +1167,7 @@ class ResultSpool:
     def _fsync_file(path: Union[str, Path]) -> bool:
         """Fsync an existing file; False if it does not exist."""
         try:
-            fd = os.open(path, os.O_RDWR | _O_BINARY | _O_NOFOLLOW)
+            fd = os.open(path, os.O_RDWR | _O_BINARY | O_NOFOLLOW)
         except FileNotFoundError:
             return False
         try:
