@@ -326,10 +326,6 @@ def _parse(raw: bytes) -> Optional[Record]:
 
 # ---------------------------------------------------------------------------- files
 
-#: what ``check_body`` says of a body file that is a symbolic link (planted:
-#: the agent never makes one), whatever it points to
-LINKED_BODY: Final = "the body file is a symbolic link, not a file the agent wrote"
-
 _CREATE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY | O_NOFOLLOW
 #: a symbolic link in the place of a spool file is refused (ELOOP), never followed
 _READ_FLAGS: Final = os.O_RDONLY | _O_BINARY | O_NOFOLLOW
@@ -987,18 +983,13 @@ class ResultSpool:
         and the content against the sha256 recorded when the body was
         written, if it was. ``data``: the body's bytes, already read by the
         caller (nothing is read again). Raises ``FileNotFoundError`` if the
-        file is gone.
+        file is gone, and ``OSError`` (ELOOP) if it is a symbolic link.
         """
         sha256 = self._body_sums.get(key)
         if data is not None:
             got = hashlib.sha256(data).hexdigest() if sha256 is not None else None
             return body_mismatch(size, sha256, len(data), got)
-        try:
-            fd = _open_read(path)
-        except OSError as exc:
-            if exc.errno != errno.ELOOP:
-                raise
-            return LINKED_BODY
+        fd = _open_read(path)
         try:
             got_size = os.fstat(fd).st_size
             if got_size != size or sha256 is None:

@@ -76,13 +76,17 @@ from .models import (
     upload_task_part,
 )
 from .retry import ONE_ATTEMPT
-from .spool import LINKED_BODY, read_head
+from .spool import read_head
 from .stage import Stage, StageContext
 
 log = logging.getLogger("acagent.uploader")
 
 #: statuses that mean "the server will not take this content as it is"
 CONTENT_REFUSED = frozenset({400, 422})
+
+
+#: the answer for a result whose body file is a symbolic link, whatever it points to
+LINKED_BODY = "the body file is a symbolic link, not a file the agent wrote"
 
 
 class BodyMismatch(Exception):
@@ -233,6 +237,14 @@ class Uploader(Stage):
             return
         except BodyMismatch as exc:
             self._quarantine_damaged(delivery, str(exc))
+            return
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                # A file of the result's in the spool is a symbolic link (the
+                # agent never makes one): planted, never followed nor sent.
+                self._quarantine_damaged(delivery, LINKED_BODY)
+            else:
+                self._failed(delivery, exc)
             return
         except Exception as exc:  # noqa: BLE001 - every failure keeps the result
             self._failed(delivery, exc)
@@ -432,10 +444,6 @@ class Uploader(Stage):
                 body = read_head(result.body_path, INLINE_BODY_LIMIT + 1)
             except FileNotFoundError:
                 return self._deliver_lost(result)
-            except OSError as exc:
-                if exc.errno != errno.ELOOP:
-                    raise
-                raise BodyMismatch(LINKED_BODY) from None
             self._check_body(result, body)
             client.put_result(inline_payload(result, version, body), policy=ONE_ATTEMPT)
             return "inline"
