@@ -87,6 +87,16 @@ class DueQueue(Generic[T]):
             self._heap.clear()
             return items
 
+    def make_all_due(self) -> None:
+        """Make every item due now, keeping their order (a retry that waited for
+        something now fixed, such as a refused API key, need wait no more)."""
+        with self._cond:
+            now = self._clock()
+            entries = sorted(self._heap)
+            self._heap = [(now, self._seq + n, entry[2]) for n, entry in enumerate(entries, 1)]
+            self._seq += len(entries)
+            self._cond.notify_all()
+
     def __len__(self) -> int:
         with self._cond:
             return len(self._heap)

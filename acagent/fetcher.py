@@ -194,8 +194,7 @@ class Fetcher(Stage):
         ledger = self.ctx.ledger
         # Results refused with the old key wait out backoffs of up to a minute:
         # due now, in the order they were due, so they go with the new key.
-        for delivery in ledger.results.take_all():
-            ledger.results.put(delivery)
+        ledger.results.make_all_due()
         ledger.release(AUTH_HOLD)
         return True
 

@@ -97,3 +97,19 @@ def test_log_throttle_says_yes_once_per_interval() -> None:
         clock.now += step
         answers.append(throttle.ready())
     assert answers == [True, False, False, False, True, False, True]
+
+
+def test_make_all_due_keeps_their_order() -> None:
+    clock = FakeClock()
+    queue: DueQueue[str] = DueQueue(clock)
+    queue.put("in-60s", delay=60.0)
+    queue.put("in-5s", delay=5.0)
+    queue.put("now")
+    assert queue.due_now() == 1
+    queue.make_all_due()
+    assert queue.due_now() == 3
+    assert [queue.get(0.0) for _ in range(3)] == ["now", "in-5s", "in-60s"]
+    queue.put("fresh")  # after them: their order numbers stay below the new ones
+    queue.put("fresh-2")
+    queue.make_all_due()
+    assert [queue.get(0.0), queue.get(0.0)] == ["fresh", "fresh-2"]
