@@ -31,7 +31,6 @@ never installs signal handlers; the CLI does.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -57,7 +56,7 @@ from .observers import Observer, Observers
 from .ratelimit import RateLimits
 from .readiness import Readiness
 from .retry import RetryPolicy
-from .spool import Origin, ResultSpool, task_id_in_text
+from .spool import Origin, ResultSpool, task_id_in_record
 from .stage import Stage, StageContext
 from .threadcrash import ThreadCrashHook
 from .uploader import Uploader
@@ -275,8 +274,7 @@ class Pipeline:
             try:
                 result = Result.from_record(record)
             except (KeyError, TypeError, ValueError) as exc:
-                task_id = task_id_in_text(json.dumps(record))
-                self._answer_damaged(key, task_id, f"unusable record: {exc}")
+                self._answer_damaged(key, task_id_in_record(record), f"unusable record: {exc}")
                 continue
             # The record's own "key" and "bodyPath" are not trusted: the file
             # name says which result this is and where its body lives.

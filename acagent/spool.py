@@ -86,6 +86,7 @@ __all__ = [
     "read_head",
     "spool_error_reason",
     "survey_spool",
+    "task_id_in_record",
     "task_id_in_text",
     "tasks_that_fit",
 ]
@@ -212,11 +213,23 @@ def task_id_in_text(text: str) -> Optional[str]:
     if match is None:
         return None
     try:
-        value = json.loads(match.group(1))
+        return _usable_id(json.loads(match.group(1)))
     except ValueError:
         return None
-    text_value = str(value)
-    return text_value if text_value.strip() else None
+
+
+def task_id_in_record(record: Record) -> Optional[str]:
+    """The ``taskId`` of a record that parses but is not a result any more
+    (fields missing or of the wrong type), or None."""
+    fields = record.get("fields")
+    return _usable_id(fields.get("taskId")) if isinstance(fields, dict) else None
+
+
+def _usable_id(value: Any) -> Optional[str]:
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        return None
+    text = str(value)
+    return text if text.strip() else None
 
 
 def _origin_of_field(own: Any) -> Tuple[Optional[Origin], bool]:

@@ -36,6 +36,7 @@ from acagent.spool import (
     body_mismatch,
     origin_verdict,
     survey_spool,
+    task_id_in_record,
     task_id_in_text,
     tasks_that_fit,
 )
@@ -322,6 +323,22 @@ def test_origin_key_digest_tells_keys_apart_and_hides_them() -> None:
 )
 def test_task_id_in_text(text: str, task_id: Optional[str]) -> None:
     assert task_id_in_text(text) == task_id
+
+
+@pytest.mark.parametrize(
+    ("record", "task_id"),
+    [
+        ({"fields": {"taskId": "t-1"}}, "t-1"),
+        ({"fields": {"taskId": 42}}, "42"),
+        ({"fields": {"taskId": "  "}}, None),
+        ({"fields": {"taskId": True}}, None),
+        ({"fields": {"taskId": ["t"]}}, None),
+        ({"fields": "not an object"}, None),
+        ({"statusCode": 200}, None),
+    ],
+)
+def test_task_id_in_record(record: Dict[str, object], task_id: Optional[str]) -> None:
+    assert task_id_in_record(record) == task_id
 
 
 @pytest.mark.parametrize(
