@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
-from . import folders
+from . import folders, logs
 from .errors import ConfigError
 
 #: Largest body that goes inline (base64) in put-result; larger ones are uploaded.
@@ -354,8 +354,6 @@ def read_secret_file(field_name: str, path: str) -> str:
     """The secret held in ``path`` (one trailing newline dropped), masked in logs
     from now on. Raises ConfigError naming ``field_name`` when the file is
     missing, unreadable or empty."""
-    from . import logs
-
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
