@@ -292,6 +292,18 @@ NEW_KEY = "new-key-b84de605"
 
 
 @pytest.mark.timeout(90)
+def _flowing_tasks(target: FakeTarget, prefix: str, n: int) -> List[Dict[str, str]]:
+    """``n`` small tasks of 50 ms each: results keep flowing across the rotation."""
+    return [
+        {
+            "taskId": f"{prefix}-{i}",
+            "method": "GET",
+            "url": f"{target.url}/bytes/{300 + i}?seed={i}&latency=0.05",
+        }
+        for i in range(n)
+    ]
+
+
 # The file is read once a second while the key is refused, in step with the
 # first refusal: 3.0 s meets a read at once, 3.5 s waits half a period.
 @pytest.mark.parametrize(("log_format", "rewrite_after"), [("text", 3.0), ("json", 3.5)])
@@ -305,14 +317,7 @@ def test_rotated_key_file_resumes_fetching_and_loses_nothing(
     n = 60
     try:
         with FakeTarget() as target, FakeACServer(api_key=OLD_KEY) as ac:
-            ac.add_tasks(
-                {
-                    "taskId": f"rot-{i}",
-                    "method": "GET",
-                    "url": f"{target.url}/bytes/{300 + i}?seed={i}&latency=0.05",
-                }
-                for i in range(n)
-            )
+            ac.add_tasks(_flowing_tasks(target, "rot", n))
             config = make_config(
                 ac.url,
                 tmp_path / "spool",
@@ -532,14 +537,7 @@ def test_rotation_in_the_cli_agent_with_its_own_waits(tmp_path: Path) -> None:
     key_path = _key_file(tmp_path / "api-key", OLD_KEY)
     n = 60
     with FakeTarget() as target, FakeACServer(api_key=OLD_KEY) as ac:
-        ac.add_tasks(
-            {
-                "taskId": f"cli-{i}",
-                "method": "GET",
-                "url": f"{target.url}/bytes/{300 + i}?seed={i}&latency=0.05",
-            }
-            for i in range(n)
-        )
+        ac.add_tasks(_flowing_tasks(target, "cli", n))
         extra = ["--apiKeyFile", str(key_path), "--executorPoolSize", "4"]
         extra += ["--debugMode", "true", "--logFormat", "json"]
         with AgentProcess(ac.url, spool, tmp_path / "agent.log", extra, api_key=None) as agent:
