@@ -330,7 +330,9 @@ class ACClient:
             tracker=self._tracker,
             ages=self.ac_ages,
         )
-        #: the Authorization header of every AC request (see ``reload_api_key``)
+        #: the Authorization header of every AC request, set per request (not
+        #: on the session, whose headers the transport reads once): see
+        #: ``reload_api_key``
         self._authorization = f"Bearer {config.api_key}"
         self._api_key = config.api_key
         self._key_lock = threading.Lock()
@@ -339,7 +341,6 @@ class ACClient:
         self.key_version = 0
         #: the last AC reply about the key was a 401/403 (cleared by a 2xx)
         self.key_refused = False
-        self.session.headers["Authorization"] = self._authorization
         self._fetch_waiting = 0
         self.transport = ACTransport(
             self.session, self._url("get-task"), self.config.outgoing_proxies
@@ -423,7 +424,6 @@ class ACClient:
                 return False
             self._api_key = key
             self._authorization = f"Bearer {key}"  # one reference swap: atomic
-            self.session.headers["Authorization"] = self._authorization
             self.key_version += 1
         log.warning("API key reloaded from %s", path)
         return True
