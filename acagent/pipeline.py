@@ -152,6 +152,7 @@ class Pipeline:
             abort=self.abort,
             observers=self.observers,
             settings=self.settings,
+            retry_policy=retry_policy or self.client.retry_policy,
         )
         self.executor = executor(self.context)
         self.uploader = uploader(self.context)

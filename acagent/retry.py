@@ -23,6 +23,7 @@ from typing import Callable, Mapping, Optional, TypeVar
 
 import tenacity
 
+from .backoff import Backoff
 from .errors import ACConnectionError, ACHTTPError, ACRateLimitError, AgentStopping
 
 T = TypeVar("T")
@@ -87,6 +88,26 @@ class RetryPolicy:
     concurrency_wait_max: float = 10.0
     #: a 429 without a usable wait header waits this long
     default_rate_limit_wait: float = 5.0
+
+    # The stages' schedules (a ``Pipeline(retry_policy=...)`` sets them all).
+    #: one result's retries after a transient failure (5xx, 407, 408, timeouts)
+    result: Backoff = Backoff(0.5, 60.0, 0.5)
+    #: one result's retries while the server refuses the API key (401/403)
+    result_key_refused: Backoff = Backoff(2.0, 60.0, 0.2)
+    #: failures in a row that open a breaker (the fetch loop's, the upload class's)
+    breaker_threshold: int = 5
+    #: get-task after one failed call, below the threshold
+    fetch: Backoff = Backoff(0.25, 4.0, 0.5)
+    #: get-task once its breaker is open ("the server is down")
+    fetch_breaker: Backoff = Backoff(5.0, 600.0, 0.2)
+    #: the whole upload class once its breaker is open
+    upload_breaker: Backoff = Backoff(5.0, 300.0)
+    #: get-task while the server refuses the API key
+    fetch_key_refused: Backoff = Backoff(5.0, 300.0)
+    #: a stage loop after an unexpected error in one step
+    stage_failure: Backoff = Backoff(1.0, 30.0)
+    #: reconnecting to the coordination store (Redis)
+    store_reconnect: Backoff = Backoff(0.1, 1.0)
     rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
 
     def is_retry(self, exc: BaseException) -> bool:

@@ -37,6 +37,7 @@ from .config import AgentConfig
 from .globalconfig import RuntimeSettings
 from .ledger import Ledger
 from .observers import Observers
+from .retry import RetryPolicy
 from .spool import ResultSpool
 
 log = logging.getLogger("acagent.stage")
@@ -57,6 +58,8 @@ class StageContext:
     abort: threading.Event
     observers: Observers
     settings: RuntimeSettings
+    #: every retry and backoff schedule of the stages
+    retry_policy: RetryPolicy = RetryPolicy()
 
 
 class Stage:

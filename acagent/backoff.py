@@ -1,0 +1,63 @@
+"""Backoff: the one exponential schedule every wait of the agent is made of.
+
+A ``Backoff`` is a value: the first wait, the cap, and how much of each wait
+is random. The n-th failure in a row waits ``first * 2**(n-1)``, capped at
+``cap`` (tenacity's ``wait_exponential`` computes it), scaled by a random
+factor in ``[1 - spread, 1]`` so that results, threads or agents that failed
+together do not all come back together.
+
+Every schedule of the agent (per-result retries, the breakers, the stage
+failure pause, Redis reconnects) is one ``Backoff`` field of ``RetryPolicy``
+(``retry.py``); the waits a server asks for are parsed and clamped in one
+place too (``retry.server_wait``). ``concurrency_wait`` is the one answer to a
+"Too many concurrent requests" 429 without a wait header.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Optional
+
+import tenacity
+
+#: a "Too many concurrent requests" 429 without a wait header waits 0..this
+CONCURRENCY_WAIT_MAX = 10.0
+
+_shared_rng = random.Random()
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """``first`` doubling per failure up to ``cap``, each wait scaled into ``[1 - spread, 1]``."""
+
+    first: float
+    cap: float
+    spread: float = 0.0
+    _exponential: tenacity.wait_exponential = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not (self.first >= 0 and self.cap >= self.first):
+            raise ValueError(f"backoff needs 0 <= first <= cap, got {self.first}, {self.cap}")
+        if not 0.0 <= self.spread <= 1.0:
+            raise ValueError(f"backoff spread must be in 0..1, got {self.spread}")
+        object.__setattr__(
+            self, "_exponential", tenacity.wait_exponential(multiplier=self.first, max=self.cap)
+        )
+
+    def wait(self, failures: int, rng: Optional[random.Random] = None) -> float:
+        """Seconds to wait after ``failures`` failures in a row (1 = the first)."""
+        state = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+        state.attempt_number = max(failures, 1)
+        step = float(self._exponential(state))
+        if self.spread:
+            step *= (rng or _shared_rng).uniform(1.0 - self.spread, 1.0)
+        return step
+
+
+def concurrency_wait(
+    rng: Optional[random.Random] = None, cap: float = CONCURRENCY_WAIT_MAX
+) -> float:
+    """The wait after "Too many concurrent requests" with no wait header: 0..``cap``,
+    uniformly, as today's agent does (PROTOCOL.md), so agents sharing a key spread out."""
+    return (rng or _shared_rng).uniform(0.0, cap)
