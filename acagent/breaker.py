@@ -6,8 +6,8 @@ whole class (all uploads, say):
 
 * a 429 with a wait header pauses the class for that wait (``pause``);
 * ``threshold`` failures in a row (5xx, timeouts, resets) open the breaker:
-  the class pauses ``open_min`` seconds, doubling per further failure up to
-  ``open_max``. Any success closes it.
+  the class pauses as the ``opened`` backoff says (its first wait, doubling
+  per further failure up to its cap). Any success closes it.
 
 Thread-safe. ``wait_closed`` is interruptible by an Event.
 """
@@ -18,19 +18,19 @@ import threading
 import time
 from typing import Callable
 
+from .backoff import Backoff
+
 
 class ClassBreaker:
     def __init__(
         self,
         *,
-        threshold: int = 5,
-        open_min: float = 5.0,
-        open_max: float = 300.0,
+        threshold: int,
+        opened: Backoff,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.threshold = threshold
-        self.open_min = open_min
-        self.open_max = open_max
+        self.opened = opened
         self._clock = clock
         self._lock = threading.Lock()
         self._failures = 0
@@ -41,14 +41,17 @@ class ClassBreaker:
         with self._lock:
             self._paused_until = max(self._paused_until, self._clock() + seconds)
 
-    def failure(self) -> None:
-        """One call of the class failed (5xx, timeout, reset)."""
+    def failure(self) -> float:
+        """One call of the class failed (5xx, timeout, reset); returns the pause
+        this failure set (0 while fewer than ``threshold`` failed in a row)."""
         with self._lock:
             self._failures += 1
             over = self._failures - self.threshold
-            if over >= 0:
-                wait = min(self.open_min * 2.0**over, self.open_max)
-                self._paused_until = max(self._paused_until, self._clock() + wait)
+            if over < 0:
+                return 0.0
+            wait = self.opened.wait(over + 1)
+            self._paused_until = max(self._paused_until, self._clock() + wait)
+            return wait
 
     def success(self) -> None:
         with self._lock:

@@ -114,10 +114,6 @@ class Uploader(Stage):
     AUTH_RETRY_MAX = 60.0
     #: a "Too many concurrent requests" 429 without a wait header waits 0..this
     CONCURRENCY_WAIT_MAX = 10.0
-    #: failures in a row that open the upload class's breaker, and its pauses
-    BREAKER_THRESHOLD = 5
-    BREAKER_OPEN_MIN = 5.0
-    BREAKER_OPEN_MAX = 300.0
     #: failed S3 attempts of one result before it goes through upload-result instead
     S3_ATTEMPTS = 3
     #: 400/422 refusals of one result before it is quarantined
@@ -133,10 +129,9 @@ class Uploader(Stage):
         # results while no get-task waits for it (see ``borrow_step``).
         self.senders = senders or max(1, self.config.ac_max_concurrent - 1)
         self.borrower = self.config.ac_max_concurrent >= 2 and senders is None
+        policy = ctx.retry_policy
         self.breaker = ClassBreaker(
-            threshold=self.BREAKER_THRESHOLD,
-            open_min=self.BREAKER_OPEN_MIN,
-            open_max=self.BREAKER_OPEN_MAX,
+            threshold=policy.breaker_threshold, opened=policy.upload_breaker
         )
         self._rng = random.Random()
         self._auth_log = LogThrottle(60.0)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from acagent import __version__
+from acagent.backoff import Backoff
 from acagent.client import ACClient
 from acagent.config import AgentConfig
 from acagent.executor import Executor
@@ -48,9 +49,7 @@ class FastUploader(Uploader):
     RETRY_MAX = 0.3
     AUTH_RETRY_MIN = 0.05
     AUTH_RETRY_MAX = 0.3
-    BREAKER_OPEN_MIN = 0.05
     CONCURRENCY_WAIT_MAX = 0.05
-    BREAKER_OPEN_MAX = 0.3
 
 
 class FastExecutor(Executor):
@@ -64,6 +63,13 @@ def fast_policy(**changes: Any) -> RetryPolicy:
         "jitter": 0.01,
         "concurrency_wait_max": 0.05,
         "default_rate_limit_wait": 0.05,
+        # every stage schedule in tens of milliseconds
+        "result": Backoff(0.05, 0.3, 0.5),
+        "result_key_refused": Backoff(0.05, 0.3, 0.2),
+        "fetch": Backoff(0.05, 0.2, 0.5),
+        "fetch_breaker": Backoff(0.05, 0.2, 0.2),
+        "upload_breaker": Backoff(0.05, 0.3),
+        "fetch_key_refused": Backoff(0.05, 0.2),
     }
     values.update(changes)
     return RetryPolicy(**values)
