@@ -4,7 +4,8 @@ A ``Backoff`` is a value: the first wait, the cap, and how much of each wait
 is random. The n-th failure in a row waits ``first * 2**(n-1)``, capped at
 ``cap`` (tenacity's ``wait_exponential`` computes it), scaled by a random
 factor in ``[1 - spread, 1]`` so that results, threads or agents that failed
-together do not all come back together.
+together do not all come back together, plus a random ``0..jitter`` seconds
+(added, not scaled: today's agent's client retries wait so, PROTOCOL.md).
 
 Every schedule of the agent (per-result retries, the breakers, the stage
 failure pause, Redis reconnects) is one ``Backoff`` field of ``RetryPolicy``
@@ -29,11 +30,13 @@ _shared_rng = random.Random()
 
 @dataclass(frozen=True)
 class Backoff:
-    """``first`` doubling per failure up to ``cap``, each wait scaled into ``[1 - spread, 1]``."""
+    """``first`` doubling per failure up to ``cap``, each wait scaled into
+    ``[1 - spread, 1]``, then ``0..jitter`` seconds added."""
 
     first: float
     cap: float
     spread: float = 0.0
+    jitter: float = 0.0
     _exponential: tenacity.wait_exponential = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -41,6 +44,8 @@ class Backoff:
             raise ValueError(f"backoff needs 0 <= first <= cap, got {self.first}, {self.cap}")
         if not 0.0 <= self.spread <= 1.0:
             raise ValueError(f"backoff spread must be in 0..1, got {self.spread}")
+        if not self.jitter >= 0:
+            raise ValueError(f"backoff jitter must be >= 0, got {self.jitter}")
         object.__setattr__(
             self, "_exponential", tenacity.wait_exponential(multiplier=self.first, max=self.cap)
         )
@@ -52,6 +57,8 @@ class Backoff:
         step = float(self._exponential(state))
         if self.spread:
             step *= (rng or _shared_rng).uniform(1.0 - self.spread, 1.0)
+        if self.jitter:
+            step += (rng or _shared_rng).uniform(0.0, self.jitter)
         return step
 
 

@@ -298,6 +298,7 @@ class ACClient:
                 lease_seconds=config.coordination_lease,
                 password=config.coordination_password,
                 ca_bundle=config.ca_bundle,
+                reconnect=self.retry_policy.store_reconnect,
             )
         self.permits: Permits = permits
         if isinstance(self.permits, RedisPermits):
@@ -309,6 +310,7 @@ class ACClient:
                 shared.store_errors,
                 on_store_error=shared.report_store_error,
                 on_store_ok=shared.report_store_ok,
+                reconnect=self.retry_policy.store_reconnect,
             )
         self._count_lock = threading.Lock()
         self._inflight = 0

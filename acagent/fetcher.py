@@ -2,20 +2,23 @@
 
 It asks only when the agent has somewhere to run the answer and can deliver
 its result (``Ledger.reserve``), so fetched work never piles up. How it waits
-after each kind of reply:
+after each kind of reply (every schedule is a ``Backoff`` of the stage
+policy, ``ctx.retry_policy``):
 
 * an empty reply: the poll interval with jitter (today's agent re-polls at
   once and burns its rate budget);
 * one failed call among successes (5xx, timeout, reset): a brief backoff,
-  ``BRIEF_MIN`` doubling to ``BRIEF_MAX`` with jitter;
-* ``BREAKER_THRESHOLD`` failures in a row: the server is down, so the
-  breaker opens and waits grow from ``DOWN_MIN`` doubling to ``DOWN_MAX``
-  (5 s to 600 s, today's numbers); any success closes it;
-* a 429: what the server asks (a random 0..10 s for "Too many concurrent
-  requests" without a wait header);
+  ``policy.fetch`` (0.25 s doubling to 4 s, with jitter);
+* ``policy.breaker_threshold`` failures in a row: the server is down, so the
+  fetch breaker (a ``ClassBreaker``) opens and waits follow
+  ``policy.fetch_breaker`` (5 s doubling to 600 s, today's numbers); any
+  success closes it;
+* a 429: what the server asks (``RetryPolicy.rate_limit_wait``: a random
+  0..10 s for "Too many concurrent requests" without a wait header);
 * 401/403: the server refused the API key: an actionable ERROR at most once a
   minute, ``/readyz`` says why (the readiness observer sees the status), and
-  waits from ``AUTH_MIN`` doubling to ``AUTH_MAX`` (5 min) until it accepts.
+  waits follow ``policy.fetch_key_refused`` (5 s doubling to 5 min) until it
+  accepts.
   With a key file (``api_key_file``) the file is re-read every
   ``KEY_FILE_POLL`` seconds while the server refuses the key (on get-task or
   on upload); a new key ends the wait, lifts the uploads' hold and makes the
@@ -38,6 +41,7 @@ import random
 import time
 from typing import Optional
 
+from .breaker import ClassBreaker
 from .config import AC_SERVER_CONCURRENT_LIMIT, AgentConfig
 from .errors import (
     ACConnectionError,
@@ -86,26 +90,16 @@ def auth_hint(config: AgentConfig) -> str:
 class Fetcher(Stage):
     name = "fetcher"
 
-    #: brief backoff after one failed call: first wait, doubled up to BRIEF_MAX
-    BRIEF_MIN = 0.25
-    BRIEF_MAX = 4.0
-    #: consecutive failures that open the breaker ("the server is down")
-    BREAKER_THRESHOLD = 5
-    DOWN_MIN = 5.0
-    DOWN_MAX = 600.0
-    #: waits while the server refuses the API key
-    AUTH_MIN = 5.0
-    AUTH_MAX = 300.0
     #: how long one capacity wait lasts before the stop flag is checked again
     CAPACITY_POLL = 0.5
-    #: a "Too many concurrent requests" 429 without a wait header waits 0..this
-    CONCURRENCY_WAIT_MAX = 10.0
     #: while the server refuses the key: seconds between two reads of the key file
     KEY_FILE_POLL = 1.0
 
     def __init__(self, ctx: StageContext) -> None:
         super().__init__(ctx)
-        self._failures = 0
+        policy = ctx.retry_policy
+        #: open after ``breaker_threshold`` failed get-tasks in a row: "the server is down"
+        self.breaker = ClassBreaker(threshold=policy.breaker_threshold, opened=policy.fetch_breaker)
         self._auth_failures = 0
         self._rng = random.Random()
         self._auth_log = LogThrottle(60.0)
@@ -211,25 +205,21 @@ class Fetcher(Stage):
 
     # ------------------------------------------------------------ failures
     def _succeeded(self) -> None:
-        if self._failures >= self.BREAKER_THRESHOLD:
-            log.warning("get-task works again after %d failures", self._failures)
+        failures = self.breaker.consecutive_failures
+        if failures >= self.breaker.threshold:
+            log.warning("get-task works again after %d failures", failures)
         if self._auth_failures:
             log.warning("the AC server accepts the API key again")
-        self._failures = 0
+        self.breaker.success()
         self._auth_failures = 0
 
     def _pause_after(self, exc: Exception) -> float:
         """How long to wait after a failed get-task (and log it once, plainly)."""
         if isinstance(exc, AgentStopping) or (self.stopping.is_set() and isinstance(exc, ACError)):
             return 0.0  # the agent is stopping: a cut-short call is expected, not an error
+        policy = self.ctx.retry_policy
         if isinstance(exc, ACRateLimitError):
-            wait = exc.retry_after
-            if wait is None:
-                wait = (
-                    self._rng.uniform(0.0, self.CONCURRENCY_WAIT_MAX)
-                    if exc.concurrency
-                    else self.DOWN_MIN
-                )
+            wait = policy.rate_limit_wait(exc)
             log.warning(
                 "get-task: %s; waiting %.1fs",
                 CONCURRENCY_HINT if exc.concurrency else "rate limited by the AC server (429)",
@@ -239,7 +229,7 @@ class Fetcher(Stage):
             return wait
         if isinstance(exc, ACHTTPError) and exc.status in (401, 403):
             self._auth_failures += 1
-            wait = min(self.AUTH_MIN * 2.0 ** (self._auth_failures - 1), self.AUTH_MAX)
+            wait = policy.fetch_key_refused.wait(self._auth_failures, self._rng)
             if self._auth_log.ready():
                 log.error(
                     "get-task: HTTP %d: %s; retrying in %.0fs",
@@ -250,11 +240,14 @@ class Fetcher(Stage):
                 )
             return wait
         if isinstance(exc, (ACHTTPError, ACConnectionError, BadReplyError)):
-            self._failures += 1
-            wait = self._failure_wait(self._failures)
+            # Open, the breaker says how long; below its threshold, a brief backoff.
+            wait = self.breaker.failure()
+            failures = self.breaker.consecutive_failures
+            if wait <= 0:
+                wait = policy.fetch.wait(failures, self._rng)
             # One line per event (the message already names get-task), with
             # what to do about it when there is something to do.
-            level = logging.WARNING if self._failures <= self.BREAKER_THRESHOLD else logging.DEBUG
+            level = logging.WARNING if failures <= self.breaker.threshold else logging.DEBUG
             hint = hint_for(exc)
             log.log(
                 level,
@@ -266,13 +259,6 @@ class Fetcher(Stage):
             )
             return wait
         raise exc  # not an AC failure: a bug; run_loop logs it with its traceback
-
-    def _failure_wait(self, failures: int) -> float:
-        if failures < self.BREAKER_THRESHOLD:
-            step = self.BRIEF_MIN * 2.0 ** (failures - 1)
-            return min(step, self.BRIEF_MAX) * self._rng.uniform(0.5, 1.0)
-        step = self.DOWN_MIN * 2.0 ** (failures - self.BREAKER_THRESHOLD)
-        return min(step, self.DOWN_MAX) * self._rng.uniform(0.8, 1.0)
 
     def _answer_malformed(self, exc: TaskError) -> bool:
         """A task we cannot run but can name gets an error result; True if answered."""

@@ -47,6 +47,9 @@ import uuid
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type
 from urllib.parse import urlsplit, urlunsplit
 
+from .backoff import Backoff
+from .retry import STORE_RECONNECT
+
 log = logging.getLogger("acagent.permits")
 
 #: environment variable with the Redis password when the URL carries none
@@ -330,9 +333,6 @@ class RedisPermits(Permits):
     WAITER_TTL = 3.0
     #: longest single blocking wait (expired leases are noticed at this pace)
     POLL_MAX = 0.25
-    #: backoff while Redis cannot be reached
-    BACKOFF_MIN = 0.1
-    BACKOFF_MAX = 1.0
     #: log "unreachable" at most this often
     LOG_EVERY = 60.0
     #: a permit that another agent released is used only this long after the
@@ -351,7 +351,9 @@ class RedisPermits(Permits):
         socket_timeout: float = 2.0,
         ca_bundle: Optional[str] = None,
         handoff_seconds: Optional[float] = None,
+        reconnect: Backoff = STORE_RECONNECT,
     ) -> None:
+        """``reconnect``: the waits between two tries while Redis cannot be reached."""
         super().__init__(limit)
         if not lease_seconds >= 0.5:
             raise ValueError(f"lease must be >= 0.5 s, got {lease_seconds}")
@@ -363,6 +365,7 @@ class RedisPermits(Permits):
         )
         self.url = redact_url(url)
         self.lease_seconds = float(lease_seconds)
+        self.reconnect = reconnect
         #: The server counts a request until *it* has written the reply; the
         #: client has read it a little earlier. A permit that goes straight to
         #: another agent (another connection) could reach the server before
@@ -485,7 +488,7 @@ class RedisPermits(Permits):
             margin_ms,
             grant_key,
         ]
-        backoff = self.BACKOFF_MIN
+        store_failures = 0
         joined = False
         while not (stop.is_set() or self._closing.is_set()):
             wait = self.POLL_MAX
@@ -493,7 +496,7 @@ class RedisPermits(Permits):
                 granted, ms = self._acquire_script(keys=self._keys, args=args)
                 joined = True
                 self.report_store_ok()
-                backoff = self.BACKOFF_MIN
+                store_failures = 0
                 if int(granted) == 1:
                     return self._granted(token, int(ms) / 1000.0)
                 if int(ms):
@@ -508,8 +511,8 @@ class RedisPermits(Permits):
                         return self._granted(token, 0.0 if mine else self.handoff_seconds)
             except self.store_errors as exc:
                 self.report_store_error(exc)
-                wait = backoff
-                backoff = min(self.BACKOFF_MAX, backoff * 2)
+                store_failures += 1
+                wait = self.reconnect.wait(store_failures)
                 if deadline is not None:
                     wait = min(wait, deadline - time.monotonic())
                 stop.wait(max(0.0, wait))
@@ -618,6 +621,7 @@ def permits_for(
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
     password: Optional[str] = None,
     ca_bundle: Optional[str] = None,
+    reconnect: Backoff = STORE_RECONNECT,
 ) -> Permits:
     """``RedisPermits`` when a coordination URL is given, else ``LocalPermits``."""
     if not url:
@@ -629,4 +633,5 @@ def permits_for(
         lease_seconds=lease_seconds,
         password=password,
         ca_bundle=ca_bundle,
+        reconnect=reconnect,
     )

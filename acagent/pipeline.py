@@ -83,6 +83,10 @@ class Pipeline:
     ``readiness``, ``fatal_reason``. Wired parts, read-only: ``config``,
     ``client``, ``ledger``, ``spool``, ``settings``, ``metrics``,
     ``observers``, ``fetcher``, ``executor``, ``uploader``, ``health``.
+
+    ``retry_policy`` sets every wait schedule: the stages' (fetch, breakers,
+    per-result retries, stage failures) and, unless a ``client`` is passed,
+    the client's (call retries, Redis reconnects).
     """
 
     def __init__(

@@ -19,6 +19,9 @@ import threading
 import time
 from typing import Any, Callable, Dict, Optional, Tuple, Type
 
+from .backoff import Backoff
+from .retry import STORE_RECONNECT
+
 log = logging.getLogger("acagent.ratelimit")
 
 FETCH = "fetch"
@@ -128,10 +131,9 @@ class SharedRateLimiter(RateLimiter):
 
     Same rate and burst rules as ``RateLimiter``; ``store`` is a
     ``redis.Redis`` client, ``errors`` the exceptions meaning "Redis is not
-    reachable": then ``acquire`` waits and retries (no token without Redis).
+    reachable": then ``acquire`` waits as ``reconnect`` says and retries (no
+    token without Redis).
     """
-
-    BACKOFF_MAX = 1.0
 
     def __init__(
         self,
@@ -142,9 +144,11 @@ class SharedRateLimiter(RateLimiter):
         errors: Tuple[Type[BaseException], ...],
         on_store_error: Optional[Callable[[BaseException], None]] = None,
         on_store_ok: Optional[Callable[[], None]] = None,
+        reconnect: Backoff = STORE_RECONNECT,
     ) -> None:
         """``on_store_error``/``on_store_ok``: told of each failed/good Redis call (health)."""
         super().__init__(per_minute)
+        self.reconnect = reconnect
         self._store = store
         self._key = key
         self._errors = errors
@@ -156,7 +160,7 @@ class SharedRateLimiter(RateLimiter):
         self, *, stop: Optional[threading.Event] = None, timeout: Optional[float] = None
     ) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
-        backoff = 0.1
+        store_failures = 0
         while True:
             with self._lock:
                 rate, burst = self._rate, self._burst
@@ -164,14 +168,15 @@ class SharedRateLimiter(RateLimiter):
                 return True  # limiter off
             try:
                 wait = int(self._take(keys=[self._key], args=[repr(rate), repr(burst)])) / 1000.0
-                backoff = 0.1
+                store_failures = 0
                 if self._on_ok is not None:
                     self._on_ok()
             except self._errors as exc:
                 log.debug("shared rate limit: store unreachable (%s)", exc)
                 if self._on_error is not None:
                     self._on_error(exc)
-                wait, backoff = backoff, min(self.BACKOFF_MAX, backoff * 2)
+                store_failures += 1
+                wait = self.reconnect.wait(store_failures)
             if wait <= 0:
                 return True
             if deadline is not None:
@@ -207,6 +212,7 @@ class RateLimits:
         *,
         on_store_error: Optional[Callable[[BaseException], None]] = None,
         on_store_ok: Optional[Callable[[], None]] = None,
+        reconnect: Backoff = STORE_RECONNECT,
     ) -> None:
         """Switch every class to a bucket in Redis shared by all agents on the key."""
         rate = self.per_minute
@@ -218,6 +224,7 @@ class RateLimits:
                 errors=errors,
                 on_store_error=on_store_error,
                 on_store_ok=on_store_ok,
+                reconnect=reconnect,
             )
             for name in self.CLASSES
         }

@@ -3,9 +3,11 @@
 ``RetryPolicy`` is a small value object (after urllib3's ``Retry``): named
 predicates say whether an error is retried (``is_retry``) and whether the
 budget is spent (``is_exhausted``); ``wait_for`` derives the pause from the
-error itself, tenacity ``wait_exception``-style: the server's own wait for a
-rate-limit 429, a random 0..10 s for "Too many concurrent requests", and
-exponential backoff with jitter for 5xx and connection failures.
+error itself, tenacity ``wait_exception``-style: ``rate_limit_wait`` for a
+429 (the server's own wait, else a random 0..10 s for "Too many concurrent
+requests", else ``default_rate_limit_wait``), and the ``call`` backoff for
+5xx and connection failures. Every other schedule of the agent is a
+``Backoff`` field of the same policy (``backoff.py``).
 
 ``run_with_retries`` drives one call through tenacity. The attempt function
 takes the AC permit itself, so no permit is held while sleeping, and every
@@ -23,13 +25,17 @@ from typing import Callable, Mapping, Optional, TypeVar
 
 import tenacity
 
-from .backoff import Backoff
+from .backoff import CONCURRENCY_WAIT_MAX, Backoff, concurrency_wait
 from .errors import ACConnectionError, ACHTTPError, ACRateLimitError, AgentStopping
 
 T = TypeVar("T")
 
 #: longest wait the agent accepts from a server, whatever it asks for
 MAX_SERVER_WAIT = 300.0
+
+#: reconnecting to the coordination store (Redis): the default of ``RetryPolicy.store_reconnect``
+#: and of the Redis permits and rate limiter built without a policy
+STORE_RECONNECT = Backoff(0.1, 1.0)
 
 
 def parse_retry_after(value: Optional[str], *, now: Optional[float] = None) -> Optional[float]:
@@ -79,13 +85,10 @@ class RetryPolicy:
     rate_limit_retries: int = 5
     #: 5xx replies and connection failures retried per call
     error_retries: int = 3
-    #: first backoff for 5xx/connection errors, doubled per retry
-    backoff_base: float = 5.0
-    backoff_max: float = 120.0
-    #: random extra added to each backoff
-    jitter: float = 2.0
+    #: one call's retries after 5xx/connection errors: 5 s doubling to 120 s, + 0..2 s
+    call: Backoff = Backoff(5.0, 120.0, jitter=2.0)
     #: "Too many concurrent requests" waits uniformly in 0..this
-    concurrency_wait_max: float = 10.0
+    concurrency_wait_max: float = CONCURRENCY_WAIT_MAX
     #: a 429 without a usable wait header waits this long
     default_rate_limit_wait: float = 5.0
 
@@ -107,7 +110,7 @@ class RetryPolicy:
     #: a stage loop after an unexpected error in one step
     stage_failure: Backoff = Backoff(1.0, 30.0)
     #: reconnecting to the coordination store (Redis)
-    store_reconnect: Backoff = Backoff(0.1, 1.0)
+    store_reconnect: Backoff = STORE_RECONNECT
     rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
 
     def is_retry(self, exc: BaseException) -> bool:
@@ -128,17 +131,18 @@ class RetryPolicy:
     def wait_for(self, exc: BaseException, errors_so_far: int) -> float:
         """Seconds to pause after ``exc``; ``errors_so_far`` counts 5xx/connection failures."""
         if isinstance(exc, ACRateLimitError):
-            if exc.concurrency and exc.retry_after is None:
-                return self.rng.uniform(0.0, self.concurrency_wait_max)
-            if exc.retry_after is not None:
-                return exc.retry_after
-            return self.default_rate_limit_wait
-        return self.backoff(errors_so_far)
+            return self.rate_limit_wait(exc)
+        return self.call.wait(errors_so_far, self.rng)
 
-    def backoff(self, n: int) -> float:
-        """base * 2**(n-1) capped, plus jitter; n >= 1."""
-        step = self.backoff_base * float(2 ** max(n - 1, 0))
-        return float(min(step, self.backoff_max) + self.rng.uniform(0.0, self.jitter))
+    def rate_limit_wait(self, exc: ACRateLimitError) -> float:
+        """The wait after a 429: the server's (parsed and clamped by ``server_wait``),
+        else 0..``concurrency_wait_max`` for "Too many concurrent requests", else
+        ``default_rate_limit_wait``."""
+        if exc.retry_after is not None:
+            return exc.retry_after
+        if exc.concurrency:
+            return concurrency_wait(self.rng, self.concurrency_wait_max)
+        return self.default_rate_limit_wait
 
 
 #: one attempt and no retry: for callers that schedule their own retries (the Uploader)

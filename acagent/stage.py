@@ -20,8 +20,8 @@ May be overridden:
 For subclasses:
     ``ctx``, ``spawn(target, name)``, ``run_loop(step)`` (a loop that
     survives any error in ``step``: logged, reported to observers, backed
-    off), ``wait(seconds)`` (interruptible), ``stopping`` (the Event that
-    ``stop()`` sets).
+    off as ``ctx.retry_policy.stage_failure`` says), ``wait(seconds)``
+    (interruptible), ``stopping`` (the Event that ``stop()`` sets).
 """
 
 from __future__ import annotations
@@ -70,9 +70,6 @@ class Stage:
     #: longest single sleep in ``wait`` before the abort signal is looked at again
     #: (``stop()`` ends a wait at once; a shorter slice only costs idle wakeups)
     WAIT_SLICE = 1.0
-    #: first pause after an unexpected error in a loop step, doubled up to ``FAILURE_PAUSE_MAX``
-    FAILURE_PAUSE = 1.0
-    FAILURE_PAUSE_MAX = 30.0
 
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
@@ -136,15 +133,17 @@ class Stage:
                 return True
 
     def run_loop(self, step: Callable[[], None]) -> None:
-        """Call ``step`` until ``stop()``; an error in it is logged and backed off, never fatal."""
-        pause = self.FAILURE_PAUSE
+        """Call ``step`` until ``stop()``; an error in it is logged and backed off
+        (``stage_failure``, per error in a row), never fatal."""
+        failures = 0
         while not self.stopping.is_set():
             try:
                 step()
             except Exception as exc:  # the loop must survive anything a step raises
+                failures += 1
+                pause = self.ctx.retry_policy.stage_failure.wait(failures)
                 log.exception("%s: unexpected error; going on in %.1fs", self.name, pause)
                 self.ctx.observers.emit("on_stage_failure", self.name, exc)
                 self.wait(pause)
-                pause = min(pause * 2, self.FAILURE_PAUSE_MAX)
             else:
-                pause = self.FAILURE_PAUSE
+                failures = 0

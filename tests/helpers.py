@@ -34,12 +34,8 @@ WAIT = 20.0
 
 
 class FastFetcher(Fetcher):
-    BRIEF_MIN = 0.05
-    BRIEF_MAX = 0.2
-    DOWN_MIN = 0.05
-    DOWN_MAX = 0.2
-    AUTH_MIN = 0.05
-    AUTH_MAX = 0.2
+    """Looks for room every 50 ms; its waits are ``fast_policy``'s schedules."""
+
     CAPACITY_POLL = 0.05
 
 
@@ -58,9 +54,7 @@ class FastExecutor(Executor):
 
 def fast_policy(**changes: Any) -> RetryPolicy:
     values: Dict[str, Any] = {
-        "backoff_base": 0.05,
-        "backoff_max": 0.2,
-        "jitter": 0.01,
+        "call": Backoff(0.05, 0.2, jitter=0.01),
         "concurrency_wait_max": 0.05,
         "default_rate_limit_wait": 0.05,
         # every stage schedule in tens of milliseconds
@@ -227,7 +221,7 @@ class AgentProcess:
 # -- ACClient tests (test_client.py, test_retry.py) ----------------------------
 
 #: short retry waits for client tests
-FAST_CLIENT = RetryPolicy(backoff_base=0.05, jitter=0.01, concurrency_wait_max=0.1)
+FAST_CLIENT = RetryPolicy(call=Backoff(0.05, 120.0, jitter=0.01), concurrency_wait_max=0.1)
 
 
 def make_client(ac: FakeACServer, policy: RetryPolicy = FAST_CLIENT, **settings: Any) -> ACClient:

@@ -44,7 +44,7 @@ from acagent.retry import RetryPolicy
 
 Wait = Union[float, Tuple[float, float]]
 
-#: 5xx / connection failure n: backoff_base 5 s * 2**(n-1), capped at 120 s, + jitter 0..2 s
+#: 5xx / connection failure n: the call backoff, 5 s * 2**(n-1) capped at 120 s, + jitter 0..2 s
 BACKOFF_1: Wait = (5.0, 7.0)
 BACKOFF_2: Wait = (10.0, 12.0)
 BACKOFF_3: Wait = (20.0, 22.0)

@@ -31,8 +31,8 @@ import pytest
 from helpers import (
     WAIT,
     AgentProcess,
-    FastFetcher,
     FastUploader,
+    fast_policy,
     make_config,
     make_pipeline,
     running,
@@ -40,6 +40,7 @@ from helpers import (
 )
 
 from acagent import logs
+from acagent.backoff import Backoff
 from acagent.cli import _OPTIONS, _seconds, _seconds_or_zero, read_settings
 from acagent.client import ACClient
 from acagent.config import AgentConfig, read_secret_file, secret_mode_exposed
@@ -273,11 +274,8 @@ class _Exchanges(Observer):
         return min(times) if times else math.inf
 
 
-class _PatientFetcher(FastFetcher):
-    """Waits a minute after a refused key: only a reload can make it fetch sooner."""
-
-    AUTH_MIN = 60.0
-    AUTH_MAX = 60.0
+#: get-task waits a minute after a refused key: only a reload can make it fetch sooner
+_PATIENT = fast_policy(fetch_key_refused=Backoff(60.0, 60.0))
 
 
 class _PatientUploader(FastUploader):
@@ -328,7 +326,7 @@ def test_rotated_key_file_resumes_fetching_and_loses_nothing(
                 log_format=log_format,
             )
             pipeline = make_pipeline(
-                config, fetcher=_PatientFetcher, uploader=_PatientUploader, observers=[exchanges]
+                config, uploader=_PatientUploader, observers=[exchanges], retry_policy=_PATIENT
             )
             with running(pipeline):
                 assert ac.wait_for_results(10, WAIT)

@@ -23,6 +23,7 @@ import pytest
 import requests
 
 from acagent import AgentConfig, Pipeline, RetryPolicy
+from acagent.backoff import Backoff
 from acagent.fetcher import Fetcher
 from acagent.health import METRICS_CONTENT_TYPE
 from acagent.models import Task
@@ -37,10 +38,6 @@ API_KEY = "obs-secret-key-6f1d2c"
 
 
 class FastFetcher(Fetcher):
-    BRIEF_MIN = 0.05
-    BRIEF_MAX = 0.2
-    DOWN_MIN = 0.05
-    DOWN_MAX = 0.2
     CAPACITY_POLL = 0.05
 
 
@@ -81,7 +78,11 @@ class DyingFetcher(FastFetcher):
         return super().fetch_one()
 
 
-FAST_RETRY = RetryPolicy(backoff_base=0.05, backoff_max=0.2, jitter=0.01)
+FAST_RETRY = RetryPolicy(
+    call=Backoff(0.05, 0.2, jitter=0.01),
+    fetch=Backoff(0.05, 0.2, 0.5),
+    fetch_breaker=Backoff(0.05, 0.2, 0.2),
+)
 
 
 def make_config(ac: FakeACServer, tmp_path: Path, **changes: Any) -> AgentConfig:

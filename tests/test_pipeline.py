@@ -15,10 +15,11 @@ from helpers import spool_names
 import acagent
 import acagent.executor
 from acagent import AgentConfig, Pipeline, RetryPolicy
+from acagent.backoff import Backoff
 from acagent.config import INLINE_BODY_LIMIT, RECORD_BODY_LIMIT
 from acagent.testing import FakeACServer, FakeTarget, expected_body, expected_sha256
 
-FAST_RETRY = RetryPolicy(backoff_base=0.05, backoff_max=0.2, jitter=0.01, concurrency_wait_max=0.05)
+FAST_RETRY = RetryPolicy(call=Backoff(0.05, 0.2, jitter=0.01), concurrency_wait_max=0.05)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:

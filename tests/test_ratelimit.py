@@ -13,6 +13,7 @@ from typing import Any, Dict, List
 import pytest
 
 from acagent import __version__
+from acagent.backoff import Backoff
 from acagent.client import ACClient
 from acagent.config import AgentConfig
 from acagent.errors import AgentStopping
@@ -251,7 +252,9 @@ def test_rate_limits_set_rate_applies_to_every_class(clock: FakeClock) -> None:
 def test_exhausted_fetch_budget_does_not_delay_uploads_through_the_client() -> None:
     with FakeACServer(api_key="k") as ac:
         config = AgentConfig(server_url=ac.url, api_key="k", rate_limit_per_min=6)
-        with ACClient(config, retry_policy=RetryPolicy(backoff_base=0.05, jitter=0.01)) as client:
+        with ACClient(
+            config, retry_policy=RetryPolicy(call=Backoff(0.05, 120.0, jitter=0.01))
+        ) as client:
             assert client.rate_limits.per_minute == 6
             client.get_task()  # spends the only fetch token (next one in 10 s)
             assert not client.rate_limits[FETCH].acquire(timeout=0)

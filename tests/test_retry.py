@@ -21,6 +21,7 @@ from helpers import FAST_CLIENT as FAST
 from helpers import make_client
 from helpers import result_payload as result
 
+from acagent.backoff import Backoff
 from acagent.client import ACClient
 from acagent.config import AgentConfig
 from acagent.errors import (
@@ -143,8 +144,14 @@ def test_policy_classifies_errors() -> None:
 
 
 def test_policy_waits() -> None:
-    policy = RetryPolicy(backoff_base=1.0, backoff_max=5.0, jitter=0.0, default_rate_limit_wait=7.0)
-    assert [policy.backoff(n) for n in range(1, 6)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+    policy = RetryPolicy(call=Backoff(1.0, 5.0), default_rate_limit_wait=7.0)
+    assert [policy.wait_for(ACHTTPError("x", 502), n) for n in range(1, 6)] == [
+        1.0,
+        2.0,
+        4.0,
+        5.0,
+        5.0,
+    ]
     assert policy.wait_for(ACRateLimitError("x", retry_after=3.0), 0) == 3.0
     assert policy.wait_for(ACRateLimitError("x"), 0) == 7.0
     assert policy.wait_for(ACHTTPError("x", 502), 3) == 4.0
@@ -160,8 +167,8 @@ def test_policy_concurrency_wait_is_uniform_in_range() -> None:
 
 
 def test_policy_jitter_is_bounded() -> None:
-    policy = RetryPolicy(backoff_base=2.0, backoff_max=120.0, jitter=0.5, rng=random.Random(3))
-    values = [policy.backoff(2) for _ in range(200)]
+    policy = RetryPolicy(call=Backoff(2.0, 120.0, jitter=0.5), rng=random.Random(3))
+    values = [policy.wait_for(ACConnectionError("reset"), 2) for _ in range(200)]
     assert all(4.0 <= v <= 4.5 for v in values)
     assert len(set(values)) > 1
 
@@ -170,8 +177,8 @@ def test_defaults_are_todays_agent_numbers() -> None:
     policy = RetryPolicy()
     assert policy.rate_limit_retries == 5
     assert policy.error_retries == 3
-    assert policy.backoff_base == 5.0 and policy.backoff_max == 120.0
-    assert policy.jitter == 2.0 and policy.concurrency_wait_max == 10.0
+    assert policy.call == Backoff(5.0, 120.0, jitter=2.0)
+    assert policy.concurrency_wait_max == 10.0
 
 
 # ------------------------------------------------------------ run_with_retries
@@ -194,7 +201,7 @@ class Script:
 def test_run_with_retries_returns_after_transient_errors() -> None:
     waits: List[Tuple[str, float]] = []
     attempt = Script(ACHTTPError("e", 502), ACConnectionError("reset"), ACRateLimitError("e"))
-    policy = RetryPolicy(backoff_base=0.01, jitter=0.0, default_rate_limit_wait=0.02)
+    policy = RetryPolicy(call=Backoff(0.01, 120.0), default_rate_limit_wait=0.02)
     assert (
         run_with_retries(attempt, policy, on_retry=lambda e, w: waits.append((type(e).__name__, w)))
         == "ok"
@@ -211,7 +218,7 @@ def test_run_with_retries_returns_after_transient_errors() -> None:
 def test_run_with_retries_raises_the_last_error_when_the_budget_is_spent() -> None:
     last = ACHTTPError("e", 504)
     attempt = Script(ACHTTPError("e", 500), ACHTTPError("e", 502), last, ACHTTPError("e", 599))
-    policy = RetryPolicy(error_retries=2, backoff_base=0.001, jitter=0.0)
+    policy = RetryPolicy(error_retries=2, call=Backoff(0.001, 120.0))
     with pytest.raises(ACHTTPError) as info:
         run_with_retries(attempt, policy)
     assert info.value is last
@@ -223,7 +230,7 @@ def test_rate_limit_and_error_budgets_are_separate() -> None:
     for _ in range(2):
         errors += [ACRateLimitError("e", retry_after=0.0), ACHTTPError("e", 503)]
     attempt = Script(*errors)
-    policy = RetryPolicy(rate_limit_retries=2, error_retries=2, backoff_base=0.001, jitter=0.0)
+    policy = RetryPolicy(rate_limit_retries=2, error_retries=2, call=Backoff(0.001, 120.0))
     assert run_with_retries(attempt, policy) == "ok"
     assert attempt.calls == 5
 
@@ -372,7 +379,7 @@ def test_5xx_then_success(ac: FakeACServer, client: ACClient) -> None:
 
 
 def test_backoff_grows_between_5xx_retries(ac: FakeACServer) -> None:
-    policy = RetryPolicy(backoff_base=0.1, jitter=0.0)
+    policy = RetryPolicy(call=Backoff(0.1, 120.0))
     ac.inject("put-result", status=502, times=2)
     with make_client(ac, policy) as client:
         client.put_result(result("t1"))
@@ -389,7 +396,7 @@ def test_connection_reset_then_success(ac: FakeACServer, client: ACClient) -> No
 
 
 def test_budget_exhausted_raises_the_last_error(ac: FakeACServer) -> None:
-    policy = RetryPolicy(error_retries=2, backoff_base=0.02, jitter=0.0)
+    policy = RetryPolicy(error_retries=2, call=Backoff(0.02, 120.0))
     for status in (500, 502, 503):
         ac.inject("put-result", status=status, body=f"fail {status}".encode())
     with make_client(ac, policy) as client:
@@ -415,7 +422,7 @@ def test_a_reset_request_still_counted_by_the_server_never_makes_a_third(
     ac.reset_counted_for = 0.02
     held = ac.stall("get-task")
     ac.inject("put-result", reset=True)
-    at_once = RetryPolicy(backoff_base=0.0, backoff_max=0.0, jitter=0.0, concurrency_wait_max=0.05)
+    at_once = RetryPolicy(call=Backoff(0.0, 0.0), concurrency_wait_max=0.05)
     with make_client(ac, at_once) as client:
         fetching = threading.Thread(target=client.get_task, name="test-fetch")
         fetching.start()
@@ -435,7 +442,7 @@ def test_a_reset_request_still_counted_by_the_server_never_makes_a_third(
 
 
 def test_resets_exhaust_the_budget_as_a_connection_error(ac: FakeACServer) -> None:
-    policy = RetryPolicy(error_retries=1, backoff_base=0.02, jitter=0.0)
+    policy = RetryPolicy(error_retries=1, call=Backoff(0.02, 120.0))
     ac.inject("put-result", reset=True, times=2)
     with make_client(ac, policy) as client:
         with pytest.raises(ACConnectionError):
@@ -450,7 +457,7 @@ def test_unreachable_server_is_retried_then_a_connection_error() -> None:
     )
     client = ACClient(
         config,
-        retry_policy=RetryPolicy(error_retries=2, backoff_base=0.02, jitter=0.0),
+        retry_policy=RetryPolicy(error_retries=2, call=Backoff(0.02, 120.0)),
         on_exchange=lambda endpoint, status, secs: attempts.append(status),
     )
     with client:
@@ -626,7 +633,7 @@ def test_s3_put_after_a_reset_stores_the_whole_object(
 def test_s3_put_5xx_budget_raises_the_last_error(ac: FakeACServer, tmp_path: Path) -> None:
     path = tmp_path / "body.bin"
     path.write_bytes(b"x" * 1000)
-    policy = RetryPolicy(error_retries=1, backoff_base=0.01, jitter=0.0)
+    policy = RetryPolicy(error_retries=1, call=Backoff(0.01, 120.0))
     with make_client(ac, policy) as client:
         put_url, _ = client.get_upload_url("t6" + "0" * 32)
         ac.inject("s3", status=500)

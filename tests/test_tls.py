@@ -10,13 +10,14 @@ import pytest
 import trustme
 
 from acagent import __version__
+from acagent.backoff import Backoff
 from acagent.client import ACClient
 from acagent.config import AgentConfig
 from acagent.errors import ACConnectionError
 from acagent.retry import RetryPolicy
 from acagent.testing import FakeACServer
 
-FAST = RetryPolicy(error_retries=1, backoff_base=0.02, jitter=0.0)
+FAST = RetryPolicy(error_retries=1, call=Backoff(0.02, 120.0))
 insecure_ok = pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
 
 
