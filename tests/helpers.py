@@ -54,7 +54,6 @@ class FastExecutor(Executor):
 
 def fast_policy(**changes: Any) -> RetryPolicy:
     values: Dict[str, Any] = {
-        "call": Backoff(0.05, 0.2, jitter=0.01),
         "concurrency_wait_max": 0.05,
         "default_rate_limit_wait": 0.05,
         # every stage schedule in tens of milliseconds

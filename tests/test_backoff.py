@@ -1,22 +1,30 @@
 """Backoff, the one schedule every wait is made of, as table tests; the
-policy's default schedules; and the Redis reconnect loops following the
-schedule they are given. Pure: no server, no sleep."""
+policy's default schedules; and the Redis reconnect loops and a stage loop
+waiting the schedule they are given. Pure: no server, no sleep."""
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import threading
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple, cast
 
 import pytest
 
 from acagent import permits as permits_module
 from acagent import ratelimit as ratelimit_module
 from acagent.backoff import CONCURRENCY_WAIT_MAX, Backoff, concurrency_wait
+from acagent.client import ACClient
+from acagent.config import AgentConfig
+from acagent.globalconfig import RuntimeSettings
+from acagent.ledger import Ledger
+from acagent.observers import Observers
 from acagent.permits import RedisPermits
 from acagent.ratelimit import SharedRateLimiter
 from acagent.retry import STORE_RECONNECT, RetryPolicy
+from acagent.spool import ResultSpool
+from acagent.stage import Stage, StageContext
 
 # ------------------------------------------------------------ the exponential itself
 
@@ -286,3 +294,65 @@ def test_redis_permits_default_to_the_policys_reconnect() -> None:
         assert permits.reconnect is STORE_RECONNECT
     finally:
         permits.close()
+
+
+# ------------------------------------------------------------ a stage loop's failure pause
+
+
+class _Observers:
+    def __init__(self) -> None:
+        self.failures: List[str] = []
+
+    def emit(self, event: str, *args: Any) -> None:
+        assert event == "on_stage_failure"
+        self.failures.append(str(args[1]))
+
+
+class _Scripted(Stage):
+    """Runs ``script`` (True: the step works, False: it raises), then stops; each
+    pause ``run_loop`` asks for is recorded, not slept."""
+
+    def __init__(self, ctx: StageContext, script: Sequence[bool]) -> None:
+        super().__init__(ctx)
+        self.script = list(script)
+        self.pauses: List[float] = []
+
+    def step(self) -> None:
+        if not self.script:
+            self.stopping.set()
+            return
+        if not self.script.pop(0):
+            raise RuntimeError("step failed")
+
+    def wait(self, seconds: float) -> bool:
+        self.pauses.append(seconds)
+        return False
+
+
+def test_a_stage_loop_pauses_as_the_policys_stage_failure_says(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    observers = _Observers()
+    ctx = StageContext(
+        config=cast(AgentConfig, None),
+        client=cast(ACClient, None),
+        ledger=cast(Ledger, None),
+        spool=cast(ResultSpool, None),
+        work_dir="",
+        abort=threading.Event(),
+        observers=cast(Observers, observers),
+        settings=cast(RuntimeSettings, None),
+        retry_policy=RetryPolicy(stage_failure=Backoff(0.5, 1.0)),
+    )
+    stage = _Scripted(ctx, [False, False, False, True, False, True])
+    with caplog.at_level(logging.ERROR, logger="acagent.stage"):
+        stage.run_loop(stage.step)
+    # 0.5 s doubling to 1 s per error in a row; a step that works starts it over
+    assert stage.pauses == [0.5, 1.0, 1.0, 0.5]
+    assert observers.failures == ["step failed"] * 4
+    assert [r.getMessage() for r in caplog.records] == [
+        "stage: unexpected error; going on in 0.5s",
+        "stage: unexpected error; going on in 1.0s",
+        "stage: unexpected error; going on in 1.0s",
+        "stage: unexpected error; going on in 0.5s",
+    ]

@@ -4,7 +4,7 @@ long, and what ends the pause. Pure: no server, no sleep."""
 from __future__ import annotations
 
 import threading
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import pytest
 
@@ -42,9 +42,7 @@ class ClockedStop(threading.Event):
         return False
 
 
-def breaker(
-    threshold: int = 3, opened: Backoff = Backoff(2.0, 16.0)
-) -> tuple[ClassBreaker, Clock]:
+def breaker(threshold: int = 3, opened: Backoff = Backoff(2.0, 16.0)) -> Tuple[ClassBreaker, Clock]:
     clock = Clock()
     return ClassBreaker(threshold=threshold, opened=opened, clock=clock), clock
 

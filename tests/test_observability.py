@@ -78,8 +78,8 @@ class DyingFetcher(FastFetcher):
         return super().fetch_one()
 
 
+#: the Fetcher's waits after a failed get-task, in tens of milliseconds
 FAST_RETRY = RetryPolicy(
-    call=Backoff(0.05, 0.2, jitter=0.01),
     fetch=Backoff(0.05, 0.2, 0.5),
     fetch_breaker=Backoff(0.05, 0.2, 0.2),
 )

@@ -14,12 +14,9 @@ from helpers import spool_names
 
 import acagent
 import acagent.executor
-from acagent import AgentConfig, Pipeline, RetryPolicy
-from acagent.backoff import Backoff
+from acagent import AgentConfig, Pipeline
 from acagent.config import INLINE_BODY_LIMIT, RECORD_BODY_LIMIT
 from acagent.testing import FakeACServer, FakeTarget, expected_body, expected_sha256
-
-FAST_RETRY = RetryPolicy(call=Backoff(0.05, 0.2, jitter=0.01), concurrency_wait_max=0.05)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
@@ -84,7 +81,7 @@ def test_500_mixed_tasks_exactly_once_within_two_permits(
         expected[f"task-{i}"] = (size, i)
         ac.add_task(bytes_task(target, f"task-{i}", size, i, customField={"n": i}))
     config = make_config(ac, tmp_path, executor_pool_size=20, upload_to_ac=upload_to_ac)
-    with Pipeline(config, retry_policy=FAST_RETRY):
+    with Pipeline(config):
         assert ac.wait_for_results(500, timeout=120)
     by_via = assert_exact_results(ac, expected)
     large = sum(1 for size, _ in expected.values() if size > INLINE_BODY_LIMIT)
@@ -107,7 +104,7 @@ def test_backpressure_caps_fetching_while_uploads_stall(
     release = ac.stall("put-result")
     config = make_config(ac, tmp_path, executor_pool_size=slots, response_queue_threshold=threshold)
     cap = slots + threshold
-    with Pipeline(config, retry_policy=FAST_RETRY) as agent:
+    with Pipeline(config) as agent:
         try:
             # Fetching stops on its own once results pile up...
             assert wait_until(lambda: agent.ledger.outstanding() >= threshold, timeout=20)
@@ -130,7 +127,7 @@ def test_prefetch_adds_to_the_cap(ac: FakeACServer, target: FakeTarget, tmp_path
         ac.add_task(bytes_task(target, f"t{i}", 10, i))
     release = ac.stall("put-result")
     config = make_config(ac, tmp_path, executor_pool_size=2, prefetch=2, response_queue_threshold=2)
-    with Pipeline(config, retry_policy=FAST_RETRY) as agent:
+    with Pipeline(config) as agent:
         try:
             assert wait_until(
                 lambda: agent.ledger.executing == 0 and ac.tasks_handed_out >= 2, timeout=20
@@ -149,7 +146,7 @@ def test_slow_upload_does_not_block_fetching_or_executing(
     ac.add_task(bytes_task(target, "big", 2_000_000, 1))
     release = ac.stall("upload-result")
     config = make_config(ac, tmp_path, executor_pool_size=4)
-    with Pipeline(config, retry_policy=FAST_RETRY) as agent:
+    with Pipeline(config) as agent:
         try:
             # the uploader holds the big result and its request hangs at the server
             assert wait_until(
@@ -176,7 +173,7 @@ def test_expired_task_is_answered_without_running(
     ac: FakeACServer, target: FakeTarget, tmp_path: Path
 ) -> None:
     ac.add_task(bytes_task(target, "old", 10, 1, expiryTsMs=1_000))
-    with Pipeline(make_config(ac, tmp_path), retry_policy=FAST_RETRY):
+    with Pipeline(make_config(ac, tmp_path)):
         assert ac.wait_for_results(1, timeout=20)
     result = ac.results["old"][0]
     assert result.via == "error"
@@ -207,7 +204,7 @@ def test_request_shape_body_method_headers_and_checkmarx(
             "input": "grant_type=password",
         }
     )
-    with Pipeline(make_config(ac, tmp_path), retry_policy=FAST_RETRY):
+    with Pipeline(make_config(ac, tmp_path)):
         assert ac.wait_for_results(2, timeout=20)
     import json
 
@@ -234,7 +231,7 @@ def test_content_encodings_are_decoded(
     ac.add_task(
         {"taskId": "chunked", "method": "GET", "url": f"{target.url}/bytes/90000?seed=9&chunked=1"}
     )
-    with Pipeline(make_config(ac, tmp_path), retry_policy=FAST_RETRY):
+    with Pipeline(make_config(ac, tmp_path)):
         assert ac.wait_for_results(4, timeout=20)
     for i, enc in enumerate(("gzip", "deflate", "identity")):
         assert ac.results[enc][0].body == expected_body(70000, i)
@@ -245,7 +242,7 @@ def test_global_config_applied_at_runtime(
     ac: FakeACServer, target: FakeTarget, tmp_path: Path
 ) -> None:
     config = make_config(ac, tmp_path, executor_pool_size=2, rate_limit_per_min=0)
-    with Pipeline(config, retry_policy=FAST_RETRY) as agent:
+    with Pipeline(config) as agent:
         ac.add_task(
             bytes_task(
                 target,
@@ -285,7 +282,7 @@ def test_resize_while_busy_loses_nothing(
                 "globalConfig": {"poolSize": 2 + (i % 3) * 3},
             }
         )
-    with Pipeline(make_config(ac, tmp_path, executor_pool_size=3), retry_policy=FAST_RETRY):
+    with Pipeline(make_config(ac, tmp_path, executor_pool_size=3)):
         assert ac.wait_for_results(30, timeout=60)
     assert all(len(v) == 1 and v[0].via == "inline" for v in ac.results.values())
 
@@ -296,7 +293,7 @@ def test_fetch_logs_task_uploads_a_zip(ac: FakeACServer, tmp_path: Path) -> None
     (log_dir / "app_log_prod.log").write_text("hello log\n")
     ac.add_task({"taskId": "fetchLogs-1", "method": "GET", "url": "https://ac/agent/fetch-logs"})
     config = make_config(ac, tmp_path, log_dir=str(log_dir))
-    with Pipeline(config, retry_policy=FAST_RETRY):
+    with Pipeline(config):
         assert ac.wait_for_requests("upload-logs", 1, timeout=20)
     upload = ac.results["fetchLogs-1"][0]
     assert upload.via == "logs"
@@ -311,7 +308,7 @@ def test_results_echo_all_fields_and_version(
     ac: FakeACServer, target: FakeTarget, tmp_path: Path
 ) -> None:
     ac.add_task(bytes_task(target, "echo", 5, 1, extra=[1, 2], nested={"a": None}))
-    with Pipeline(make_config(ac, tmp_path), retry_policy=FAST_RETRY):
+    with Pipeline(make_config(ac, tmp_path)):
         assert ac.wait_for_results(1, timeout=20)
     fields = ac.results["echo"][0].fields
     assert fields["extra"] == [1, 2] and fields["nested"] == {"a": None}
@@ -325,7 +322,7 @@ def test_spool_is_empty_after_clean_run(
 ) -> None:
     for i in range(10):
         ac.add_task(bytes_task(target, f"t{i}", 700_000 if i % 2 else 10, i))
-    with Pipeline(make_config(ac, tmp_path), retry_policy=FAST_RETRY) as agent:
+    with Pipeline(make_config(ac, tmp_path)) as agent:
         assert ac.wait_for_results(10, timeout=30)
         assert agent.ledger.wait_drained(timeout=10)
     leftovers: List[str] = spool_names(tmp_path / "spool")
@@ -334,7 +331,7 @@ def test_spool_is_empty_after_clean_run(
 
 def test_gzip_upload_is_real_gzip(ac: FakeACServer, target: FakeTarget, tmp_path: Path) -> None:
     ac.add_task(bytes_task(target, "z", 600_000, 5))
-    with Pipeline(make_config(ac, tmp_path), retry_policy=FAST_RETRY):
+    with Pipeline(make_config(ac, tmp_path)):
         assert ac.wait_for_results(1, timeout=20)
     r = ac.results["z"][0]
     assert r.via == "upload" and r.fields["responseZipped"] is True
@@ -381,7 +378,7 @@ def test_small_bodies_live_in_their_record_larger_ones_in_a_body_file(
         ac.add_task(task)
     spool = tmp_path / "spool"
     watch = _SpoolAtReady(spool)
-    with Pipeline(make_config(ac, tmp_path), retry_policy=FAST_RETRY, observers=[watch]):
+    with Pipeline(make_config(ac, tmp_path), observers=[watch]):
         assert ac.wait_for_results(len(sizes), timeout=30)
     for task_id, size in sizes.items():
         in_record, body_file, record = watch.seen[task_id]

@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 from helpers import FAST_CLIENT as FAST
-from helpers import make_client
+from helpers import WAIT, fast_policy, make_client, make_config, make_pipeline, running
 from helpers import result_payload as result
 
 from acagent.backoff import Backoff
@@ -643,3 +643,35 @@ def test_s3_put_5xx_budget_raises_the_last_error(ac: FakeACServer, tmp_path: Pat
     assert info.value.status == 503
     assert info.value.endpoint == "s3"
     assert ac.count("s3") == 2
+
+
+# ------------------------------------------------------------ Pipeline(retry_policy=...)
+
+
+def _failing_get_tasks(tmp_path: Path, policy: RetryPolicy, window: float) -> Tuple[int, float]:
+    """Run an agent whose every get-task gets a 500: (get-tasks the server saw within
+    ``window`` of the first, seconds until the 12th arrived or ``window`` passed)."""
+    with FakeACServer(api_key="k") as ac:
+        ac.inject("get-task", status=500, body=b"down", times=10_000)
+        config = make_config(ac.url, tmp_path / "spool")
+        with running(make_pipeline(config, retry_policy=policy)):
+            assert ac.wait_for(lambda: ac.count("get-task") >= 1, WAIT)
+            first = time.monotonic()
+            ac.wait_for(lambda: ac.count("get-task") >= 12, window)
+            took = time.monotonic() - first
+            seen = ac.count("get-task")
+        assert ac.errors == []
+    return seen, took
+
+
+def test_the_pipelines_retry_policy_sets_the_fetch_schedule(tmp_path: Path) -> None:
+    """The same failing server, two policies: the fetch schedules of the one
+    passed to ``Pipeline`` are the ones its Fetcher waits. With the default
+    schedule (0.25 s doubling) a second get-task would come within the window
+    of the slow one, so the plumbing is what this counts."""
+    fast = fast_policy(fetch=Backoff(0.01, 0.01), fetch_breaker=Backoff(0.01, 0.01))
+    seen, took = _failing_get_tasks(tmp_path / "fast", fast, WAIT)
+    assert seen >= 12, seen  # 5 below the breaker's threshold, then the breaker's own
+    slow = fast_policy(fetch=Backoff(60.0, 60.0), fetch_breaker=Backoff(60.0, 60.0))
+    seen, _ = _failing_get_tasks(tmp_path / "slow", slow, max(1.0, took))
+    assert seen == 1
