@@ -76,8 +76,11 @@ def server_wait(headers: Mapping[str, str]) -> Optional[float]:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How often and how long to retry one AC call (not get-task: the Fetcher owns that).
+    """Every retry and backoff schedule of the agent, one value.
 
+    First one AC call's own retries (``run_with_retries``; not get-task, whose
+    loop is the Fetcher's), then the stages' schedules, then Redis reconnects.
+    The 429 waits (``rate_limit_wait``) serve the calls and the stages alike.
     The defaults are today's agent's numbers (PROTOCOL.md), the floor.
     """
 
