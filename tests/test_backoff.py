@@ -268,7 +268,8 @@ def test_the_shared_rate_limiter_defaults_to_the_policys_reconnect() -> None:
     )
     stop = RecordingStop()
     assert limiter.acquire(stop=stop, timeout=60.0)
-    assert stop.waits == pytest.approx([0.1, 0.2, 0.25])  # 0.4 s is waited in 0.25 s slices
+    # 0.1 s doubling; a wait over 0.25 s is cut there (the store is tried again then)
+    assert stop.waits == pytest.approx([0.1, 0.2, 0.25])
 
 
 def test_redis_permits_wait_their_reconnect_schedule() -> None:
@@ -356,3 +357,20 @@ def test_a_stage_loop_pauses_as_the_policys_stage_failure_says(
         "stage: unexpected error; going on in 1.0s",
         "stage: unexpected error; going on in 0.5s",
     ]
+
+
+def test_the_clients_policy_sets_the_reconnect_schedule_of_its_permits_and_rate_limits() -> None:
+    """Built, not run: no Redis is contacted (the client connects on first use)."""
+    reconnect = Backoff(0.02, 0.5)
+    config = AgentConfig(
+        server_url="http://127.0.0.1:1",
+        api_key="k",
+        coordination_url="redis://127.0.0.1:1/0",
+        rate_limit_per_min=60,
+    )
+    with ACClient(config, retry_policy=RetryPolicy(store_reconnect=reconnect)) as client:
+        assert isinstance(client.permits, RedisPermits)
+        assert client.permits.reconnect is reconnect
+        for op_class in ratelimit_module.RateLimits.CLASSES:
+            limiter = client.rate_limits[op_class]
+            assert isinstance(limiter, SharedRateLimiter) and limiter.reconnect is reconnect
