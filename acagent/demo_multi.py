@@ -1,7 +1,8 @@
 """``python -m acagent demo --agents 3``: several agents share one AC budget.
 
 Starts a ``FakeACServer`` that allows 2 concurrent requests (and answers 429
-above that), a ``FakeTarget`` and, when ``redis-server`` is on PATH, a private
+above that), a ``FakeTarget`` and, when ``redis-server`` is on PATH or the
+test extra bundles one (``acagent.testing.find_redis_server``), a private
 Redis on 127.0.0.1. Then runs N real agent processes (``python -m acagent
 run``) on one API key with ``--coordinationUrl`` pointing at that Redis,
 and prints the server-side highest in-flight count, the 429s and the
@@ -16,7 +17,6 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,93 +26,13 @@ from typing import Any, Dict, List, Optional, Sequence, TextIO
 
 from .cli import FLAG_OF_FIELD
 from .demo import PLAIN_PROGRESS_EVERY, Progress, default_limit_note, settings_notice
-from .testing import FakeACServer, FakeTarget
+from .testing import FakeACServer, FakeTarget, LocalRedis, find_redis_server
 
 #: AC calls per task: one get-task, one put-result
 CALLS_PER_TASK = 2
 
 #: seconds a killed demo agent's shared permit comes back after (short, to show it)
 DEMO_LEASE = 3.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class LocalRedis:
-    """A private ``redis-server`` on 127.0.0.1 (no persistence), for demos and tests.
-
-    ``stop()`` and ``start()`` again reuse the same port, so clients see the
-    server go away and come back (empty: it keeps no data).
-    """
-
-    def __init__(self, port: Optional[int] = None, workdir: Optional[str] = None) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise FileNotFoundError("redis-server is not on PATH (apt-get install redis-server)")
-        self.binary = binary
-        self.port = port or free_port()
-        self._own_dir = workdir is None
-        self.workdir = workdir or tempfile.mkdtemp(prefix="acagent-redis-")
-        self.process: Optional[subprocess.Popen[bytes]] = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout: float = 10.0) -> LocalRedis:
-        args = [
-            self.binary,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", self.workdir,
-            "--protected-mode", "no",
-        ]  # fmt: skip
-        self.process = subprocess.Popen(  # noqa: S603 - our own fixed command line
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.workdir
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}")
-            if self.ping():
-                return self
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"redis-server did not answer on port {self.port} in {timeout}s")
-
-    def ping(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
-        self.process = None
-
-    def close(self) -> None:
-        self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> LocalRedis:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def agent_settings(
@@ -288,9 +208,10 @@ def run_agents(
 def run_demo(argv: Sequence[str], out: TextIO) -> int:
     """The demo, printing to ``out``; 0 when every result arrived once within the limit."""
     args = _parse(argv)
-    coordinated = shutil.which("redis-server") is not None
+    coordinated = find_redis_server() is not None
     if not coordinated:
-        out.write("redis-server not on PATH: the agents run UNCOORDINATED (expect 429s)\n")
+        out.write("no redis-server (none on PATH, none bundled by the test extra): ")
+        out.write("the agents run UNCOORDINATED (expect 429s)\n")
     elif importlib.util.find_spec("redis") is None:
         coordinated = False
         out.write("the redis package is missing (pip install 'acagent[redis]'): the agents run ")

@@ -23,8 +23,9 @@ import threading
 import time
 from typing import Any, Dict, List
 
-from acagent.demo_multi import LocalRedis, run_agents
+from acagent.demo_multi import run_agents
 from acagent.permits import LocalPermits, Permits, RedisPermits
+from acagent.testing import LocalRedis
 
 
 def _pct(values: List[float], p: float) -> float:

@@ -1,30 +1,35 @@
 """A real ``redis-server`` on 127.0.0.1 for the scale-out tests.
 
-It fails (never skips) when ``redis-server`` is missing or cannot start:
-CI installs it (``.ci/install-redis``); locally ``apt-get install redis-server``.
+The binary is ``acagent.testing.find_redis_server()``'s: on PATH first, else
+the one the test extra bundles. Without either, or when it cannot start, the
+test fails (never skips) with one line that says what to install.
 """
 
 from __future__ import annotations
 
-import shutil
 from typing import Iterator
 
 import pytest
 
-from acagent.demo_multi import LocalRedis
+from acagent.testing import REDIS_SERVER_MISSING, LocalRedis, find_redis_server
+
+
+def require_redis_server() -> str:
+    """The ``redis-server`` binary; fails the calling test when there is none."""
+    binary = find_redis_server()
+    if binary is None:
+        pytest.fail(REDIS_SERVER_MISSING, pytrace=False)
+    return binary
 
 
 @pytest.fixture
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    if shutil.which("redis-server") is None:
-        pytest.fail(
-            "redis-server is not on PATH: run .ci/install-redis (apt-get install redis-server)"
-        )
+    require_redis_server()
     server = LocalRedis(workdir=str(tmp_path_factory.mktemp("redis")))
     try:
         server.start()
     except (OSError, RuntimeError) as exc:
-        pytest.fail(f"redis-server could not start: {exc}")
+        pytest.fail(f"{server.binary} could not start: {exc}", pytrace=False)
     try:
         yield server
     finally:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import io
 import re
-import shutil
 import subprocess
 import sys
 
 import pytest
+from redis_fixture import require_redis_server
 
 from acagent.config import AgentConfig
 from acagent.demo import Progress, not_as_a_default_run, settings_notice
@@ -97,7 +97,7 @@ def test_demo_piped_names_the_production_limits_once() -> None:
 
 
 def test_demo_with_agents_piped_prints_plain_progress_lines() -> None:
-    assert shutil.which("redis-server"), "redis-server is needed (.ci/install-redis)"
+    require_redis_server()
     out = _run_piped(["--agents", "2", "--tasks", "40", "--acLatency", "0.02"], 180)
     lines = out.splitlines()
     assert lines[0] == (

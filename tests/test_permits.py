@@ -15,9 +15,9 @@ import redis
 from redis_fixture import redis_server  # noqa: F401 - the fixture
 
 from acagent.config import AgentConfig
-from acagent.demo_multi import LocalRedis
 from acagent.permits import LocalPermits, Permits, RedisPermits, key_prefix, redact_url
 from acagent.ratelimit import RateLimits
+from acagent.testing import LocalRedis
 
 API_KEY = "secret-api-key-123"
 LEASE = 1.0

