@@ -17,6 +17,7 @@ from __future__ import annotations
 from ._version import __version__
 from .client import ACClient
 from .config import AgentConfig
+from .delivery import Delivery
 from .errors import (
     ACConnectionError,
     ACError,
@@ -35,7 +36,7 @@ from .errors import (
 from .executor import Executor
 from .fetcher import Fetcher
 from .globalconfig import RuntimeSettings
-from .ledger import Delivery, Ledger
+from .ledger import Ledger
 from .metrics import AgentMetrics
 from .models import Result, Task
 from .observers import Observer, Observers

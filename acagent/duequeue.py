@@ -97,6 +97,11 @@ class DueQueue(Generic[T]):
             self._seq += len(entries)
             self._cond.notify_all()
 
+    def count(self, predicate: Callable[[T], bool]) -> int:
+        """How many queued items, due or not, ``predicate`` is true for."""
+        with self._cond:
+            return sum(1 for entry in self._heap if predicate(entry[2]))
+
     def __len__(self) -> int:
         with self._cond:
             return len(self._heap)

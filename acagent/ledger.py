@@ -38,10 +38,10 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from . import logs
+from .delivery import Delivery
 from .duequeue import DueQueue
 from .models import Result, Task, new_result_key
 from .observers import Observers
@@ -57,23 +57,6 @@ INTERRUPTED = (
 
 #: the hold set while the spool folder cannot be written
 SPOOL_HOLD = "spool"
-
-
-@dataclass
-class Delivery:
-    """One result on its way to the AC server, with its own retry state."""
-
-    result: Result
-    #: counted by backpressure (fetched in this run): release the count when done
-    counted: bool
-    #: failed attempts so far (reset never: it only grows until success)
-    attempts: int = 0
-    #: attempts that failed because the server refused the content (400/422)
-    refusals: int = 0
-    #: when the first attempt started (monotonic), for the delivery duration
-    started: float = field(default_factory=time.monotonic)
-    #: the record is on disk (False while the spool cannot be written)
-    durable: bool = True
 
 
 class Ledger:

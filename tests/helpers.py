@@ -40,12 +40,9 @@ class FastFetcher(Fetcher):
 
 
 class FastUploader(Uploader):
+    """Polls often; its retry waits are the policy's (``fast_policy``, set by ``make_pipeline``)."""
+
     POLL = 0.05
-    RETRY_MIN = 0.05
-    RETRY_MAX = 0.3
-    AUTH_RETRY_MIN = 0.05
-    AUTH_RETRY_MAX = 0.3
-    CONCURRENCY_WAIT_MAX = 0.05
 
 
 class FastExecutor(Executor):

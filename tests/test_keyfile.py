@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -49,6 +50,7 @@ from acagent.fetcher import auth_hint
 from acagent.observers import Observer
 from acagent.readiness import Readiness
 from acagent.spool import Origin
+from acagent.stage import StageContext
 from acagent.testing import FakeACServer, FakeTarget, expected_sha256
 
 
@@ -281,8 +283,9 @@ _PATIENT = fast_policy(fetch_key_refused=Backoff(60.0, 60.0))
 class _PatientUploader(FastUploader):
     """Retries a refused result after a minute: only a reload can make it sooner."""
 
-    AUTH_RETRY_MIN = 60.0
-    AUTH_RETRY_MAX = 60.0
+    def __init__(self, ctx: StageContext) -> None:
+        super().__init__(ctx)
+        self.policy = dataclasses.replace(self.policy, result_key_refused=Backoff(60.0, 60.0))
 
 
 OLD_KEY = "old-key-7f3a91c2"
