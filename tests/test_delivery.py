@@ -123,9 +123,7 @@ def test_refused_results_do_not_hold_up_the_healthy_ones(tmp_path: Path) -> None
         ac.refuse_results(refused, status=503, seconds=8.0)
         refusal_ends = time.monotonic() + 8.0
         ac.add_tasks(_bytes_task(target, f"hol-{i}", 500 + i, i) for i in range(n))
-        pipeline = make_pipeline(
-            make_config(ac.url, tmp_path / "spool", executor_pool_size=10)
-        )
+        pipeline = make_pipeline(make_config(ac.url, tmp_path / "spool", executor_pool_size=10))
         with running(pipeline):
             # every healthy result arrives while the three are still being refused
             healthy = n - len(refused)
@@ -337,36 +335,38 @@ class _ReadyTimes(Observer):
         self.at[result.task_id] = time.monotonic()
 
 
-def test_one_held_upload_delays_no_small_result(tmp_path: Path) -> None:
-    # One upload-result held by the server (a proxy slow on large POSTs), far
-    # below any backlog: the 20 small results that become ready meanwhile go
-    # out on get-task's permit, between get-tasks, within 3 s each.
+#: how long the server holds the one slow upload-result
+HOLD = 20.0
+
+
+@pytest.mark.timeout(120)
+def test_one_upload_held_20s_delays_no_small_result(tmp_path: Path) -> None:
+    # One upload-result held 20 s by the server (a proxy slow on large POSTs),
+    # far below any backlog; 20 small results become ready meanwhile. With
+    # acMaxConcurrent 2 the one sender's lane is held: the small results go
+    # out on get-task's permit, between get-tasks, each within 3 s of being
+    # ready, never more than 2 requests in flight at the server.
     ready = _ReadyTimes()
-    with FakeTarget() as target, FakeACServer() as ac:
-        release = ac.stall("upload-result")
+    with FakeTarget() as target, FakeACServer(max_concurrent=2) as ac:
+        ac.inject("upload-result", delay=HOLD)
         ac.add_task(_bytes_task(target, "held", 700_000, 1))
         config = make_config(ac.url, tmp_path / "spool", poll_interval=0.2)
         with running(make_pipeline(config, observers=[ready])):
-            try:
-                assert ac.wait_for(lambda: ac.arrivals("upload-result") == 1, WAIT)
-                ac.add_tasks(_bytes_task(target, f"small-{i}", 100 + i, i) for i in range(20))
-                assert ac.wait_for(lambda: len(ac.results) == 20, WAIT), sorted(ac.results)
-                assert "held" not in ac.results
-            finally:
-                release.set()
-            assert ac.wait_for_results(21, WAIT)
+            assert ac.wait_for(lambda: ac.arrivals("upload-result") == 1, WAIT)
+            ac.add_tasks(_bytes_task(target, f"small-{i}", 100 + i, i) for i in range(20))
+            assert ac.wait_for(lambda: len(ac.results) == 20, WAIT), sorted(ac.results)
+            assert "held" not in ac.results  # all 20 came while the big one was held
+            # the server lets the held one through after HOLD seconds: it arrives
+            assert ac.wait_for_results(21, HOLD + WAIT)
         results = ac.results
-    delays = [got[0].received - ready.at[tid] for tid, got in results.items() if tid != "held"]
-    print(f"\nsmall results behind a held upload: slowest {max(delays):.2f}s after ready")
-    late = {
-        tid: round(got[0].received - ready.at[tid], 2)
-        for tid, got in results.items()
-        if tid != "held" and got[0].received - ready.at[tid] > 3.0
-    }
-    assert late == {}
+        (upload,) = [r for r in ac.requests if r.endpoint == "upload-result"]
+    delays = {tid: got[0].received - ready.at[tid] for tid, got in results.items() if tid != "held"}
+    print(f"\nsmall results behind a held upload: slowest {max(delays.values()):.2f}s after ready")
+    assert {tid: round(d, 2) for tid, d in delays.items() if d > 3.0} == {}
     assert ac.max_inflight <= 2 and ac.rejected_concurrent == 0
     (held,) = results["held"]
     assert held.via == "upload" and held.body_sha256 == expected_sha256(700_000, 1)
+    assert upload.status == 200 and held.received - upload.started >= HOLD
     assert held.received > max(got[0].received for tid, got in results.items() if tid != "held")
 
 
