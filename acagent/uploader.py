@@ -1,38 +1,31 @@
 """Uploader: the stage that delivers results to the AC server.
 
-Each result goes on its route (``delivery.route_of``): a body of
-1..512,000 bytes inline (base64) in put-result (a small one is already
-base64 in the result, kept in its record); a larger one gzip-compressed from
-its spool file to a private work file and sent to upload-result
-(``uploadToAc`` true) or to S3 via a presigned URL (false).
+Each result goes on its route (``delivery.route_of``): a body of 1..512,000
+bytes inline (base64) in put-result; a larger one gzip-compressed (by the
+executor, or here into a private work file) to upload-result (``uploadToAc``
+true) or to S3 via a presigned URL (false).
 
 **No head-of-line blocking.** ``senders`` threads (``acMaxConcurrent - 1``,
-at least one: one permit stays free for get-task, so a slow upload never
-stops fetching) take results from the Ledger's ``DueQueue``. Each result
-carries its own retry state and due time (``Delivery``): a failed attempt
-puts it back due after *its* backoff, and the thread moves on to the next
-due result. Fresh results and retried ones are served in order of their due
-times, so neither starves the other. A borrowing sender takes small results
-out on get-task's permit while get-task cannot use it (``borrow_step``).
+at least one: one permit stays for get-task, so a slow upload never stops
+fetching) take the longest-due result from the Ledger's ``DueQueue``; a
+failed attempt puts the result back due after *its* backoff (its state is
+its ``Delivery``). While every sender's lane is held by a slow upload, or
+results are backlogged, small results borrow get-task's permit
+(``borrow_step``). **What a failure means** is decided in one place,
+``delivery.decide``: the Uploader sends, and applies what it decides.
 
-**What a failure means** is decided in one place, ``delivery.decide``: the
-Uploader sends, and applies what it decides (retry when, pause the class,
-hold fetching, reroute, quarantine and answer instead).
+**A result is what the target sent, or an error.** A body sent from its
+file is first checked against the record's ``bodySize`` and the sha256 the
+spool recorded (``ResultSpool.check_body``); one that does not match goes
+to quarantine and the task is answered with an error result instead.
 
-**A result is what the target sent, or an error.** Before a body is sent
-from its file, its length is checked against the record's ``bodySize`` and
-its content against the sha256 the spool recorded as it was written
-(``ResultSpool.check_body``; an inline body is checked in the bytes already
-read). A body that does not match goes to quarantine and the task is
-answered with an error result: it is never delivered as the real result.
-
-Hooks (may be overridden): ``deliver(result) -> str`` (raise on failure;
-return how it went). For subclasses: ``breaker``, ``policy``,
-``compress(source, target)``.
+Hooks (may be overridden): ``deliver(result) -> str`` (raise on failure; return
+how it went). For subclasses: ``breaker``, ``policy``, ``compress(source, target)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -72,21 +65,17 @@ class Uploader(Stage):
     POLL = 0.5
     #: how long the borrowing sender steps aside while a get-task waits for a permit
     BORROW_PAUSE = 0.02
-    #: longest the borrowing sender sleeps before it looks again at the backlog
-    #: and at the senders' lanes
+    #: longest the borrowing sender sleeps before it looks again at backlog and lanes
     BACKLOG_WAIT = 1.0
-    #: an attempt on a sender's lane this long makes the lane "held": small
-    #: results then go out on get-task's permit (``borrow_step``)
+    #: an attempt this long makes its lane "held": small results may borrow (``borrow_step``)
     LANE_HELD = 1.0
     #: gzip level for upload-result when a body was not compressed by the executor
     COMPRESS_LEVEL = LEVEL
 
     def __init__(self, ctx: StageContext, *, senders: Optional[int] = None) -> None:
         super().__init__(ctx)
-        # One permit is left to get-task (so uploads, however slow, never stop
-        # fetching); the others may all carry uploads at once. With more than
-        # one permit, one more sender *borrows* get-task's permit for small
-        # results while no get-task waits for it (see ``borrow_step``).
+        # One permit is left to get-task; with two or more, one more sender
+        # borrows it for small results when it may (``borrow_step``).
         self.senders = senders or max(1, self.config.ac_max_concurrent - 1)
         self.borrower = self.config.ac_max_concurrent >= 2 and senders is None
         #: the schedules ``decide`` draws the waits from
@@ -106,8 +95,7 @@ class Uploader(Stage):
             self.spawn(lambda: self.run_loop(self.send_step), f"acagent-uploader-{n}")
         if self.borrower:
             self.spawn(lambda: self.run_loop(self.borrow_step), "acagent-uploader-borrow")
-        # Delivered results leave the spool on their own thread, so no sender
-        # waits for the disk between two uploads (see ``Ledger.delivered``).
+        # Delivered results leave the spool on their own thread (``Ledger.delivered``).
         self.spawn(lambda: self.run_loop(self.cleanup_step), "acagent-uploader-cleanup")
 
     def on_stop(self) -> None:
@@ -148,16 +136,11 @@ class Uploader(Stage):
     def borrow_step(self) -> None:
         """Deliver one *small* result on get-task's permit while get-task cannot use it.
 
-        Borrowing happens only while the results waiting for delivery are at
-        ``--responseQueueThreshold`` (so no get-task can be made until
-        uploads drain them), or while one slow upload holds every sender's
-        lane (``lane_held``: a proxy slow on large POSTs must not delay every
-        other result), and no get-task waits for a permit. Only
-        small results (inline put-result, error results) borrow, so a
-        get-task that becomes possible meanwhile waits one short round trip
-        at most; a large upload never borrows. So both permits stay busy when
-        uploads are the bottleneck, and a slow upload never stops fetching
-        while there is capacity.
+        That is while results are at ``--responseQueueThreshold`` (no get-task
+        can be made until uploads drain them) or one slow upload holds every
+        sender's lane (``lane_held``), and no get-task waits for a permit.
+        Only small results (one short put-result) borrow, so a get-task that
+        becomes possible meanwhile waits one short round trip at most.
         """
         if not (self.ctx.ledger.results_backlogged() or self.lane_held()):
             # Idle or keeping up: sleep until a backlog builds, or look again
@@ -176,15 +159,14 @@ class Uploader(Stage):
     def _attempt(self, delivery: Delivery) -> None:
         delivery.settle_route(self.ctx.settings.upload_to_ac)
         self._attempting.delivery = delivery
-        via: Optional[str] = None
-        error: Optional[Exception] = None
         try:
             via = self.deliver(delivery.result)
         except Exception as exc:  # noqa: BLE001 - every failure keeps the result
-            error = exc
+            self._apply(delivery, exc, None)
+        else:
+            self._apply(delivery, None, via)
         finally:
             self._attempting.delivery = None
-        self._apply(delivery, error, via)
 
     def _apply(self, delivery: Delivery, exc: Optional[Exception], via: Optional[str]) -> None:
         """Do what ``decide`` says after one attempt of ``delivery``."""
@@ -239,12 +221,6 @@ class Uploader(Stage):
             self.ctx.observers.emit("on_result_delivered", result, via, elapsed)
 
     # ------------------------------------------------------------ one result
-    def _deliver_lost(self, result: Result) -> str:
-        """The body file is gone from the spool: the server hears so, as an error result."""
-        lost = Result.agent_error(result.fields, "result body lost from the spool", failure="lost")
-        self.ctx.client.put_result(error_payload(lost, self.ctx.client.version), policy=ONE_ATTEMPT)
-        return "error"
-
     def deliver(self, result: Result) -> str:
         """Send one result on its route; returns how it went (inline, empty,
         upload, s3, error, logs).
@@ -254,6 +230,19 @@ class Uploader(Stage):
         """
         client, version = self.ctx.client, self.ctx.client.version
         route = self._route(result)
+        body: Optional[bytes] = None
+        if route in ("inline", "upload", "s3") and result.body_base64 is None:
+            assert result.body_path is not None
+            try:  # no exists() first: one system call less on the delivering thread
+                if route == "inline":
+                    body = read_head(result.body_path, INLINE_BODY_LIMIT + 1)
+                self._check_body(result, result.body_path, body)
+            except FileNotFoundError:  # gone from the spool: the server hears so
+                lost = Result.agent_error(
+                    result.fields, "result body lost from the spool", failure="lost"
+                )
+                client.put_result(error_payload(lost, version), policy=ONE_ATTEMPT)
+                return "error"
         if route == "logs":
             assert result.logs_zip is not None
             if not os.path.exists(result.logs_zip):  # zipped by an earlier run: zip again
@@ -263,29 +252,16 @@ class Uploader(Stage):
             )
         elif route == "error":
             client.put_result(error_payload(result, version), policy=ONE_ATTEMPT)
-        elif route == "empty":
-            client.put_result(inline_payload(result, version, b""), policy=ONE_ATTEMPT)
-        elif route == "inline" and result.body_base64 is not None:  # kept in the record
-            payload = encoded_inline_payload(result, version, result.body_base64)
-            client.put_result(payload, policy=ONE_ATTEMPT)
-        elif route == "inline":
-            assert result.body_path is not None
-            try:  # no exists() first: one system call less on the delivering thread
-                body = read_head(result.body_path, INLINE_BODY_LIMIT + 1)
-            except FileNotFoundError:
-                return self._deliver_lost(result)
-            self._check_body(result, body)
-            client.put_result(inline_payload(result, version, body), policy=ONE_ATTEMPT)
-        else:
-            if result.body_path is not None:  # not a body kept in the record
-                try:
-                    self._check_body(result)
-                except FileNotFoundError:
-                    return self._deliver_lost(result)
-            if route == "upload":
-                self._upload_to_ac(result)
+        elif route == "inline" or route == "empty":
+            if body is None and result.body_base64 is not None:  # kept in the record
+                payload = encoded_inline_payload(result, version, result.body_base64)
             else:
-                self._put_to_s3(result)
+                payload = inline_payload(result, version, body or b"")
+            client.put_result(payload, policy=ONE_ATTEMPT)
+        elif route == "upload":
+            self._upload_to_ac(result)
+        else:
+            self._put_to_s3(result)
         return route
 
     def _route(self, result: Result) -> Route:
@@ -294,48 +270,41 @@ class Uploader(Stage):
             return delivery.route
         return route_of(result, self.ctx.settings.upload_to_ac)  # called outside an attempt
 
-    def _check_body(self, result: Result, body: Optional[bytes] = None) -> None:
+    def _check_body(self, result: Result, path: str, body: Optional[bytes] = None) -> None:
         """Raise ``BodyMismatch`` if the body file (or ``body``, read from it) is
         not the one saved; ``FileNotFoundError`` if it is gone."""
-        assert result.body_path is not None
-        problem = self.ctx.spool.check_body(result.key, result.body_path, result.body_size, body)
+        problem = self.ctx.spool.check_body(result.key, path, result.body_size, body)
         if problem is not None:
             raise BodyMismatch(problem)
 
     def _upload_to_ac(self, result: Result) -> None:
         work = os.path.join(self.ctx.work_dir, f"{result.key}.gz")
+        source, zipped = str(self.ctx.spool.compressed_path(result.key)), True
         kept = result.kept_body()
-        if kept is not None:
-            # A small body kept in the record (the server refused it inline):
-            # its gzip goes to a work file; a failure to write it is retried.
-            gzip_bytes(kept, work, self.COMPRESS_LEVEL)
-            source, zipped = work, True
-        else:
-            assert result.body_path is not None
-            ready = str(self.ctx.spool.compressed_path(result.key))
-            if os.path.exists(ready):
-                # compressed by the executor thread that ran the task: only send it here
-                self._send_upload_result(result, ready, zipped=True)
-                return
-            try:
-                self.compress(result.body_path, work)
-                source, zipped = work, True
-            except OSError as exc:
-                log.warning("task %s: compression failed (%s); sending raw", result.task_id, exc)
-                source, zipped = result.body_path, False
         try:
-            self._send_upload_result(result, source, zipped=zipped)
+            if kept is not None:  # a small body kept in the record, refused inline
+                gzip_bytes(kept, work, self.COMPRESS_LEVEL)
+                source = work
+            elif not os.path.exists(source):  # the executor did not compress it
+                assert result.body_path is not None
+                try:
+                    self.compress(result.body_path, work)
+                    source = work
+                except OSError as exc:
+                    log.warning(
+                        "task %s: compression failed (%s); sending raw", result.task_id, exc
+                    )
+                    source, zipped = result.body_path, False
+            self.ctx.client.upload_result(
+                source,
+                upload_file_name(result.task_id, zipped=zipped),
+                "application/zip" if zipped else "text/plain",
+                upload_task_part(result, self.ctx.client.version, zipped=zipped),
+                policy=ONE_ATTEMPT,
+            )
         finally:
-            _remove_quietly(work)
-
-    def _send_upload_result(self, result: Result, path: str, *, zipped: bool) -> None:
-        self.ctx.client.upload_result(
-            path,
-            upload_file_name(result.task_id, zipped=zipped),
-            "application/zip" if zipped else "text/plain",
-            upload_task_part(result, self.ctx.client.version, zipped=zipped),
-            policy=ONE_ATTEMPT,
-        )
+            with contextlib.suppress(OSError):  # best effort: the work folder is private
+                os.unlink(work)
 
     def compress(self, source: str, target: str) -> None:
         """gzip ``source`` into a new private file ``target`` (when the executor did not)."""
@@ -352,12 +321,3 @@ class Uploader(Stage):
         )
         client.put_s3(put_url, result.body_path, content_type=content_type, policy=ONE_ATTEMPT)
         client.put_result(s3_payload(result, client.version, get_url), policy=ONE_ATTEMPT)
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:  # pragma: no cover - best effort
-        log.debug("could not remove %s: %s", path, exc)
