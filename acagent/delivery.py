@@ -46,9 +46,7 @@ import enum
 import errno
 import time
 from dataclasses import dataclass, field
-from typing import FrozenSet, Optional
-
-from typing_extensions import Literal
+from typing import FrozenSet, Literal, Optional
 
 from .backoff import concurrency_wait
 from .config import INLINE_BODY_LIMIT
