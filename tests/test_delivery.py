@@ -23,6 +23,7 @@ import pytest
 from helpers import (
     WAIT,
     AgentProcess,
+    fast_policy,
     make_config,
     make_pipeline,
     running,
@@ -30,6 +31,7 @@ from helpers import (
     wait_until,
 )
 
+from acagent.backoff import Backoff
 from acagent.errors import SpoolLockedError
 from acagent.models import Result
 from acagent.observers import Observer
@@ -112,6 +114,35 @@ def test_content_refused_for_good_is_quarantined_and_answered_with_the_reason(
         assert record["fields"]["taskId"] == "refused"
         assert "422" in (folder / "reason.txt").read_text()
         assert spool_names(spool) == [QUARANTINE_DIR]
+
+
+def test_retrying_counts_the_results_waiting_for_a_retry(tmp_path: Path) -> None:
+    # Each failed result waits 30 s for its retry: the count is steady meanwhile.
+    policy = fast_policy(result=Backoff(30.0, 30.0))
+    refused = ["wait-0", "wait-1", "wait-2"]
+    with FakeTarget() as target, FakeACServer() as ac:
+        ac.refuse_results(refused, status=503, seconds=WAIT * 3)
+        ac.add_tasks(
+            _bytes_task(target, tid, 200 + i, i) for i, tid in enumerate([*refused, "ok-0", "ok-1"])
+        )
+        pipeline = make_pipeline(make_config(ac.url, tmp_path / "spool"), retry_policy=policy)
+        with running(pipeline):
+            assert ac.wait_for(lambda: set(ac.results) == {"ok-0", "ok-1"}, WAIT)
+            assert wait_until(lambda: pipeline.uploader.retrying == 3, WAIT)
+            assert " retrying=3 " in pipeline.status_line()
+            # fresh results queued behind a stalled put-result are not retrying
+            release = ac.stall("put-result")
+            try:
+                ac.add_tasks(_bytes_task(target, f"new-{i}", 300 + i, i) for i in range(4))
+                assert wait_until(lambda: len(pipeline.ledger.results) >= 4, WAIT)
+                assert pipeline.uploader.retrying == 3
+            finally:
+                release.set()
+            ac.refuse_results(refused, status=503, seconds=0)  # the server takes them now
+            pipeline.ledger.results.make_all_due()
+            assert ac.wait_for_results(9, WAIT)
+            assert wait_until(lambda: pipeline.uploader.retrying == 0, WAIT)
+            assert " retrying=0 " in pipeline.status_line()
 
 
 # ---------------------------------------------------------------------------
