@@ -252,7 +252,16 @@ def decide(
     ``busy_hint``: the reason given for "Too many concurrent requests".
     """
     kind, route = outcome.kind, delivery.route
-    failed = kind not in (Kind.DELIVERED, Kind.STOPPING, Kind.DAMAGED, Kind.LINKED)
+    if kind is Kind.DELIVERED:  # the common case, kept cheap: no replace()
+        return Decision(
+            None,
+            delivered=True,
+            release=True,
+            attempts=delivery.attempts,
+            refusals=delivery.refusals,
+            s3_failures=delivery.s3_failures,
+        )
+    failed = kind not in (Kind.STOPPING, Kind.DAMAGED, Kind.LINKED)
     attempts = delivery.attempts + int(failed)
     refusals = delivery.refusals + int(kind is Kind.CONTENT_REFUSED)
     s3_failures = delivery.s3_failures + int(failed and route == "s3")
@@ -283,8 +292,6 @@ def _rule(
 ) -> Decision:
     """``decide`` less the counts and reroutes: what the outcome asks for."""
     kind = outcome.kind
-    if kind is Kind.DELIVERED:
-        return Decision(None, delivered=True, release=True)
     if kind is Kind.STOPPING:
         return Decision(0.0)  # stays in the spool; sent after a restart if not before
     if kind in (Kind.DAMAGED, Kind.LINKED):
