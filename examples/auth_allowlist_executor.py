@@ -2,7 +2,10 @@
 
 Run it: ``python examples/auth_allowlist_executor.py`` starts a fake AC
 server and a fake target, runs two tasks (one allowed, one not) through the
-real pipeline and checks the results.
+real pipeline and checks the results: the allowed one reached the target
+with the credential, the other was refused by the allow-list itself (an
+address outside ``allowed_targets``, refused before any connection or DNS
+lookup) and answered with the allow-list's own error.
 
 Which hosts the agent may call is the agent's own job: set
 ``AgentConfig(allowed_targets=...)`` (``--allowedTargets``), which is
@@ -26,6 +29,10 @@ from typing_extensions import override
 from acagent import AgentConfig, Executor, Pipeline, StageContext, Task
 from acagent.testing import FakeACServer, FakeTarget
 
+#: an address outside the allow-list below, and what the agent answers for it
+DENIED_HOST = "10.0.0.7"
+DENIED_OUTPUT = f"Agent Side Error: target host not in the allow-list: {DENIED_HOST}"
+
 
 class AuthExecutor(Executor):
     def __init__(self, ctx: StageContext, *, token: str) -> None:
@@ -42,7 +49,8 @@ class AuthExecutor(Executor):
 def main() -> int:
     with FakeTarget() as target, FakeACServer() as ac:
         ac.add_task({"taskId": "allowed", "method": "GET", "url": f"{target.url}/echo"})
-        ac.add_task({"taskId": "denied", "method": "GET", "url": "http://elsewhere.example/x"})
+        # 10.0.0.7 is not in the allow-list: refused before any connection is made.
+        ac.add_task({"taskId": "denied", "method": "GET", "url": f"http://{DENIED_HOST}/x"})
         with tempfile.TemporaryDirectory() as spool:
             config = AgentConfig(
                 server_url=ac.url,
@@ -58,10 +66,14 @@ def main() -> int:
                     return 1
         allowed, denied = ac.results["allowed"][0], ac.results["denied"][0]
         sent_auth = any("Bearer example-token" in str(r.headers) for r in target.requests)
-        ok = allowed.fields["statusCode"] == 200 and sent_auth and denied.via == "error"
-        print(
-            f"allowed: {allowed.via}, auth header sent: {sent_auth}; denied: {denied.fields['output']}"
+        refusal = denied.fields.get("output")
+        ok = (
+            allowed.fields["statusCode"] == 200
+            and sent_auth
+            and denied.fields["statusCode"] == 500
+            and refusal == DENIED_OUTPUT
         )
+        print(f"allowed: {allowed.via}, auth header sent: {sent_auth}; denied: {refusal}")
         return 0 if ok else 1
 
 
