@@ -323,7 +323,7 @@ def run_check(
 def main(argv: Sequence[str] = ()) -> int:
     from .cli import read_settings, startup_line
 
-    settings = read_settings(argv)  # exits 2 with one line on a bad value or path
+    settings = read_settings(argv, command="check")  # exits 2 with one line on a bad value
     config = settings.config
     logs.register_secret(config.api_key)
     # The pipeline's own lines would bury the report; --debugMode shows them on stderr.

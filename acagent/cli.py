@@ -8,7 +8,7 @@ flag can also be set as ``ACAGENT_<FLAG_IN_UPPER_SNAKE>`` in the environment
 (or a path that cannot work) exits 2 with one line naming the flag. This module is the only place
 that installs signal handlers: SIGTERM/SIGINT once = graceful stop, twice =
 stop now; SIGUSR1 = log a status line; SIGHUP = re-read ``--apiKeyFile``.
-Exit codes: ``EXIT_*`` below (README "Exit codes").
+Exit codes: ``EXIT_*`` below (docs/operations.md, "Exit codes").
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 from typing import Any, Dict, List, NamedTuple, NoReturn, Optional, Sequence, Tuple
 
 from . import __version__
-from .allowlist import TargetAllowList, parse_entries
+from .allowlist import DEFAULT_DENIED, NO_DEFAULTS, TargetAllowList, parse_entries
 from .config import AC_SERVER_CONCURRENT_LIMIT, AgentConfig, secret_file_exposed
 from .errors import ConfigError, SpoolLockedError
 
@@ -135,8 +135,14 @@ _OPTIONS: List[tuple[str, str, Any, tuple[str, ...], str]] = [
         "file holding the AC API key, instead of --apiKey: re-read while the server refuses"
         " the key and on SIGHUP, so a rotated key needs no restart",
     ),
-    ("--envName", "env_name", str, (), "environment name sent with get-task"),
-    ("--index", "index", str, (), "suffix of the log and metrics files (default _prod)"),
+    ("--envName", "env_name", str, (), "environment name sent with get-task and upload-logs"),
+    (
+        "--index",
+        "index",
+        str,
+        (),
+        "suffix of the log and metrics file names: letters, digits, _ and - (default _prod)",
+    ),
     (
         "--executorPoolSize",
         "executor_pool_size",
@@ -145,7 +151,14 @@ _OPTIONS: List[tuple[str, str, Any, tuple[str, ...], str]] = [
         "threads running target requests (default 10)",
     ),
     ("--poolSize", "pool_size", _int(1, 2000), (), "old name of --executorPoolSize"),
-    ("--prefetch", "prefetch", _int(0, 10000), (), "tasks fetched beyond free threads (default 0)"),
+    (
+        "--prefetch",
+        "prefetch",
+        _int(0, 10000),
+        (),
+        "tasks fetched beyond the free executor threads, so a thread never waits a get-task"
+        " round trip; 0 = fetch only for a free thread (default 1)",
+    ),
     (
         "--responseQueueThreshold",
         "response_queue_threshold",
@@ -172,8 +185,8 @@ _OPTIONS: List[tuple[str, str, Any, tuple[str, ...], str]] = [
         "coordination_url",
         str,
         (),
-        "redis:// or rediss:// URL: share the AC budget with every agent on the key "
-        "(password in the URL or ACAGENT_COORDINATION_PASSWORD; needs acagent[redis])",
+        "redis:// or rediss:// URL: share the AC budget with every agent on the key; "
+        "password in the URL or ACAGENT_COORDINATION_PASSWORD; needs acagent[redis] (default off)",
     ),
     (
         "--coordinationPasswordFile",
@@ -189,7 +202,13 @@ _OPTIONS: List[tuple[str, str, Any, tuple[str, ...], str]] = [
         (),
         "seconds a shared AC permit outlives a dead agent (default 10)",
     ),
-    ("--timeout", "timeout", _seconds, ("timeout",), "target read timeout in s (default 30)"),
+    (
+        "--timeout",
+        "timeout",
+        _seconds,
+        ("timeout",),
+        "target read timeout in s, capped by the task's expiry (default 30)",
+    ),
     (
         "--connectTimeout",
         "connect_timeout",
@@ -204,14 +223,20 @@ _OPTIONS: List[tuple[str, str, Any, tuple[str, ...], str]] = [
         (),
         "AC read timeout in s, long polls included (default 100)",
     ),
-    ("--uploadTimeout", "upload_timeout", _seconds, (), "upload read timeout in s (default 300)"),
+    (
+        "--uploadTimeout",
+        "upload_timeout",
+        _seconds,
+        (),
+        "read timeout of upload-result, upload-logs and S3 in s (default 300)",
+    ),
     (
         "--acConnectionMaxAge",
         "ac_connection_max_age",
         _seconds_or_zero,
         (),
-        "replace an AC or S3 connection older than this before its next request, s"
-        " (default 900; 0 = never)",
+        "replace an AC or S3 connection older than this many s before its next request;"
+        " 0 = never (default 900)",
     ),
     (
         "--shutdownTimeout",
@@ -226,14 +251,14 @@ _OPTIONS: List[tuple[str, str, Any, tuple[str, ...], str]] = [
         _seconds_or_zero,
         (),
         "on SIGTERM: an open long poll is cut this many s before the shutdown deadline,"
-        " kept to run what it brings (default 10)",
+        " the time kept to run what it brings (default 10)",
     ),
     (
         "--pollInterval",
         "poll_interval",
         _seconds_or_zero,
         (),
-        "wait after an empty get-task (default 1)",
+        "seconds to wait after an empty get-task, +-0.2 s jitter (default 1)",
     ),
     (
         "--verify",
@@ -242,9 +267,16 @@ _OPTIONS: List[tuple[str, str, Any, tuple[str, ...], str]] = [
         ("verify",),
         "verify TLS certificates (default true; false logs a warning)",
     ),
-    ("--caBundle", "ca_bundle", str, (), "CA bundle file or folder for TLS verification"),
+    (
+        "--caBundle",
+        "ca_bundle",
+        str,
+        (),
+        "CA bundle file or folder for TLS verification (default: REQUESTS_CA_BUNDLE or"
+        " CURL_CA_BUNDLE when set, else certifi's bundle)",
+    ),
     ("--debugMode", "debug_mode", str2bool, (), "DEBUG logging (default false)"),
-    ("--logFormat", "log_format", str, (), "text or json (default text)"),
+    ("--logFormat", "log_format", str, (), "text, or json: one object per line (default text)"),
     (
         "--enableStdoutLogging",
         "enable_stdout_logging",
@@ -285,7 +317,7 @@ _OPTIONS: List[tuple[str, str, Any, tuple[str, ...], str]] = [
         "upload_to_ac",
         str2bool,
         (),
-        "large bodies to upload-result (true, default) or to S3 (false)",
+        "bodies over 512,000 bytes go to upload-result (true) or to S3 (false) (default true)",
     ),
     ("--inwardProxyHttps", "inward_proxy_https", str, (), "HTTPS proxy for target requests"),
     ("--inwardProxyHttp", "inward_proxy_http", str, (), "HTTP proxy for target requests"),
@@ -297,15 +329,15 @@ _OPTIONS: List[tuple[str, str, Any, tuple[str, ...], str]] = [
         "spool_dir",
         str,
         (),
-        "durable result spool (default <state>/spool<index>; <state> is"
-        " $XDG_STATE_HOME/acagent, else ~/.local/state/acagent, as root /var/lib/acagent)",
+        "durable result spool; <state> is $XDG_STATE_HOME/acagent, else"
+        " ~/.local/state/acagent, as root /var/lib/acagent (default <state>/spool<index>)",
     ),
     (
         "--allowedTargets",
         "allowed_targets",
         _allow_list,
         (),
-        "comma-separated hosts, *.wildcards and CIDRs tasks may reach (default: all)",
+        "comma-separated hosts, *.wildcards and CIDRs tasks may reach (default all)",
     ),
     (
         "--deniedTargets",
@@ -313,50 +345,50 @@ _OPTIONS: List[tuple[str, str, Any, tuple[str, ...], str]] = [
         _host_entries,
         (),
         "hosts, *.wildcards and CIDRs tasks may never reach, added to the cloud metadata "
-        "addresses (169.254.169.254, fd00:ec2::254, 169.254.0.0/16); the entry no-defaults "
-        "drops those",
+        f"and link-local addresses {', '.join(DEFAULT_DENIED)}; the entry {NO_DEFAULTS} "
+        "drops those (default none)",
     ),
     (
         "--allowedUploadHosts",
         "allowed_upload_hosts",
         _host_entries,
         (),
-        "loopback/link-local/private hosts or CIDRs an S3 upload URL may point to (default: none)",
+        "loopback/link-local/private hosts or CIDRs an S3 upload URL may point to (default none)",
     ),
     (
         "--sensitiveHeaders",
         "sensitive_headers",
         _header_names,
         (),
-        "extra header names stripped when a target redirects to another origin",
+        "extra header names stripped when a target redirects to another origin (default none)",
     ),
     (
         "--maxResponseBytes",
         "max_response_bytes",
         _int(0),
         (),
-        "cut off (as an error) bodies larger than this; 0 = no cap",
+        "cut off (as an error) a body larger than this many bytes; 0 = no cap (default 0)",
     ),
     (
         "--healthAddr",
         "health_addr",
         str,
         (),
-        "host:port for /healthz, /readyz, /metrics (default off)",
+        "host:port serving /healthz, /readyz, /metrics; :PORT binds 127.0.0.1 only (default off)",
     ),
     (
         "--readyWindow",
         "ready_window",
         _seconds,
         (),
-        "/readyz fails after this long without a good AC exchange (default 300)",
+        "/readyz fails after this many s without a good AC exchange (default 300)",
     ),
     (
         "--statusInterval",
         "status_interval",
         _seconds,
         (),
-        "seconds between status lines (default 60)",
+        "seconds between status lines, also logged on SIGUSR1 (default 60)",
     ),
 ]
 
@@ -381,16 +413,66 @@ FLAG_OF_FIELD["executor_pool_size"] = "--executorPoolSize"
 _CLI_DEFAULTS: Dict[str, Any] = {"enable_file_logging": True, "enable_metrics_file": True}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="acagent",
-        description=(
-            "ArmorCode on-premises agent. Subcommands: run (default), check "
-            "(test the settings and the connection to the AC server, then exit), demo. "
-            "Every flag can also be set in the environment under the names shown; "
-            "precedence: flag, then ACAGENT_* variable, then old name, then default."
-        ),
-    )
+#: the usage lines of ``acagent --help``: every subcommand
+USAGE = """acagent [run] [OPTIONS]
+       acagent check [OPTIONS]
+       acagent demo [--agents N] [DEMO OPTIONS]
+       acagent --version"""
+
+#: what ``acagent --help`` says before the options
+RUN_DESCRIPTION = (
+    "ArmorCode on-premises agent: pull tasks from the AC server, run each as an HTTP request"
+    " against a tool in your network, upload the result. Subcommands: run (the default),"
+    " check (test the settings and the way to the AC server, then exit; see acagent check"
+    " --help), demo (the agent on a built-in fake AC server and tool; see acagent demo"
+    " --help). Every flag can also be set in the environment under the names shown;"
+    " precedence: flag, then ACAGENT_* variable, then old name, then default."
+)
+
+#: what ``acagent check --help`` says before the options
+CHECK_DESCRIPTION = (
+    "Test what the agent needs, with the same flags and environment as run: the settings"
+    " and paths, the AC server's name, a TCP and TLS connection (through the configured proxy"
+    " and CA bundle), then one get-task with the API key. Prints one line per step and exits"
+    " 0 only if every step passed. A task the get-task hands out is run and its result"
+    " delivered before the report."
+)
+
+#: what ``acagent demo --help`` says before its options
+DEMO_DESCRIPTION = (
+    "The agent's main job on a built-in fake AC server and fake tool, in this process over"
+    " HTTP on 127.0.0.1: a few hundred tasks of mixed sizes through the real pipeline, its"
+    " progress, then a summary. Exits 0 only if every result arrived exactly once and matched"
+    " the tool's bytes. It runs with settings a production agent would not use (no rate"
+    " limit, a short poll interval) and says so at the start."
+)
+
+#: the help of ``demo --agents``
+DEMO_AGENTS_HELP = (
+    "run N agent processes on one API key that share one AC budget through a private"
+    " redis-server, and print the AC server's highest in-flight count and its 429 replies"
+    " (that run's own options: acagent demo --agents N --help)"
+)
+
+#: what ``acagent demo --agents N --help`` says before its options
+DEMO_AGENTS_DESCRIPTION = (
+    "Several agents share one AC budget: a fake AC server that allows 2 concurrent requests"
+    " (429 above that), a fake tool and a private redis-server on 127.0.0.1 (from PATH, or"
+    " the one the test extra installs), then N real agent processes on one API key with"
+    " --coordinationUrl pointing at it. Prints the server's highest in-flight count, the 429"
+    " replies and the throughput against the AC bound. Without a redis-server the agents run"
+    " uncoordinated, to show why it is needed."
+)
+
+
+def build_parser(command: str = "run") -> argparse.ArgumentParser:
+    """The parser of ``run`` (``acagent [run]``) or of ``check`` (``acagent check``)."""
+    if command == "check":
+        parser = _Parser(
+            prog="acagent check", usage="%(prog)s [OPTIONS]", description=CHECK_DESCRIPTION
+        )
+    else:
+        parser = _Parser(prog="acagent", usage=USAGE, description=RUN_DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"acagent {__version__}")
     for flag, field, kind, envs, text in _OPTIONS:
         env_note = f" [env: {', '.join(env_names_for(flag, envs))}]"
@@ -428,10 +510,14 @@ def config_from_args(argv: Sequence[str], environ: Optional[Dict[str, str]] = No
     return read_settings(argv, environ).config
 
 
-def read_settings(argv: Sequence[str], environ: Optional[Dict[str, str]] = None) -> Settings:
-    """``config_from_args``, with where the key came from and the warnings to log."""
+def read_settings(
+    argv: Sequence[str], environ: Optional[Dict[str, str]] = None, *, command: str = "run"
+) -> Settings:
+    """``config_from_args``, with where the key came from and the warnings to log.
+
+    ``command`` (``run`` or ``check``) names the subcommand in ``--help``."""
     env = os.environ if environ is None else environ
-    parser = build_parser()
+    parser = build_parser(command)
     args = parser.parse_args(list(argv))
     values: Dict[str, Any] = dict(_CLI_DEFAULTS)
     on_command_line = set()
@@ -605,6 +691,7 @@ def _url_password(url: Optional[str]) -> Optional[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``acagent [run|check|demo] ...`` (``USAGE``): run the subcommand, then exit with its code."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "demo":
         if any(a == "--agents" or a.startswith("--agents=") for a in args[1:]):

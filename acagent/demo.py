@@ -21,7 +21,7 @@ import tempfile
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple
 
-from .cli import FLAG_OF_FIELD
+from .cli import DEMO_AGENTS_HELP, DEMO_DESCRIPTION, FLAG_OF_FIELD
 from .config import INLINE_BODY_LIMIT, AgentConfig
 from .pipeline import Pipeline
 from .testing import FakeACServer, FakeTarget, expected_sha256
@@ -39,13 +39,39 @@ SIZE_MIX: List[Tuple[int, float]] = [
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="acagent demo", description=__doc__)
-    parser.add_argument("--tasks", type=int, default=300, help="how many tasks (default 300)")
-    parser.add_argument("--executorPoolSize", type=int, default=20, help="executor threads")
-    parser.add_argument("--targetLatency", type=float, default=0.05, help="seconds per target call")
-    parser.add_argument("--acLatency", type=float, default=0.002, help="seconds per AC call")
-    parser.add_argument("--uploadToAc", choices=("true", "false"), default="true")
-    parser.add_argument("--seed", type=int, default=7)
+    parser = argparse.ArgumentParser(prog="acagent demo", description=DEMO_DESCRIPTION)
+    parser.add_argument("--agents", type=int, metavar="N", help=DEMO_AGENTS_HELP)
+    parser.add_argument(
+        "--tasks", type=int, default=300, metavar="N", help="how many tasks (default 300)"
+    )
+    parser.add_argument(
+        "--executorPoolSize",
+        type=int,
+        default=20,
+        metavar="N",
+        help="executor threads (default 20)",
+    )
+    parser.add_argument(
+        "--targetLatency",
+        type=float,
+        default=0.05,
+        metavar="SECONDS",
+        help="seconds per target call (default 0.05)",
+    )
+    parser.add_argument(
+        "--acLatency",
+        type=float,
+        default=0.002,
+        metavar="SECONDS",
+        help="seconds per AC call (default 0.002)",
+    )
+    parser.add_argument(
+        "--uploadToAc",
+        choices=("true", "false"),
+        default="true",
+        help="large bodies to upload-result (true) or to the fake S3 (false) (default true)",
+    )
+    parser.add_argument("--seed", type=int, default=7, help="seed of the body sizes (default 7)")
     args = parser.parse_args(list(argv))
     if args.tasks < 1 or args.executorPoolSize < 1:
         parser.error("--tasks and --executorPoolSize must be >= 1")

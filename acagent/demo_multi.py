@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, TextIO
 
-from .cli import FLAG_OF_FIELD
+from .cli import DEMO_AGENTS_DESCRIPTION, FLAG_OF_FIELD
 from .demo import PLAIN_PROGRESS_EVERY, Progress, default_limit_note, settings_notice
 from .testing import FakeACServer, FakeTarget, LocalRedis, find_redis_server
 
@@ -91,11 +91,29 @@ def stop_agents(agents: Sequence[subprocess.Popen[bytes]], timeout: float = 20.0
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="acagent demo --agents N", description=__doc__)
-    parser.add_argument("--agents", type=int, default=3, help="agent processes (default 3)")
-    parser.add_argument("--tasks", type=int, default=600, help="how many tasks (default 600)")
-    parser.add_argument("--acLatency", type=float, default=0.05, help="seconds per AC call")
-    parser.add_argument("--targetLatency", type=float, default=0.02, help="seconds per target")
+    parser = argparse.ArgumentParser(
+        prog="acagent demo --agents N", description=DEMO_AGENTS_DESCRIPTION
+    )
+    parser.add_argument(
+        "--agents", type=int, default=3, metavar="N", help="agent processes (default 3)"
+    )
+    parser.add_argument(
+        "--tasks", type=int, default=600, metavar="N", help="how many tasks (default 600)"
+    )
+    parser.add_argument(
+        "--acLatency",
+        type=float,
+        default=0.05,
+        metavar="SECONDS",
+        help="seconds per AC call (default 0.05)",
+    )
+    parser.add_argument(
+        "--targetLatency",
+        type=float,
+        default=0.02,
+        metavar="SECONDS",
+        help="seconds per target call (default 0.02)",
+    )
     args = parser.parse_args(list(argv))
     if args.agents < 1 or args.tasks < 1 or args.acLatency <= 0:
         parser.error("--agents and --tasks must be >= 1, --acLatency > 0")
