@@ -5,7 +5,7 @@ is random. The n-th failure in a row waits ``first * 2**(n-1)``, capped at
 ``cap`` (tenacity's ``wait_exponential`` computes it), scaled by a random
 factor in ``[1 - spread, 1]`` so that results, threads or agents that failed
 together do not all come back together, plus a random ``0..jitter`` seconds
-(added, not scaled: today's agent's client retries wait so, PROTOCOL.md).
+(added, not scaled: today's agent's client retries wait so, docs/protocol.md).
 
 Every schedule of the agent (per-result retries, the breakers, the stage
 failure pause, Redis reconnects) is one ``Backoff`` field of ``RetryPolicy``
@@ -66,5 +66,5 @@ def concurrency_wait(
     rng: Optional[random.Random] = None, cap: float = CONCURRENCY_WAIT_MAX
 ) -> float:
     """The wait after "Too many concurrent requests" with no wait header: 0..``cap``,
-    uniformly, as today's agent does (PROTOCOL.md), so agents sharing a key spread out."""
+    uniformly, as today's agent does (docs/protocol.md), so agents sharing a key spread out."""
     return (rng or _shared_rng).uniform(0.0, cap)

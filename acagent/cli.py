@@ -265,14 +265,14 @@ _OPTIONS: List[tuple[str, str, Any, tuple[str, ...], str]] = [
         "verify",
         str2bool,
         ("verify",),
-        "verify TLS certificates (default true; false logs a warning)",
+        "verify TLS certificates; false logs a warning (default true)",
     ),
     (
         "--caBundle",
         "ca_bundle",
         str,
         (),
-        "CA bundle file or folder for TLS verification (default: REQUESTS_CA_BUNDLE or"
+        "CA bundle file or folder for TLS verification (default REQUESTS_CA_BUNDLE or"
         " CURL_CA_BUNDLE when set, else certifi's bundle)",
     ),
     ("--debugMode", "debug_mode", str2bool, (), "DEBUG logging (default false)"),

@@ -257,7 +257,7 @@ class MultipartBody(io.RawIOBase):
 
 
 class ACClient:
-    """Speaks the http-teleport protocol to the AC server (PROTOCOL.md)."""
+    """Speaks the http-teleport protocol to the AC server (docs/protocol.md)."""
 
     #: after an AC request failed on the network (a reset, above all), how long
     #: its permit stays held before a re-send or another call may use it: the

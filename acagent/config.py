@@ -32,7 +32,7 @@ INLINE_BODY_LIMIT = 512_000
 #: upload, the Ledger's bound); at most INLINE_BODY_LIMIT.
 RECORD_BODY_LIMIT = 16 * 1024
 
-#: AC requests the server takes at once per API key (PROTOCOL.md); above it,
+#: AC requests the server takes at once per API key (docs/protocol.md); above it,
 #: 429 "Too many concurrent requests"
 AC_SERVER_CONCURRENT_LIMIT = 2
 

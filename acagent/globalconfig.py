@@ -6,7 +6,7 @@ stages read them when they need them; nobody writes another stage's
 attributes from a foreign thread.
 
 ``GlobalConfigObserver`` is the observer that applies a task's
-``globalConfig`` (PROTOCOL.md): each key only if present, valid and
+``globalConfig`` (docs/protocol.md): each key only if present, valid and
 changed. Today's agent resets the settings a server leaves out: a bug not
 copied. Unknown keys are ignored silently (newer servers may add some). A
 value of the wrong type or out of range (``value_problem``: the ranges of

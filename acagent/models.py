@@ -5,7 +5,7 @@ the raw object so the result can echo every field the agent does not know.
 A ``Result`` is what the agent sends back. It never holds a body in memory:
 the body bytes live in a file (``body_path``) that the Uploader streams from.
 The payload builders at the bottom produce the exact JSON shapes of
-PROTOCOL.md ("The result").
+docs/protocol.md ("The result").
 """
 
 from __future__ import annotations
@@ -338,7 +338,7 @@ class Result:
 
 
 # ---------------------------------------------------------------------------
-# Payload builders: the exact JSON shapes of PROTOCOL.md "The result".
+# Payload builders: the exact JSON shapes of docs/protocol.md "The result".
 
 
 def _base_payload(result: Result, version: str) -> Dict[str, Any]:

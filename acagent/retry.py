@@ -81,7 +81,7 @@ class RetryPolicy:
     First one AC call's own retries (``run_with_retries``; not get-task, whose
     loop is the Fetcher's), then the stages' schedules, then Redis reconnects.
     The 429 waits (``rate_limit_wait``) serve the calls and the stages alike.
-    The defaults are today's agent's numbers (PROTOCOL.md), the floor.
+    The defaults are today's agent's numbers (docs/protocol.md), the floor.
     """
 
     #: 429 replies retried per call

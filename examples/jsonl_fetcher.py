@@ -1,7 +1,7 @@
 """A Fetcher that reads tasks from a local JSON-lines file instead of get-task.
 
 Run it: ``python examples/jsonl_fetcher.py [TASKS.jsonl]``. Each line is one
-task object (PROTOCOL.md "The task"); results still go to the AC server.
+task object (docs/protocol.md "The task"); results still go to the AC server.
 Backpressure, the spool and shutdown work as with the real Fetcher, because
 only the ``fetch_one`` hook is replaced. Settings reach the stage through
 its constructor: ``Pipeline(config, fetcher=functools.partial(JsonlFetcher, path=...))``.

@@ -158,7 +158,7 @@ def _range(backoff: Backoff, failures: int) -> Tuple[float, float]:
 
 # (schedule, failures, low, high): the defaults, today's agent's numbers where it has them
 DEFAULTS: List[Tuple[str, int, float, float]] = [
-    ("call", 1, 5.0, 7.0),  # 5 s doubling to 120 s, + 0..2 s (PROTOCOL.md)
+    ("call", 1, 5.0, 7.0),  # 5 s doubling to 120 s, + 0..2 s (docs/protocol.md)
     ("call", 6, 120.0, 122.0),
     ("fetch", 1, 0.125, 0.25),  # one failed get-task among successes
     ("fetch", 5, 2.0, 4.0),

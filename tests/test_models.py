@@ -1,4 +1,4 @@
-"""Task parsing and validation, and the exact result shapes of PROTOCOL.md."""
+"""Task parsing and validation, and the exact result shapes of docs/protocol.md."""
 
 from __future__ import annotations
 

@@ -156,7 +156,7 @@ def test_spool_records_keep_no_request_headers_or_input(tmp_path: Path, open_uma
         record["fields"]["customField"] == "echoed" and record["fields"]["taskId"] == "with-creds"
     )
     assert folder_mode == 0o700 and set(modes.values()) == {0o600}, (folder_mode, modes)
-    # the live result still echoes the whole task (PROTOCOL.md) and the body is intact
+    # the live result still echoes the whole task (docs/protocol.md) and the body is intact
     assert got.fields["customField"] == "echoed"
     assert json.loads(got.body or b"{}")["headers"]["PRIVATE-TOKEN"] == TOOL_TOKEN
 

@@ -11,7 +11,7 @@ Both fakes are threaded HTTP/1.1 servers (keep-alive, TCP_NODELAY) on
         assert ac.wait_for_results(1, timeout=10)
         assert ac.results["t1"][0].body == expected_body(1000, 7)
 
-``FakeACServer`` speaks the http-teleport protocol (see PROTOCOL.md): it hands
+``FakeACServer`` speaks the http-teleport protocol (see docs/protocol.md): it hands
 out queued tasks, records every result it receives as a ``ReceivedResult``,
 counts the requests in flight (the concurrency invariant is checked at a real
 server, not at a mock) and injects faults. A second listener plays S3 so that

@@ -1,6 +1,6 @@
 """``FakeACServer``: a fake ArmorCode http-teleport server with a small fake S3.
 
-See PROTOCOL.md for the wire contract it speaks and ``FakeACServer`` for its
+See docs/protocol.md for the wire contract it speaks and ``FakeACServer`` for its
 options, fault injection and counters.
 """
 
@@ -251,7 +251,7 @@ class FakeACServer(_FakeBase):
           (``fake-task-<n>`` when ``task_id`` is None). ``extra`` keys are added as
           given, e.g. ``globalConfig={"poolSize": 4}`` or any field the agent must echo.
 
-        The task dict (the ``data`` of a get-task reply, see PROTOCOL.md)::
+        The task dict (the ``data`` of a get-task reply, see docs/protocol.md)::
 
             {
                 "taskId": "t1",                      # str, required
