@@ -69,6 +69,8 @@ def test_snippet_runs_verbatim_and_delivers_its_task(tmp_path: Path) -> None:
         results = ac.results["readme-1"]
     assert code == 0, err
     assert "all results delivered" in out
+    # the snippet's logging set-up shows the agent's own lines
+    assert " INFO acagent.pipeline: agent " in err, err
     assert len(results) == 1
     assert results[0].fields["statusCode"] == 200 and results[0].body_len == 4096
     assert results[0].via == "inline"
