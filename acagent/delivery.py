@@ -12,7 +12,7 @@ rules live (SPEC invariants 5 and 6). It is pure: what one attempt gave
 delivery's state in, a ``Decision`` out; randomness only through the
 policy's ``rng``. The Uploader sends and applies decisions, nothing else.
 
-The rules (PROTOCOL.md statuses). A real result is never replaced by an
+The rules (docs/protocol.md statuses). A real result is never replaced by an
 error result nor dropped for a status that may be transient or that an
 operator can fix (401, 403, 407, 408, 413, 429, 5xx, network errors):
 
