@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -155,3 +157,26 @@ def test_docs_name_no_xfail_test_and_no_gap_the_tests_closed() -> None:
     text = "\n".join(p.read_text(encoding="utf-8") for p in doc_pages())
     assert "xfail" not in text
     assert "Known gap" not in text
+
+
+def _help(*args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "acagent", *args, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_each_subcommand_prints_its_own_plain_help() -> None:
+    run_help, check_help, demo_help = _help(), _help("check"), _help("demo")
+    multi_help = _help("demo", "--agents", "2")
+    assert run_help.startswith("usage: acagent [run] [OPTIONS]\n       acagent check")
+    assert check_help.startswith("usage: acagent check [OPTIONS]")
+    assert demo_help.startswith("usage: acagent demo ")
+    assert multi_help.startswith("usage: acagent demo --agents N ")
+    assert "--agents N" in demo_help
+    for text in (run_help, check_help, demo_help, multi_help):
+        assert "``" not in text  # no reStructuredText markup
