@@ -36,7 +36,8 @@ class JsonlFetcher(Fetcher):
                 self._file = open(self.path, encoding="utf-8")  # kept open across calls
             for line in self._file:
                 if line.strip():
-                    return Task.parse(json.loads(line))
+                    # the lifetime of a task without expiryTsMs, as get-task's tasks get
+                    return Task.parse(json.loads(line), default_ttl=self.config.default_task_ttl)
         return None  # end of file: the Fetcher idles as on an empty get-task
 
     @override
