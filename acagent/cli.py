@@ -1,4 +1,4 @@
-"""The command line: ``python -m acagent [run|check] --serverUrl URL --apiKey KEY``, ``... demo``.
+"""The command line: ``acagent [run|check] --serverUrl URL --apiKeyFile FILE``, ``acagent demo``.
 
 Every flag and environment name of today's agent is accepted with the same
 meaning, so ``python -m acagent`` replaces ``python worker.py`` as is. Every
