@@ -106,7 +106,9 @@ class Pipeline:
         #: the one stop signal of the stages: set when the agent must stop at once
         self.abort = threading.Event()
         self.metrics = metrics if metrics is not None else AgentMetrics()
-        self.readiness = Readiness(config.ready_window, auth_hint(config))
+        self.readiness = Readiness(
+            config.ready_window, auth_hint(config), holds=lambda: self.ledger.holds()
+        )
         self.observers = Observers((MetricsObserver(self.metrics), self.readiness, *observers))
         if config.ipv4_fallback:
             force_ipv4()
