@@ -64,6 +64,8 @@ class Executor(Stage):
         self.allow = TargetPolicy(self.config.allowed_targets, self.config.denied_targets)
         self.session = self._make_session(self.config.executor_pool_size)
         self.deadline_watch = DeadlineWatch(ctx.abort)
+        # The threads of the pool new tasks go to: the settings' pool_size as
+        # it was when the dispatcher last looked (it resizes to a new one).
         self._size = ctx.settings.pool_size
         self._pool = self._new_pool(self._size)
         self._lock = threading.Lock()
@@ -130,6 +132,7 @@ class Executor(Stage):
 
     @property
     def size(self) -> int:
+        """Threads of the pool that takes new tasks."""
         return self._size
 
     @property

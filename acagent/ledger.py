@@ -43,7 +43,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Dict, List, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional, Union
 
 from . import logs
 from .delivery import Delivery
@@ -80,12 +80,18 @@ class Ledger:
     def __init__(
         self,
         *,
-        slots: int,
+        slots: Union[int, Callable[[], int]],
         threshold: int,
         spool: ResultSpool,
         observers: Optional[Observers] = None,
     ) -> None:
-        if slots < 1 or threshold < 1:
+        """``slots``: tasks that may be reserved or running at once (executor
+        threads and prefetch), or a function that says how many now (the
+        executor's size is the runtime settings'; ``slots_changed`` when it
+        changes)."""
+        if isinstance(slots, int):
+            slots = _constant(slots)
+        if slots() < 1 or threshold < 1:
             raise ValueError("slots and threshold must be >= 1")
         self.spool = spool
         self.observers = observers if observers is not None else Observers()
@@ -96,7 +102,7 @@ class Ledger:
         self._cond = threading.Condition(lock)
         #: wakes ``wait_backlogged`` only: when results reach the threshold (same lock)
         self._backlog = threading.Condition(lock)
-        self._slots = slots
+        self._slots_now: Callable[[], int] = slots
         self._threshold = threshold
         self._executing = 0
         self._results = 0
@@ -137,7 +143,7 @@ class Ledger:
     def _has_room(self) -> bool:
         if self._closed or self._intake_closed:
             return True  # wake up: the answer is "no", at once
-        slots = 1 if self._one_at_a_time else self._slots
+        slots = 1 if self._one_at_a_time else self.slots
         return not self._holds and self._executing < slots and self._results < self._threshold
 
     def results_backlogged(self) -> bool:
@@ -496,7 +502,7 @@ class Ledger:
                 return
             self._next_probe = now + self.SPOOL_PROBE_INTERVAL
         fit = self.spool.tasks_with_room()
-        every_slot = fit is None or fit >= self._slots
+        every_slot = fit is None or fit >= self.slots
         if held and not (every_slot or self._room_for_one(fit)):
             return
         if held and not self.spool.probe_writable():
@@ -512,7 +518,7 @@ class Ledger:
                 "the spool folder has room for the bodies of %d task(s), not of every "
                 "executor slot (%d): tasks are taken one at a time until it has",
                 fit or 0,
-                self._slots,
+                self.slots,
             )
         elif changed:
             log.info("the spool folder has room for every executor slot again")
@@ -544,14 +550,15 @@ class Ledger:
             self._backlog.notify_all()
         self.results.close()
 
-    def resize(self, slots: int) -> None:
+    def slots_changed(self) -> None:
+        """The number of slots changed (globalConfig ``poolSize``): a waiting
+        ``reserve`` looks again."""
         with self._cond:
-            self._slots = max(1, slots)
             self._cond.notify_all()
 
     @property
     def slots(self) -> int:
-        return self._slots
+        return max(1, self._slots_now())
 
     @property
     def executing(self) -> int:
@@ -574,3 +581,7 @@ class Ledger:
             return self._cond.wait_for(
                 lambda: self._executing + self._results == 0, timeout=timeout
             )
+
+
+def _constant(value: int) -> Callable[[], int]:
+    return lambda: value

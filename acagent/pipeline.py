@@ -113,6 +113,8 @@ class Pipeline:
         if config.ipv4_fallback:
             force_ipv4()
         self.rate_limits = RateLimits(config.rate_limit_per_min)
+        #: what globalConfig may change; each setting is held here alone
+        self.settings = RuntimeSettings.of(config)
         if client is None:
             client = ACClient(
                 config, retry_policy=retry_policy, rate_limits=self.rate_limits, abort=self.abort
@@ -121,19 +123,14 @@ class Pipeline:
             client.abort = self.abort
             self.rate_limits = client.rate_limits
         client.on_exchange = self._on_exchange
+        client.settings = self.settings  # the client reads TLS verification there
         self.client = client
-        self.settings = RuntimeSettings(
-            verify=config.tls_verify,
-            upload_to_ac=config.upload_to_ac,
-            pool_size=config.executor_pool_size,
-            verify_for=config.tls_verify_for,
-        )
         # The folders must be the agent's own (folders.py) before anything
         # touches them: ConfigError otherwise.
         config.check_paths()
         self.spool = ResultSpool(config.resolved_spool_dir())
         self.ledger = Ledger(
-            slots=config.executor_slots,
+            slots=lambda: self.settings.pool_size + config.prefetch,
             threshold=config.response_queue_threshold,
             spool=self.spool,
             observers=self.observers,
@@ -141,8 +138,7 @@ class Pipeline:
         self.observers.add(
             GlobalConfigObserver(
                 self.settings,
-                on_verify=self.client.set_verify,
-                on_pool_size=lambda n: self.ledger.resize(n + config.prefetch),
+                on_pool_size=lambda n: self.ledger.slots_changed(),
                 on_rate=self.rate_limits.set_rate,
             )
         )
