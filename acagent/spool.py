@@ -543,17 +543,7 @@ class _KeyState:
     @property
     def empty(self) -> bool:
         """Nothing worth keeping: the same as a key the spool never saw."""
-        return not (
-            self.record
-            or self.journal
-            or self.aside
-            or self.leaving
-            or self.live_body
-            or self.synced_body
-            or self.bodiless
-            or self.reported
-            or self.body_sha256 is not None
-        )
+        return not any(getattr(self, name) for name in self.__slots__)
 
 
 class ResultSpool:
