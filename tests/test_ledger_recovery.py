@@ -159,3 +159,22 @@ def test_answer_unfinished_leaves_the_answers_in_the_spool(tmp_path: Path) -> No
     again = make_ledger(new_spool(tmp_path / "spool"))
     again.recover()
     assert {r.failure for r in queued(again).values()} == {"shutdown"}
+
+
+def test_a_delivered_result_leaves_the_spool_count_before_its_files(tmp_path: Path) -> None:
+    spool = new_spool(tmp_path / "spool")
+    ledger = make_ledger(spool)
+    assert ledger.reserve(WAIT)
+    ledger.fetched(task("t"))
+    taken = ledger.take_task(WAIT)
+    assert taken is not None and taken.key is not None
+    assert spool.size() == 0  # its journal only
+    ledger.finished(Result(fields={"taskId": "t"}, status_code=204, key=taken.key))
+    assert spool.size() == 1 and ledger.waiting_results == 1
+    delivery = ledger.take_result(0.0)
+    assert delivery is not None
+    ledger.delivered(delivery)
+    assert spool.size() == 0 and ledger.outstanding() == 0
+    assert spool.record_path(taken.key).exists()  # the cleanup thread's work, later
+    assert ledger.remove_delivered(0.0) == 1
+    assert not spool.record_path(taken.key).exists() and spool.size() == 0
