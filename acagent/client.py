@@ -61,6 +61,7 @@ from .errors import (
     UnreadReplyError,
     UploadURLRefused,
 )
+from .globalconfig import RuntimeSettings
 from .logs import scrub_text
 from .logthrottle import LogThrottle
 from .models import Task
@@ -277,10 +278,14 @@ class ACClient:
         abort: Optional[threading.Event] = None,
         on_exchange: Optional[ExchangeHook] = None,
         permits: Optional[Permits] = None,
+        settings: Optional[RuntimeSettings] = None,
     ) -> None:
         """``permits``: default from the config (Redis leases with a coordination URL,
-        else in-process); one passed in is the caller's to close."""
+        else in-process); one passed in is the caller's to close. ``settings``:
+        where TLS verification is read (the Pipeline's, which globalConfig
+        changes); default from the config."""
         self.config = config
+        self.settings = settings if settings is not None else RuntimeSettings.of(config)
         self.agent_id = agent_id or make_agent_id()
         self.version = version
         self.retry_policy = retry_policy or RetryPolicy()
@@ -313,8 +318,6 @@ class ACClient:
                 reconnect=self.retry_policy.store_reconnect,
             )
         self._count_lock = threading.Lock()
-        self._inflight = 0
-        self.verify: Union[bool, str] = config.tls_verify
         user_agent = f"acagent/{version}"
         self._tracker = ConnectionTracker()
         #: the thread in get-task right now
@@ -377,12 +380,18 @@ class ACClient:
 
     @property
     def inflight(self) -> int:
-        """AC requests open right now (never above ``max_concurrent``)."""
-        return self._inflight
+        """AC requests open right now (never above ``max_concurrent``): each
+        holds a permit, so the permits count them."""
+        return self.permits.holders
+
+    @property
+    def verify(self) -> Union[bool, str]:
+        """requests' ``verify=`` for the AC server and S3 (``settings.verify``)."""
+        return self.settings.verify
 
     def set_verify(self, verify: bool) -> None:
         """globalConfig ``verifyCert``: keep the CA bundle when turning verification on."""
-        self.verify = self.config.tls_verify_for(verify)
+        self.settings.set_verify(verify)
 
     def stop_fetching(self, *, from_signal: bool = False) -> None:
         """No new get-task from now on; one in flight is left to end (see ``abandon.py``).
@@ -455,13 +464,9 @@ class ACClient:
                     self._fetch_waiting -= 1
         if lease is None:
             raise AgentStopping("stopped while waiting for an AC permit")
-        with self._count_lock:
-            self._inflight += 1
         try:
             yield
         finally:
-            with self._count_lock:
-                self._inflight -= 1
             self.permits.release(lease)
 
     # -- one exchange ----------------------------------------------------

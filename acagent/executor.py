@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import requests
 import urllib3.exceptions
@@ -64,11 +64,16 @@ class Executor(Stage):
         self.allow = TargetPolicy(self.config.allowed_targets, self.config.denied_targets)
         self.session = self._make_session(self.config.executor_pool_size)
         self.deadline_watch = DeadlineWatch(ctx.abort)
+        # The threads of the pool new tasks go to: the settings' pool_size as
+        # it was when the dispatcher last looked (it resizes to a new one).
         self._size = ctx.settings.pool_size
         self._pool = self._new_pool(self._size)
         self._lock = threading.Lock()
         # Tasks handed to a pool and not yet finished, by result key, and their futures.
         self._active: Dict[str, Task] = {}
+        # Tasks on a pool thread now (``busy``): a task handed to a pool whose
+        # threads are all taken (the prefetched one) waits there, not counted.
+        self._running = 0
         self._futures: Dict[concurrent.futures.Future[None], concurrent.futures.Executor] = {}
         self._dispatcher: Optional[threading.Thread] = None
         self._watcher: Optional[threading.Thread] = None
@@ -127,13 +132,13 @@ class Executor(Stage):
 
     @property
     def size(self) -> int:
+        """Threads of the pool that takes new tasks."""
         return self._size
 
     @property
     def busy(self) -> int:
-        """Tasks running now."""
-        with self._lock:
-            return len(self._active)
+        """Tasks running on a thread now (never more than the pools' threads)."""
+        return self._running
 
     # -- dispatching -----------------------------------------------------
     def _dispatch_loop(self) -> None:
@@ -191,15 +196,19 @@ class Executor(Stage):
 
     def _run(self, task: Task, key: str) -> None:
         started = time.monotonic()
+        with self._lock:
+            self._running += 1
         with logs.task_context(task.task_id):
             try:
                 result = self.execute(task, key=key)
             except Exception as exc:  # execute() must not raise; a subclass might
                 log.exception("execute() raised for task %s", task.task_id)
                 result = Result.agent_error(task, f"{type(exc).__name__}: {exc}", key=key)
+            finally:
+                with self._lock:
+                    self._running -= 1
+                    still_ours = self._active.pop(key, None) is not None
             result.key = key
-            with self._lock:
-                still_ours = self._active.pop(key, None) is not None
             if not still_ours:
                 self.ctx.spool.discard_body(key)  # the shutdown deadline answered it already
                 return
@@ -399,6 +408,9 @@ class DeadlineWatch:
     for every watched response when the agent's abort signal is set (stop at
     the drain deadline): the blocked read ends at once with an error that
     the executor reports as the watch's reason.
+
+    ``clock``: the monotonic clock deadlines are read on (tests pass their
+    own, and drive the watch with ``fire_due`` instead of a thread).
     """
 
     #: how often the thread looks at the abort signal while a response is watched
@@ -406,8 +418,9 @@ class DeadlineWatch:
     #: longest sleep while nothing is watched (a new watch or close() wakes it)
     IDLE_WAIT = 60.0
 
-    def __init__(self, abort: threading.Event) -> None:
+    def __init__(self, abort: threading.Event, clock: Callable[[], float] = time.monotonic) -> None:
         self._abort = abort
+        self._clock = clock
         self._cond = threading.Condition()
         self._heap: List[Tuple[float, int, _Watch]] = []
         self._seq = 0
@@ -438,19 +451,36 @@ class DeadlineWatch:
             with self._cond:
                 if self._closed:
                     return
-                while self._heap and self._heap[0][2].response is None:
-                    heapq.heappop(self._heap)  # finished in time
-                now = time.monotonic()
-                due: List[_Watch] = []
-                aborting = self._abort.is_set()
-                while self._heap and (aborting or self._heap[0][0] <= now):
-                    due.append(heapq.heappop(self._heap)[2])
-                wait = self.IDLE_WAIT if not self._heap else min(self.TICK, self._heap[0][0] - now)
+                due, aborting, wait = self._take_due()
                 if not due:
-                    self._cond.wait(max(0.0, wait))
+                    # in the same hold of the lock: a new watch's notify is never missed
+                    self._cond.wait(wait)
                     continue
             for watch in due:
                 self._fire(watch, aborting)
+
+    def fire_due(self) -> float:
+        """One pass of the thread's loop without its wait: shut every response
+        whose deadline passed (every one, once the abort signal is set); then
+        the seconds the thread would wait before it looks again."""
+        with self._cond:
+            due, aborting, wait = self._take_due()
+        for watch in due:
+            self._fire(watch, aborting)
+        return wait
+
+    def _take_due(self) -> Tuple[List[_Watch], bool, float]:
+        """Take the due watches off the heap (lock held): ``(due, aborting,
+        wait)``, ``wait`` being how long to sleep if none was due."""
+        while self._heap and self._heap[0][2].response is None:
+            heapq.heappop(self._heap)  # finished in time
+        now = self._clock()
+        due: List[_Watch] = []
+        aborting = self._abort.is_set()
+        while self._heap and (aborting or self._heap[0][0] <= now):
+            due.append(heapq.heappop(self._heap)[2])
+        wait = self.IDLE_WAIT if not self._heap else min(self.TICK, self._heap[0][0] - now)
+        return due, aborting, max(0.0, wait)
 
     @staticmethod
     def _fire(watch: _Watch, aborting: bool) -> None:

@@ -19,10 +19,13 @@ from __future__ import annotations
 import logging
 import reprlib
 import threading
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Union
 
 from . import logs
 from .observers import Observer
+
+if TYPE_CHECKING:
+    from .config import AgentConfig
 
 log = logging.getLogger("acagent.globalconfig")
 
@@ -55,7 +58,11 @@ _shown.maxlong = _shown.maxstring = 40
 
 
 class RuntimeSettings:
-    """Settings that may change at run time; every read and write is atomic."""
+    """Settings that may change at run time; every read and write is atomic.
+
+    Each is held here alone: the AC client reads ``verify`` from here, the
+    Ledger and the Executor ``pool_size``.
+    """
 
     def __init__(
         self,
@@ -70,6 +77,16 @@ class RuntimeSettings:
         self._upload_to_ac = upload_to_ac
         self._pool_size = pool_size
         self._verify_for = verify_for
+
+    @classmethod
+    def of(cls, config: AgentConfig) -> RuntimeSettings:
+        """The settings as ``config`` starts them."""
+        return cls(
+            verify=config.tls_verify,
+            upload_to_ac=config.upload_to_ac,
+            pool_size=config.executor_pool_size,
+            verify_for=config.tls_verify_for,
+        )
 
     @property
     def verify(self) -> Verify:
@@ -100,21 +117,19 @@ class RuntimeSettings:
 class GlobalConfigObserver(Observer):
     """Applies ``globalConfig`` from fetched tasks to the runtime settings.
 
-    ``on_verify(enabled)``, ``on_pool_size(n)`` and ``on_rate(n)`` are called
-    for those keys, after the settings changed (the Pipeline passes the AC
-    client's verify setter, the ledger's resize and the rate limiter's setter).
+    ``on_pool_size(n)`` and ``on_rate(n)`` are called for those keys, after
+    the settings changed (the Pipeline passes the Ledger's wake-up for a
+    new size and the rate limiter's setter).
     """
 
     def __init__(
         self,
         settings: RuntimeSettings,
         *,
-        on_verify: Optional[Callable[[bool], None]] = None,
         on_pool_size: Optional[Callable[[int], None]] = None,
         on_rate: Optional[Callable[[int], None]] = None,
     ) -> None:
         self.settings = settings
-        self._on_verify = on_verify
         self._on_pool_size = on_pool_size
         self._on_rate = on_rate
         #: the value each key had last (applied, or refused and logged)
@@ -146,8 +161,6 @@ class GlobalConfigObserver(Observer):
             if not value:
                 log.warning("server turned TLS verification off (globalConfig verifyCert)")
             self.settings.set_verify(value)
-            if self._on_verify is not None:
-                self._on_verify(value)
         elif key == "uploadToAC":
             self.settings.set_upload_to_ac(value)
         elif key == "poolSize":

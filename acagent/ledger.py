@@ -18,6 +18,11 @@ receives ends in exactly one accepted result*. It owns
   are slots (``_watch_spool``).
 * **"spool, then queue"**: ``finished`` writes the result record durably and
   only then queues it for delivery.
+* **the spool's answers outside a run**: ``recover`` queues, at start, what
+  an earlier run left in the spool (a task it took and never finished is
+  answered with ``INTERRUPTED``); ``answer_unfinished``, at the shutdown
+  deadline, saves the answer of every task still running and leaves it in
+  the spool for the next start.
 * **both queues**: ``tasks`` (a FIFO the Executor takes from) and ``results``
   (a ``DueQueue`` of ``Delivery`` items: each result carries its own retry
   state and due time).
@@ -38,14 +43,14 @@ import logging
 import queue
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Mapping, Optional, Union
 
 from . import logs
 from .delivery import Delivery
 from .duequeue import DueQueue
 from .models import Result, Task, new_result_key
 from .observers import Observers
-from .spool import SPOOL_ERRNOS, ResultSpool, spool_error_reason
+from .spool import SPOOL_ERRNOS, ResultSpool, spool_error_reason, task_id_in_record
 
 log = logging.getLogger("acagent.ledger")
 
@@ -64,8 +69,9 @@ class Ledger:
 
     For callers (the stages): ``reserve``/``cancel``/``fetched`` (Fetcher),
     ``take_task``/``finished`` (Executor), ``take_result``/``retry_later``/
-    ``delivered`` (Uploader); ``hold``/``release`` (anyone); and
-    ``close_intake``/``close``/``wait_drained`` (the Pipeline's stop).
+    ``delivered`` (Uploader); ``hold``/``release``/``holds`` (anyone); and
+    ``recover`` (the Pipeline's start), ``close_intake``/``close``/
+    ``wait_drained``/``answer_unfinished`` (its stop).
     """
 
     #: seconds between probe writes while the spool hold is set
@@ -74,12 +80,18 @@ class Ledger:
     def __init__(
         self,
         *,
-        slots: int,
+        slots: Union[int, Callable[[], int]],
         threshold: int,
         spool: ResultSpool,
         observers: Optional[Observers] = None,
     ) -> None:
-        if slots < 1 or threshold < 1:
+        """``slots``: tasks that may be reserved or running at once (executor
+        threads and prefetch), or a function that says how many now (the
+        executor's size is the runtime settings'; ``slots_changed`` when it
+        changes)."""
+        if isinstance(slots, int):
+            slots = _constant(slots)
+        if slots() < 1 or threshold < 1:
             raise ValueError("slots and threshold must be >= 1")
         self.spool = spool
         self.observers = observers if observers is not None else Observers()
@@ -90,7 +102,7 @@ class Ledger:
         self._cond = threading.Condition(lock)
         #: wakes ``wait_backlogged`` only: when results reach the threshold (same lock)
         self._backlog = threading.Condition(lock)
-        self._slots = slots
+        self._slots_now: Callable[[], int] = slots
         self._threshold = threshold
         self._executing = 0
         self._results = 0
@@ -131,7 +143,7 @@ class Ledger:
     def _has_room(self) -> bool:
         if self._closed or self._intake_closed:
             return True  # wake up: the answer is "no", at once
-        slots = 1 if self._one_at_a_time else self._slots
+        slots = 1 if self._one_at_a_time else self.slots
         return not self._holds and self._executing < slots and self._results < self._threshold
 
     def results_backlogged(self) -> bool:
@@ -271,6 +283,107 @@ class Ledger:
             return False
         return True
 
+    # ------------------------------------------------------------ start and deadline
+    def recover(self) -> None:
+        """Queue what an earlier run left in the spool for this server and key
+        (call once, at start, after the spool's origin is set); the file name
+        is the key. Records of another server or key stay where they are, for
+        their own agent (``ResultSpool.recover``)."""
+        spool = self.spool
+        removed = spool.clean_orphans()
+        if removed:
+            log.info("removed %d orphan file(s) from the spool", removed)
+        found = spool.recover()
+        interrupted = 0  # journals of tasks the earlier run took and never finished
+        for key, record in found.records:
+            try:
+                result = Result.from_record(record)
+            except (KeyError, TypeError, ValueError) as exc:
+                self._answer_damaged(key, task_id_in_record(record), f"unusable record: {exc}")
+                continue
+            # The record's own "key" and "bodyPath" are not trusted: the file
+            # name says which result this is and where its body lives.
+            result.key = key
+            if result.body_path is not None:
+                result.body_path = str(spool.body_path(key))
+            interrupted += result.failure == "interrupted"
+            self.adopt(result)
+        for key, task_id in found.damaged:
+            self._answer_damaged(key, task_id, "record does not parse")
+        if found.records:
+            log.info("%d result(s) from an earlier run will be re-sent", len(found.records))
+        if found.adopted:
+            log.warning(
+                "%d result(s) in the spool name no AC server (written by an earlier version): "
+                "sent to %s and stamped with it",
+                found.adopted,
+                spool.origin,
+            )
+        if interrupted:
+            log.warning(
+                "%d task(s) taken by an earlier run that stopped before finishing them "
+                "(killed or crashed) are answered with an error result, not run again",
+                interrupted,
+            )
+        if found.aside:
+            log.warning(
+                "%d result(s) in %s belong to another AC server or API key and are left there, "
+                "not sent: %s; an agent started with that --serverUrl and --apiKey on this "
+                "spool folder delivers them",
+                sum(found.aside.values()),
+                spool.directory,
+                "; ".join(f"{n} of {origin}" for origin, n in sorted(found.aside.items())),
+            )
+        quarantined = spool.quarantined()
+        if quarantined:
+            log.warning(
+                "%d result(s) refused by the AC server or damaged are kept in %s/quarantine: %s",
+                len(quarantined),
+                spool.directory,
+                ", ".join(quarantined[:10]) + (" ..." if len(quarantined) > 10 else ""),
+            )
+
+    def _answer_damaged(self, key: str, task_id: Optional[str], why: str) -> None:
+        """A damaged record goes to quarantine; its task, if its id can be read,
+        is answered with an error result (saved under the same key)."""
+        self.spool.quarantine(key, f"damaged spool record: {why}")
+        if task_id is None:
+            log.error(
+                "spool record %s is damaged (%s) and names no task; moved to quarantine", key, why
+            )
+            return
+        log.error(
+            "spool record %s of task %s is damaged (%s); moved to quarantine, the task is "
+            "answered with an error result",
+            key,
+            task_id,
+            why,
+        )
+        answer = Result.agent_error(
+            {"taskId": task_id},
+            "the agent's record of this result was damaged; the result is lost",
+            failure="damaged",
+            key=key,
+        )
+        with contextlib.suppress(OSError):  # then it lives in memory until delivered
+            self.spool.save(key, answer.to_record(), has_body=False)
+        self.adopt(answer)
+
+    def answer_unfinished(self, unfinished: Mapping[str, Task]) -> None:
+        """The shutdown deadline passed with these tasks still running (by
+        result key; their requests are being cut): each is answered "agent
+        shutting down" in the spool, delivered by the next start, and its
+        reservation is released."""
+        for key, task in unfinished.items():
+            result = Result.agent_error(task, "agent shutting down", failure="shutdown", key=key)
+            self.spool.discard_body(key)
+            with contextlib.suppress(OSError):
+                self.spool.save(key, result.to_record())
+            with self._cond:
+                self._executing -= 1
+                self._cond.notify_all()
+            self.observers.emit("on_result_ready", result)
+
     # ------------------------------------------------------------ the Uploader's side
     def adopt(self, result: Result) -> None:
         """Queue a result found in the spool at start (not counted by backpressure)."""
@@ -389,7 +502,7 @@ class Ledger:
                 return
             self._next_probe = now + self.SPOOL_PROBE_INTERVAL
         fit = self.spool.tasks_with_room()
-        every_slot = fit is None or fit >= self._slots
+        every_slot = fit is None or fit >= self.slots
         if held and not (every_slot or self._room_for_one(fit)):
             return
         if held and not self.spool.probe_writable():
@@ -405,7 +518,7 @@ class Ledger:
                 "the spool folder has room for the bodies of %d task(s), not of every "
                 "executor slot (%d): tasks are taken one at a time until it has",
                 fit or 0,
-                self._slots,
+                self.slots,
             )
         elif changed:
             log.info("the spool folder has room for every executor slot again")
@@ -437,14 +550,15 @@ class Ledger:
             self._backlog.notify_all()
         self.results.close()
 
-    def resize(self, slots: int) -> None:
+    def slots_changed(self) -> None:
+        """The number of slots changed (globalConfig ``poolSize``): a waiting
+        ``reserve`` looks again."""
         with self._cond:
-            self._slots = max(1, slots)
             self._cond.notify_all()
 
     @property
     def slots(self) -> int:
-        return self._slots
+        return max(1, self._slots_now())
 
     @property
     def executing(self) -> int:
@@ -467,3 +581,7 @@ class Ledger:
             return self._cond.wait_for(
                 lambda: self._executing + self._results == 0, timeout=timeout
             )
+
+
+def _constant(value: int) -> Callable[[], int]:
+    return lambda: value

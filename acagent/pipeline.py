@@ -30,7 +30,6 @@ never installs signal handlers; the CLI does.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -51,12 +50,11 @@ from .ledger import Ledger
 from .metrics import AgentMetrics
 from .metricsfile import MetricsFileWriter, default_metrics_path
 from .metricsobserver import MetricsFileObserver, MetricsObserver
-from .models import Result
 from .observers import Observer, Observers
 from .ratelimit import RateLimits
 from .readiness import Readiness
 from .retry import RetryPolicy
-from .spool import Origin, ResultSpool, task_id_in_record
+from .spool import Origin, ResultSpool
 from .stage import Stage, StageContext
 from .threadcrash import ThreadCrashHook
 from .uploader import Uploader
@@ -108,11 +106,15 @@ class Pipeline:
         #: the one stop signal of the stages: set when the agent must stop at once
         self.abort = threading.Event()
         self.metrics = metrics if metrics is not None else AgentMetrics()
-        self.readiness = Readiness(config.ready_window, auth_hint(config))
+        self.readiness = Readiness(
+            config.ready_window, auth_hint(config), holds=lambda: self.ledger.holds()
+        )
         self.observers = Observers((MetricsObserver(self.metrics), self.readiness, *observers))
         if config.ipv4_fallback:
             force_ipv4()
         self.rate_limits = RateLimits(config.rate_limit_per_min)
+        #: what globalConfig may change; each setting is held here alone
+        self.settings = RuntimeSettings.of(config)
         if client is None:
             client = ACClient(
                 config, retry_policy=retry_policy, rate_limits=self.rate_limits, abort=self.abort
@@ -121,19 +123,14 @@ class Pipeline:
             client.abort = self.abort
             self.rate_limits = client.rate_limits
         client.on_exchange = self._on_exchange
+        client.settings = self.settings  # the client reads TLS verification there
         self.client = client
-        self.settings = RuntimeSettings(
-            verify=config.tls_verify,
-            upload_to_ac=config.upload_to_ac,
-            pool_size=config.executor_pool_size,
-            verify_for=config.tls_verify_for,
-        )
         # The folders must be the agent's own (folders.py) before anything
         # touches them: ConfigError otherwise.
         config.check_paths()
         self.spool = ResultSpool(config.resolved_spool_dir())
         self.ledger = Ledger(
-            slots=config.executor_slots,
+            slots=lambda: self.settings.pool_size + config.prefetch,
             threshold=config.response_queue_threshold,
             spool=self.spool,
             observers=self.observers,
@@ -141,8 +138,7 @@ class Pipeline:
         self.observers.add(
             GlobalConfigObserver(
                 self.settings,
-                on_verify=self.client.set_verify,
-                on_pool_size=lambda n: self.ledger.resize(n + config.prefetch),
+                on_pool_size=lambda n: self.ledger.slots_changed(),
                 on_rate=self.rate_limits.set_rate,
             )
         )
@@ -265,63 +261,11 @@ class Pipeline:
         )
 
     def _recover_spool(self) -> None:
-        """Queue what an earlier run left in the spool for this server and key;
-        the file name is the key. Records of another server or key stay where
-        they are, for their own agent (``ResultSpool.recover``)."""
+        """Stamp the spool with this agent's server and key, and have the
+        Ledger queue what an earlier run left for them."""
         self.spool.set_origin(Origin.of(self.config.base_url, self.config.api_key))
         self.spool.max_body = self.config.max_response_bytes  # for the headroom rule
-        removed = self.spool.clean_orphans()
-        if removed:
-            log.info("removed %d orphan file(s) from the spool", removed)
-        found = self.spool.recover()
-        interrupted = 0  # journals of tasks the earlier run took and never finished
-        for key, record in found.records:
-            try:
-                result = Result.from_record(record)
-            except (KeyError, TypeError, ValueError) as exc:
-                self._answer_damaged(key, task_id_in_record(record), f"unusable record: {exc}")
-                continue
-            # The record's own "key" and "bodyPath" are not trusted: the file
-            # name says which result this is and where its body lives.
-            result.key = key
-            if result.body_path is not None:
-                result.body_path = str(self.spool.body_path(key))
-            interrupted += result.failure == "interrupted"
-            self.ledger.adopt(result)
-        for key, task_id in found.damaged:
-            self._answer_damaged(key, task_id, "record does not parse")
-        if found.records:
-            log.info("%d result(s) from an earlier run will be re-sent", len(found.records))
-        if found.adopted:
-            log.warning(
-                "%d result(s) in the spool name no AC server (written by an earlier version): "
-                "sent to %s and stamped with it",
-                found.adopted,
-                self.spool.origin,
-            )
-        if interrupted:
-            log.warning(
-                "%d task(s) taken by an earlier run that stopped before finishing them "
-                "(killed or crashed) are answered with an error result, not run again",
-                interrupted,
-            )
-        if found.aside:
-            log.warning(
-                "%d result(s) in %s belong to another AC server or API key and are left there, "
-                "not sent: %s; an agent started with that --serverUrl and --apiKey on this "
-                "spool folder delivers them",
-                sum(found.aside.values()),
-                self.spool.directory,
-                "; ".join(f"{n} of {origin}" for origin, n in sorted(found.aside.items())),
-            )
-        quarantined = self.spool.quarantined()
-        if quarantined:
-            log.warning(
-                "%d result(s) refused by the AC server or damaged are kept in %s/quarantine: %s",
-                len(quarantined),
-                self.spool.directory,
-                ", ".join(quarantined[:10]) + (" ..." if len(quarantined) > 10 else ""),
-            )
+        self.ledger.recover()
 
     def _mention_legacy_spool(self) -> None:
         """Results an earlier version left in its default spool (under the temp
@@ -343,32 +287,6 @@ class Pipeline:
                 self.spool.directory,
                 legacy,
             )
-
-    def _answer_damaged(self, key: str, task_id: Optional[str], why: str) -> None:
-        """A damaged record goes to quarantine; its task, if its id can be read,
-        is answered with an error result (saved under the same key)."""
-        self.spool.quarantine(key, f"damaged spool record: {why}")
-        if task_id is None:
-            log.error(
-                "spool record %s is damaged (%s) and names no task; moved to quarantine", key, why
-            )
-            return
-        log.error(
-            "spool record %s of task %s is damaged (%s); moved to quarantine, the task is "
-            "answered with an error result",
-            key,
-            task_id,
-            why,
-        )
-        answer = Result.agent_error(
-            {"taskId": task_id},
-            "the agent's record of this result was damaged; the result is lost",
-            failure="damaged",
-            key=key,
-        )
-        with contextlib.suppress(OSError):  # then it lives in memory until delivered
-            self.spool.save(key, answer.to_record(), has_body=False)
-        self.ledger.adopt(answer)
 
     def _undo_start(self, started: list[Stage]) -> None:
         self.abort.set()
@@ -549,13 +467,7 @@ class Pipeline:
     def _abort_unfinished(self) -> None:
         self.abort.set()
         take = getattr(self.executor, "take_unfinished", None)
-        unfinished = take() if take is not None else {}
-        for key, task in unfinished.items():
-            result = Result.agent_error(task, "agent shutting down", failure="shutdown", key=key)
-            self.spool.discard_body(key)
-            with contextlib.suppress(OSError):
-                self.spool.save(key, result.to_record())
-            self.observers.emit("on_result_ready", result)
+        self.ledger.answer_unfinished(take() if take is not None else {})
         log.warning("shutdown deadline reached: unfinished work is kept in the spool")
 
     def wait_stopped(self, timeout: float) -> bool:

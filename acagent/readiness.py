@@ -1,15 +1,15 @@
 """Readiness: is the agent able to do its job right now, and if not, why.
 
 An observer: it hears every AC exchange (``ReadinessTracker`` turns them into
-"the AC server answers") and every hold of the Ledger (the API key refused,
-the spool full, the coordination server unreachable, ...). ``check`` gives
-``/readyz`` its answer with the reason an operator can act on.
+"the AC server answers"), and asks the Ledger for its holds (the API key
+refused, the spool full, the coordination server unreachable, ...) when
+asked itself. ``check`` gives ``/readyz`` its answer with the reason an
+operator can act on.
 """
 
 from __future__ import annotations
 
-import threading
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Mapping, Tuple
 
 from .fetcher import AUTH_HINT
 from .health import ReadinessTracker
@@ -17,12 +17,19 @@ from .observers import Observer
 
 
 class Readiness(Observer):
-    def __init__(self, window: float, auth_hint: str = AUTH_HINT) -> None:
+    """``holds``: the reasons fetching is held for now (``Ledger.holds``)."""
+
+    def __init__(
+        self,
+        window: float,
+        auth_hint: str = AUTH_HINT,
+        *,
+        holds: Callable[[], Mapping[str, str]] = dict,
+    ) -> None:
         #: what /readyz says while the server refuses the key (``fetcher.auth_hint``)
         self.auth_hint = auth_hint
         self.tracker = ReadinessTracker(window)
-        self._lock = threading.Lock()
-        self._holds: Dict[str, str] = {}
+        self._holds = holds
         self._key_refused = False
         self._checks: List[Callable[[], Tuple[bool, str]]] = []
 
@@ -44,16 +51,8 @@ class Readiness(Observer):
         elif status == "error" or (code is not None and code >= 500):
             self.tracker.record_failure()
 
-    def on_hold(self, reason_key: str, message: Optional[str]) -> None:
-        with self._lock:
-            if message is None:
-                self._holds.pop(reason_key, None)
-            else:
-                self._holds[reason_key] = message
-
     def check(self) -> Tuple[bool, str]:
-        with self._lock:
-            holds = list(self._holds.values())
+        holds = list(self._holds().values())
         if holds:
             return False, "; ".join(holds)
         for check in self._checks:

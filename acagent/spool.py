@@ -495,6 +495,57 @@ class BodyFile(io.RawIOBase):
             super().close()
 
 
+class _KeyState:
+    """What the spool knows of one key, besides its files: one value per key,
+    changed only with the spool's lock held (``ResultSpool._change``)."""
+
+    __slots__ = (
+        "aside",
+        "bodiless",
+        "body_sha256",
+        "journal",
+        "leaving",
+        "live_body",
+        "record",
+        "reported",
+        "synced_body",
+    )
+
+    def __init__(self) -> None:
+        #: ``<key>.json`` is on disk
+        self.record = False
+        #: ... and is a task journal (``journal``), not yet a result
+        self.journal = False
+        #: ... and belongs to another origin (``recover``): never delivered nor removed
+        self.aside = False
+        #: the server has the result; ``remove`` has not unlinked its files yet
+        self.leaving = False
+        #: this instance is writing the body and no record names it yet:
+        #: ``clean_orphans`` must not take it
+        self.live_body = False
+        #: a ``BodyFile`` fsynced the body as it closed (``save`` skips that)
+        self.synced_body = False
+        #: saved with ``has_body=False``, no body opened since: ``remove`` has
+        #: no body file to unlink
+        self.bodiless = False
+        #: sha256 of the body a ``BodyFile`` wrote (or a record found at start
+        #: named), until the record goes: ``save`` records it, ``check_body``
+        #: checks against it
+        self.body_sha256: Optional[str] = None
+        #: the record was reported as unreadable already (logged once)
+        self.reported = False
+
+    @property
+    def counted(self) -> bool:
+        """Counted by ``ResultSpool.size``: a saved result of this agent not yet delivered."""
+        return self.record and not (self.journal or self.aside or self.leaving)
+
+    @property
+    def empty(self) -> bool:
+        """Nothing worth keeping: the same as a key the spool never saw."""
+        return not any(getattr(self, name) for name in self.__slots__)
+
+
 class ResultSpool:
     """A folder of results not yet accepted by the AC server.
 
@@ -528,27 +579,14 @@ class ResultSpool:
         except OSError as exc:
             log.warning("cannot make the spool folder %s private (mode 0700): %s", self._dir, exc)
         self._lock = threading.Lock()
-        # Keys of the records on disk (see the invariant in ``save``).
-        self._keys: Set[str] = set(self._scan(_RECORD))
-        # Keys whose body this instance created and that have no record yet:
-        # ``clean_orphans`` must not take a body that is still being written.
-        self._live_bodies: Set[str] = set()
-        # Keys whose record is a task journal (``journal``), not yet a result.
-        self._journaled: Set[str] = set()
-        # Keys whose body a BodyFile fsynced as it closed (``save`` skips it);
-        # set.add/discard are atomic, so no lock is needed for this set.
-        self._synced_bodies: Set[str] = set()
-        # sha256 of each body a BodyFile wrote (or a record found at start
-        # named), until its record goes: ``save`` records it, ``check_body``
-        # checks against it.
-        self._body_sums: Dict[str, str] = {}
-        # Keys of records that belong to another origin (``recover``): on disk,
-        # never delivered nor removed by this agent, not counted by ``size``.
-        self._aside: Set[str] = set()
-        # Keys of results the server has, whose files ``remove`` has not yet
-        # unlinked (``delivered``): not counted by ``size``. set.add and
-        # membership tests are atomic, so ``delivered`` takes no lock.
-        self._leaving: Set[str] = set()
+        # One state per key (see the invariant in ``save``), and how many of
+        # them ``size`` counts: both changed only with the lock held, by
+        # ``_change``; keys the spool knows nothing of have no entry.
+        self._states: Dict[str, _KeyState] = {}
+        self._size = 0
+        with self._lock:
+            for key in self._scan(_RECORD):
+                self._change(key, record=True)
         # This agent's origin as ``_encode`` writes it (``set_origin``).
         self._origin: Optional[Origin] = None
         self._origin_field: Dict[str, str] = {}
@@ -560,11 +598,6 @@ class ResultSpool:
         self._recent_bodies: Deque[int] = collections.deque(maxlen=RECENT_BODIES)
         #: the largest body a task may write (``--maxResponseBytes``; 0: no limit)
         self.max_body = 0
-        # Keys saved with ``has_body=False`` and no body opened since: ``remove``
-        # has no body file to unlink for them.
-        self._bodiless: Set[str] = set()
-        # Records already reported as unreadable, so each is logged once.
-        self._reported: Set[str] = set()
         self._lock_fd: Optional[int] = None
         # Group commit of folder fsyncs (see save): renames done, renames synced.
         self._sync_cond = threading.Condition()
@@ -573,7 +606,9 @@ class ResultSpool:
         self._syncing = False
 
     def __repr__(self) -> str:
-        return f"ResultSpool({str(self._dir)!r}, records={len(self._keys)})"
+        with self._lock:
+            records = sum(state.record for state in self._states.values())
+        return f"ResultSpool({str(self._dir)!r}, records={records})"
 
     # ------------------------------------------------------------------ paths
 
@@ -627,22 +662,19 @@ class ResultSpool:
         # Mark the body live before it exists, so a concurrent clean_orphans
         # never sees it as an orphan.
         with self._lock:
-            self._live_bodies.add(key)
-            self._synced_bodies.discard(key)
-            self._bodiless.discard(key)
-        self._body_sums.pop(key, None)
+            self._change(key, live_body=True, synced_body=False, bodiless=False, body_sha256=None)
         try:
             fd = _create_private(path)
         except BaseException as exc:
             with self._lock:
-                self._live_bodies.discard(key)
+                self._change(key, live_body=False)
             if isinstance(exc, OSError):
                 self._note_body_failure(exc, 0)
             raise
 
         def closed(sha256: str, size: int) -> None:
-            self._body_sums[key] = sha256
-            self._synced_bodies.add(key)
+            with self._lock:
+                self._change(key, body_sha256=sha256, synced_body=True)
             self._recent_bodies.append(size)
 
         return cast(BinaryIO, BodyFile(fd, closed, self._note_body_failure))
@@ -678,31 +710,38 @@ class ResultSpool:
         folder fsync after the rename makes both durable. ``save`` returns
         only once its record is durable.
         """
-        data = self._encode(key, record, self._body_sums.get(key) if has_body else None)
+        # The body's checksum is written by the key's owner alone (this thread):
+        # a plain read (the dict lookup and the attribute read are atomic).
+        known = self._states.get(self._check_key(key))
+        data = self._encode(key, record, known.body_sha256 if has_body and known else None)
         # The body and the tmp file have one writer (the key's owner), so they
         # are written and synced outside the lock. A body closed through
         # open_body's BodyFile was synced as it was closed.
-        if not has_body:
-            if key not in self._live_bodies:  # a body being written still needs removing
-                self._bodiless.add(key)
-        elif key in self._synced_bodies:
-            self._synced_bodies.discard(key)  # the set only bridges close -> save
-        else:
+        with self._lock:
+            state = self._states.get(key)
+            sync_body = has_body and not (state is not None and state.synced_body)
+            if not has_body:
+                if not (state is not None and state.live_body):  # a body being written
+                    self._change(key, bodiless=True)  # still needs removing
+            elif not sync_body:
+                self._change(key, synced_body=False)  # it only bridges close -> save
+        if sync_body:
             self._fsync_file(self._name(key, _BODY))
         tmp = self._name(key, _TMP)
         self._write_new(tmp, data)
         with self._lock:
             # Locking invariant: records are renamed into place and unlinked,
-            # and _keys/_live_bodies changed, only with the lock held (size()
-            # reads len(_keys) lock-free: a single atomic read). So whenever
-            # the lock is free, _keys holds exactly the keys whose <key>.json
-            # is on disk (a record found corrupt leaves it at the next
-            # pending()). A <key>.json.tmp is written only by its key's owner;
-            # at start (clean_orphans, before any task runs) any that exists
-            # is a crash's debris.
+            # and the keys' states changed, only with the lock held (size()
+            # reads one counter lock-free: a single atomic read). So whenever
+            # the lock is free, the states with ``record`` are exactly the
+            # keys whose <key>.json is on disk (a record found corrupt leaves
+            # it at the next pending()), and ``_size`` counts them as
+            # ``_KeyState.counted`` says. A <key>.json.tmp is written only by
+            # its key's owner; at start (clean_orphans, before any task runs)
+            # any that exists is a crash's debris.
             self._rename_into_place(tmp, key)
-            self._journaled.discard(key)
-            self._live_bodies.discard(key)  # the record now protects the body
+            # the record now protects the body
+            self._change(key, journal=False, live_body=False)
             mine = self._note_rename()
         self._sync_folder(mine)
 
@@ -722,7 +761,7 @@ class ResultSpool:
         self._write_new(tmp, data, sync=False)
         with self._lock:  # invariant: see save()
             self._rename_into_place(tmp, key)
-            self._journaled.add(key)
+            self._change(key, journal=True)
 
     def _encode(self, key: str, record: Record, body_sha256: Optional[str] = None) -> bytes:
         """Check ``key`` and serialise ``record`` before anything touches the
@@ -747,13 +786,15 @@ class ResultSpool:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        self._keys.add(key)
+        self._change(key, record=True)
 
     def delivered(self, key: str) -> None:
         """The server has the result of ``key``: it leaves ``size`` now, its
-        files later (``remove``, on another thread). No lock, no disk."""
-        if key in self._keys:
-            self._leaving.add(key)
+        files later (``remove``, on another thread). No disk."""
+        with self._lock:
+            state = self._states.get(key)
+            if state is not None and state.record:
+                self._change(key, leaving=True)
 
     def remove(self, key: str) -> None:
         """Remove the record and then the body of ``key``; missing files are fine.
@@ -773,7 +814,8 @@ class ResultSpool:
         record = self._name(key, _RECORD)
         with self._lock:  # invariant: see save()
             self._unlink(record)
-            if key not in self._bodiless:  # saved without a body file, none made since
+            state = self._states.get(key)
+            if not (state is not None and state.bodiless):  # saved without a body file
                 self._unlink(self._name(key, _BODY))
                 self._unlink(self._name(key, _GZ))
             self._forget(key)
@@ -781,12 +823,10 @@ class ResultSpool:
     def discard_body(self, key: str) -> None:
         """Remove only the body file of ``key`` (e.g. once it went inline); missing is fine."""
         body = self._name(key, _BODY)
-        self._body_sums.pop(key, None)
         with self._lock:  # invariant: see save()
             removed = self._unlink(body)
             removed = self._unlink(self._name(key, _GZ)) or removed
-            self._live_bodies.discard(key)
-            self._synced_bodies.discard(key)
+            self._change(key, live_body=False, synced_body=False, body_sha256=None)
             mine = self._note_rename() if removed else 0
         if removed:
             self._sync_folder(mine)
@@ -935,13 +975,14 @@ class ResultSpool:
                 own = record.pop(SPOOL_FIELD, None)
                 sha256 = own.get("bodySha256") if isinstance(own, dict) else None
                 if isinstance(sha256, str):
-                    self._body_sums[key] = sha256
+                    self._change(key, body_sha256=sha256)
                 found.append((mtime_ns, key, record, own))
                 keys.add(key)
-            self._keys = keys
-            self._journaled &= keys
-            self._aside &= keys
-            self._leaving &= keys
+            # Only the records loaded are the spool's records now.
+            for key in [key for key in self._states if key not in keys]:
+                self._change(key, record=False, journal=False, aside=False, leaving=False)
+            for key in keys:
+                self._change(key, record=True)
         found.sort(key=lambda item: (item[0], item[1]))
         return [(key, record, own) for _, key, record, own in found]
 
@@ -974,7 +1015,8 @@ class ResultSpool:
                     log.warning("spool: could not stamp record %s with its origin: %s", key, exc)
             found.records.append((key, record))
         with self._lock:
-            self._aside = aside
+            for key in list(self._states):
+                self._change(key, aside=key in aside)
         for key in self._scan(_CORRUPT):
             try:
                 text = _read_file(self._name(key, _CORRUPT)).decode("utf-8", "replace")
@@ -998,7 +1040,9 @@ class ResultSpool:
         caller (nothing is read again). Raises ``FileNotFoundError`` if the
         file is gone, and ``OSError`` (ELOOP) if it is a symbolic link.
         """
-        sha256 = self._body_sums.get(key)
+        with self._lock:
+            state = self._states.get(key)
+            sha256 = state.body_sha256 if state is not None else None
         if data is not None:
             got = hashlib.sha256(data).hexdigest() if sha256 is not None else None
             return body_mismatch(size, sha256, len(data), got)
@@ -1030,9 +1074,8 @@ class ResultSpool:
             records = {key for key, kind, _ in entries if kind == _RECORD}
             for key, kind, path in entries:
                 stale_tmp = kind in (_TMP, _GZ_TMP)
-                orphan = (
-                    kind in (_BODY, _GZ) and key not in records and key not in self._live_bodies
-                )
+                live = key in self._states and self._states[key].live_body
+                orphan = kind in (_BODY, _GZ) and key not in records and not live
                 if (stale_tmp or orphan) and self._unlink(path):
                     log.info("spool: removed %s %s", "stale" if stale_tmp else "orphan", path.name)
                     removed += 1
@@ -1043,9 +1086,10 @@ class ResultSpool:
     def size(self) -> int:
         """Number of saved results (journals of running tasks not counted); cheap
         (an in-memory count, no disk access)."""
-        # Reading the length of a set is atomic; no lock, so a metrics scrape
-        # never waits behind an fsync.
-        return len(self._keys) - len(self._journaled) - len(self._aside) - len(self._leaving)
+        # One counter, kept with the states under the lock: reading it is a
+        # single atomic read, so a metrics scrape takes no lock and never sees
+        # a key counted half-way through a change.
+        return self._size
 
     def __len__(self) -> int:
         return self.size()
@@ -1128,8 +1172,10 @@ class ResultSpool:
         return None
 
     def _report(self, key: str, message: str, *args: object) -> None:
-        if key not in self._reported:
-            self._reported.add(key)
+        """Log ``message`` once per key (lock held)."""
+        state = self._states.get(key)
+        if state is None or not state.reported:
+            self._change(key, reported=True)
             log.warning(message, *args)
 
     @staticmethod
@@ -1183,15 +1229,33 @@ class ResultSpool:
         return True
 
     def _forget(self, key: str) -> None:
-        """Drop ``key`` from every per-key set (lock held): its files are gone."""
-        self._keys.discard(key)
-        self._journaled.discard(key)
-        self._live_bodies.discard(key)
-        self._synced_bodies.discard(key)
-        self._bodiless.discard(key)
-        self._body_sums.pop(key, None)
-        self._aside.discard(key)
-        self._leaving.discard(key)
+        """Forget all about ``key`` but that it was reported (lock held): its files are gone."""
+        state = self._states.get(key)
+        if state is not None:
+            self._change(
+                key,
+                record=False,
+                journal=False,
+                aside=False,
+                leaving=False,
+                live_body=False,
+                synced_body=False,
+                bodiless=False,
+                body_sha256=None,
+            )
+
+    def _change(self, key: str, **values: Any) -> None:
+        """Set fields of ``key``'s state (lock held), keeping ``_size`` exact;
+        a state left empty is dropped."""
+        state = self._states.get(key)
+        if state is None:
+            state = self._states[key] = _KeyState()
+        before = state.counted
+        for name, value in values.items():
+            setattr(state, name, value)
+        self._size += state.counted - before
+        if state.empty:
+            del self._states[key]
 
     def _note_rename(self) -> int:
         """Count a change of the folder's entries (a rename or unlinks; lock held):

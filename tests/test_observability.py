@@ -26,6 +26,7 @@ from acagent import AgentConfig, Pipeline, RetryPolicy
 from acagent.backoff import Backoff
 from acagent.fetcher import Fetcher
 from acagent.health import METRICS_CONTENT_TYPE
+from acagent.metrics import metric_value
 from acagent.models import Task
 from acagent.stage import StageContext
 from acagent.testing import FakeACServer, FakeTarget, expected_sha256
@@ -627,3 +628,35 @@ def test_status_line_on_request(
     finally:
         assert pipeline.stop(timeout=WAIT)
     assert status_lines.count() == 2
+
+
+def test_busy_counts_the_threads_running_not_the_prefetched_task(
+    ac: FakeACServer, target: FakeTarget, tmp_path: Path
+) -> None:
+    """Two threads and one task of prefetch: three tasks taken, the third waits
+    for a thread inside the executor; busy says two, as many as run."""
+    ac.add_tasks(
+        {"taskId": f"busy-{i}", "method": "GET", "url": f"{target.url}/bytes/10?latency=1.5"}
+        for i in range(3)
+    )
+    pipeline = make_pipeline(
+        make_config(ac, tmp_path, executor_pool_size=2, prefetch=1, status_interval=3600)
+    )
+    pipeline.start()
+    try:
+        assert wait_until(
+            lambda: (
+                ac.tasks_handed_out == 3
+                and target.inflight == 2
+                and pipeline.ledger.tasks.qsize() == 0  # the third is the executor's
+                and pipeline.ledger.executing == 3
+            )
+        )
+        m = _STATUS_RE.fullmatch(pipeline.status_line())
+        assert m is not None
+        assert int(m.group(8)) == 2  # busy
+        assert metric_value(pipeline.metrics.executor_busy_threads) == 2
+        assert ac.wait_for_results(3, timeout=WAIT)
+        assert wait_until(lambda: metric_value(pipeline.metrics.executor_busy_threads) == 0)
+    finally:
+        assert pipeline.stop(timeout=WAIT)
