@@ -15,6 +15,7 @@ server.
 from __future__ import annotations
 
 from ._version import __version__
+from .backoff import Backoff
 from .client import ACClient
 from .config import AgentConfig
 from .delivery import Delivery
@@ -56,6 +57,7 @@ __all__ = [
     "AgentError",
     "AgentMetrics",
     "AgentStopping",
+    "Backoff",
     "BadReplyError",
     "ConfigError",
     "Delivery",
