@@ -65,6 +65,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import mechanisms
+
 from acagent.testing import FakeACServer, FakeTarget, expected_sha256
 
 API_KEY = "bench-key-0123456789"
@@ -1031,10 +1033,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="extra environment variable for the agent process (repeatable)",
     )
     parser.add_argument("--check-targets", action="store_true", help="exit 3 if a target is missed")
+    parser.add_argument(
+        "--off",
+        action="append",
+        default=[],
+        choices=mechanisms.MECHANISMS,
+        help="benchmark switch: run the agent with this mechanism patched out (repeatable;"
+        " see mechanisms.py)",
+    )
+    parser.add_argument(
+        "--probe",
+        metavar="PREFIX",
+        help="the agent writes what each mechanism did to PREFIX.<pid>.json (costs CPU)",
+    )
     args = parser.parse_args(argv)
     names = ["short"] if args.short else (ISSUE13 if args.issue13 else args.scenario or FULL)
     agent_env = dict(e.split("=", 1) for e in args.agent_env)
     _compile_agent(agent_env)
+    if args.off or args.probe:
+        agent_env = mechanisms.agent_env(args.off, agent_env, probe=args.probe)
+        print(f"mechanisms off: {', '.join(sorted(set(args.off))) or 'none'}", flush=True)
     idle: Optional[Dict[str, Any]] = None
     outcomes: List[Outcome] = []
     by_name: Dict[str, Outcome] = {}
