@@ -17,46 +17,15 @@ Three layers, so no URL trick, redirect or DNS answer gets around the policy
    strips credentials (``SENSITIVE_HEADERS`` plus configured names) when a
    redirect leaves the origin. Its cookie jar keeps nothing, so one task's
    cookies never reach another task.
-
-``TargetSession.request`` builds the executor's plain calls (method, URL,
-headers, bytes body) itself instead of going through requests'
-``prepare_request``, reusing what is the same for every call; see
-``TargetSession.request`` for what it covers and what falls back.
 """
 
 from __future__ import annotations
 
 import http.cookiejar
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional, Set, Tuple, cast
-from urllib.parse import urlsplit
-
-from requests.auth import HTTPBasicAuth
-from requests.cookies import RequestsCookieJar
-from requests.hooks import default_hooks
-from requests.models import PreparedRequest, Response
-from requests.sessions import merge_hooks
-from requests.structures import CaseInsensitiveDict
-from requests.utils import check_header_validity, get_auth_from_url, get_netrc_auth
+from typing import Any, Iterable, Tuple
 
 from .allowlist import GuardedAdapter, TargetPolicy
-from .boundedcache import remember
 from .client import EnvCachedSession
-
-if TYPE_CHECKING:  # the argument types of requests.Session.request, from types-requests
-    from requests.models import _JSON as _Json
-    from requests.sessions import (
-        _Auth,
-        _Cert,
-        _Data,
-        _Files,
-        _HeadersUpdateMapping,
-        _HooksInput,
-        _Params,
-        _TextMapping,
-        _Timeout,
-        _Verify,
-    )
 
 __all__ = [
     "SENSITIVE_HEADERS",
@@ -121,12 +90,6 @@ class _NoCookies(http.cookiejar.DefaultCookiePolicy):
         return False
 
 
-#: entries kept per cache of ``TargetSession`` (prepared URLs, URL credentials,
-#: netrc answers, validated default headers); a full cache is emptied, not
-#: evicted entry by entry: refilling costs one slow-path step per entry
-_FAST_CACHE_MAX = 256
-
-
 class TargetSession(EnvCachedSession):
     """A session that checks each redirect hop and strips credentials across origins."""
 
@@ -135,13 +98,6 @@ class TargetSession(EnvCachedSession):
         self.policy = policy
         self.sensitive_headers = tuple(h.strip().lower() for h in sensitive_headers if h.strip())
         self.cookies.set_policy(_NoCookies())
-        # Caches of the fast path in request(); each holds the result of a pure
-        # function of its key (or of the key and an environment that must not
-        # change while the agent runs, as for EnvCachedSession).
-        self._prepared_urls: Dict[str, str] = {}
-        self._url_auth: Dict[str, Tuple[str, str]] = {}
-        self._netrc: Dict[Optional[str], Optional[Tuple[str, str]]] = {}
-        self._valid_defaults: Set[Tuple[str, str]] = set()
 
     # kept under its old name for code that reads ``session.allow``
     @property
@@ -159,205 +115,6 @@ class TargetSession(EnvCachedSession):
             for name in [n for n in headers if is_sensitive_header(n, self.sensitive_headers)]:
                 del headers[name]
         super().rebuild_auth(prepared_request, response)  # type: ignore[no-untyped-call]
-
-    # -- the fast path ----------------------------------------------------
-    def request(
-        self,
-        method: str | bytes,
-        url: str | bytes,
-        params: _Params | None = None,
-        data: _Data | None = None,
-        headers: _HeadersUpdateMapping | None = None,
-        cookies: RequestsCookieJar | _TextMapping | None = None,
-        files: _Files | None = None,
-        auth: _Auth | None = None,
-        timeout: _Timeout | None = None,
-        allow_redirects: bool = True,
-        proxies: _TextMapping | None = None,
-        hooks: _HooksInput | None = None,
-        stream: bool | None = None,
-        verify: _Verify | None = None,
-        cert: _Cert | None = None,
-        json: _Json | None = None,
-    ) -> Response:
-        """``requests.Session.request`` with the per-call session work cut down.
-
-        The executor's call (str method and URL, a dict of headers, a bytes
-        body or None, timeouts, verify, proxies, stream) is prepared here
-        instead of by ``prepare_request``, to the same ``PreparedRequest``:
-        the URL as ``prepare_url`` prepares it (cached per URL), the session
-        headers merged with the call's like ``merge_setting`` does (same
-        precedence, names case-insensitive, None removes), each header
-        validated by requests' ``check_header_validity``, the body's
-        Content-Length, an empty cookie jar, netrc or URL credentials as
-        Basic auth, the session's hooks. What is skipped is work whose result
-        is fixed: merging the session's empty cookie jar and params, the
-        netrc file lookup (cached per host), validating the unchanged session
-        headers again. The environment, proxies, verify and cert still go
-        through ``merge_environment_settings`` (cached by EnvCachedSession),
-        and ``send`` is requests' own, so redirects (with ``rebuild_auth`` and
-        the response hooks on every hop), timeouts and errors are unchanged.
-
-        Any other argument (params, cookies, files, auth, hooks, json,
-        ``allow_redirects`` other than True, a body other than bytes, a
-        non-str method, URL or header name) or session setting (auth, params,
-        a cookie in the jar) goes to ``requests.Session.request`` unchanged.
-        """
-        prep: Optional[PreparedRequest] = None
-        if (
-            params is None
-            and cookies is None
-            and files is None
-            and auth is None
-            and hooks is None
-            and json is None
-            and allow_redirects is True
-            and type(method) is str
-            and type(url) is str
-            and (data is None or type(data) is bytes)
-        ):
-            prep = self._prepare_fast(method, url, data, headers)
-        if prep is None:
-            return super().request(
-                method,
-                url,
-                params=params,
-                data=data,
-                headers=headers,
-                cookies=cookies,
-                files=files,
-                auth=auth,
-                timeout=timeout,
-                allow_redirects=allow_redirects,
-                proxies=proxies,
-                hooks=hooks,
-                stream=stream,
-                verify=verify,
-                cert=cert,
-                json=json,
-            )
-        # As requests.Session.request from here: the same settings (this may
-        # add environment proxies to a non-empty ``proxies``, as requests does).
-        settings = self.merge_environment_settings(prep.url, proxies or {}, stream, verify, cert)
-        return self.send(prep, timeout=timeout, allow_redirects=True, **settings)
-
-    def _prepare_fast(
-        self,
-        method: str,
-        url: str,
-        data: Optional[bytes],
-        headers: Optional[_HeadersUpdateMapping],
-    ) -> Optional[PreparedRequest]:
-        """The ``PreparedRequest`` ``prepare_request`` makes, or None to fall back.
-
-        Steps in requests' order (netrc, URL, headers, cookies, body, auth,
-        hooks), so an invalid request raises the same exception as there.
-        """
-        defaults = self.headers
-        if (
-            self.auth is not None
-            or self.params
-            or len(self.cookies)  # requests would send a cookie put in by hand
-            or not isinstance(defaults, Mapping)
-            or (headers is not None and not isinstance(headers, Mapping))
-        ):
-            return None
-        # prepare_request: netrc credentials when trust_env and no auth was given
-        auth = self._netrc_auth(url) if self.trust_env else None
-
-        prep = PreparedRequest()
-        prep.method = method.upper()
-        prepared_url = self._prepared_urls.get(url)
-        if prepared_url is None:
-            # requests' own preparation (and its InvalidURL/MissingSchema);
-            # the result depends on the URL string only
-            prep.prepare_url(url, None)
-            prepared_url = cast(str, prep.url)
-            remember(self._prepared_urls, url, prepared_url, _FAST_CACHE_MAX)
-        else:
-            prep.url = prepared_url
-
-        # merge_setting(headers, session headers, CaseInsensitiveDict): the
-        # session's order, the call's value (and its spelling of the name)
-        # for a name given in any case, a None value removes the name (from
-        # the session's headers too; requests' Request turns headers=None
-        # into {}, so this holds for calls without headers as well).
-        merged: Dict[str, Tuple[str, Any, bool]] = {}
-        for name, value in defaults.items():
-            if type(name) is not str:
-                return None
-            merged[name.lower()] = (name, value, True)
-        if headers is not None:
-            for given, given_value in headers.items():
-                if type(given) is not str:
-                    return None
-                merged[given.lower()] = (given, given_value, False)
-        fields = [f for f in merged.values() if f[1] is not None]
-        # prepare_headers: each header validated (InvalidHeader), in order.
-        # A session header validated once is not validated again while its
-        # value stays the same: the check depends on name and value only.
-        valid = self._valid_defaults
-        prepared: CaseInsensitiveDict[str] = CaseInsensitiveDict()
-        for name, value, default in fields:
-            known = default and type(value) is str
-            if not (known and (name, value) in valid):
-                check_header_validity((name, value))
-                if known:
-                    if len(valid) >= _FAST_CACHE_MAX:
-                        valid.clear()
-                    valid.add((name, value))
-            prepared[name] = value
-        prep.headers = prepared
-
-        # prepare_cookies: the jar prepare_request merges from an empty session
-        # jar and no call cookies is empty and adds no Cookie header; requests
-        # copies it per redirect hop to carry cookies set along the chain.
-        cast(Any, prep)._cookies = RequestsCookieJar()
-
-        # prepare_body for bytes (b"" is no body, as ``data or {}`` in requests)
-        body = data or None
-        if body is not None:
-            prepared["Content-Length"] = str(len(body))
-        elif prep.method not in ("GET", "HEAD") and prepared.get("Content-Length") is None:
-            prepared["Content-Length"] = "0"
-        prep.body = body
-
-        # prepare_auth: netrc credentials, else those in the URL, as Basic auth
-        # (it recomputes Content-Length afterwards: unchanged, the body is)
-        if auth is None:
-            url_auth = self._url_auth.get(prepared_url)
-            if url_auth is None:
-                url_auth = get_auth_from_url(prepared_url)
-                remember(self._url_auth, prepared_url, url_auth, _FAST_CACHE_MAX)
-            if any(url_auth):
-                auth = url_auth
-        if auth:
-            HTTPBasicAuth(*auth)(prep)
-
-        # prepare_hooks: the session's hooks (_drop_redirect_body) as
-        # merge_hooks hands them over when the call brings none
-        prep.prepare_hooks(merge_hooks(default_hooks(), self.hooks))  # type: ignore[no-untyped-call]
-        return prep
-
-    def _netrc_auth(self, url: str) -> Optional[Tuple[str, str]]:
-        """``get_netrc_auth(url)``, looked up once per host.
-
-        requests looks for the netrc file and reads it on every request; its
-        answer depends on the host of the URL only (and on the file, which
-        must not change while the agent runs, like the environment). A URL
-        whose host does not parse goes to requests every time, so it raises
-        (or not) exactly as there.
-        """
-        try:
-            host = urlsplit(url).hostname
-        except ValueError:
-            return get_netrc_auth(url)
-        cache = self._netrc
-        if host in cache:
-            return cache[host]
-        found = get_netrc_auth(url)
-        remember(cache, host, found, _FAST_CACHE_MAX)
-        return found
 
 
 def build_target_session(
