@@ -35,8 +35,6 @@ from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from urllib3.connectionpool import HTTPConnectionPool
 
-from .boundedcache import remember
-
 __all__ = [
     "MAX_REPLY_BYTES",
     "NETWORK_ERRORS",
@@ -324,8 +322,9 @@ class ACTransport:
                 HTTPConnectionPool,
                 adapter.get_connection_with_tls_context(prepared, verify, proxies=proxies),
             )
-            # AC calls name one origin; a bound all the same
-            remember(self._pools, key, pool, 64)
+            if len(self._pools) >= 64:  # AC calls name one origin; a bound all the same
+                self._pools.clear()
+            self._pools[key] = pool
         return pool
 
     def close(self) -> None:

@@ -41,7 +41,6 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 
-from .boundedcache import remember
 from .connage import ConnectionAges
 from .errors import AgentError
 
@@ -120,18 +119,12 @@ class TargetPolicy:
     decides the rest once the address to connect to is known.
     """
 
-    #: how many allowed URLs ``check_url`` remembers (see there)
-    ALLOWED_URLS_KEPT = 256
-
     def __init__(self, allowed: Iterable[str] = (), denied: Iterable[str] = ()) -> None:
         denied = [d for d in denied if d.strip()]
         keep_defaults = not any(d.strip().lower() == NO_DEFAULTS for d in denied)
         extra = [d for d in denied if d.strip().lower() != NO_DEFAULTS]
         self.allow = HostList(allowed)
         self.deny = HostList([*(DEFAULT_DENIED if keep_defaults else ()), *extra])
-        # URL -> host of URLs allowed lately. The lists never change after
-        # this, so the answer for a URL string never does either.
-        self._allowed_urls: Dict[str, str] = {}
 
     @property
     def enabled(self) -> bool:
@@ -141,20 +134,12 @@ class TargetPolicy:
     def check_url(self, url: str, *, redirect: bool = False) -> str:
         """Refuse a URL the parsers disagree on, a non-http(s) one, or a denied host.
 
-        Returns the normalised host. Raises ``TargetDenied``.
-
-        An allowed URL is remembered (the last ``ALLOWED_URLS_KEPT``): the
-        executor checks a task's URL before its request and the adapter checks
-        the URL it sends, which is most often the same string. A refusal is
-        never remembered. This is the check by name; the address a connection
-        reaches is checked as it connects.
+        Returns the normalised host. Raises ``TargetDenied``. This is the
+        check by name; the address a connection reaches is checked as it
+        connects.
         """
-        host = self._allowed_urls.get(url)
-        if host is not None:
-            return host
         host = unambiguous_host(url)
         self.check_host(host, redirect=redirect)
-        remember(self._allowed_urls, url, host, self.ALLOWED_URLS_KEPT)
         return host
 
     def check_host(self, host: str, *, redirect: bool = False) -> bool:
@@ -519,7 +504,8 @@ class GuardedAdapter(HTTPAdapter):
 
     def send(self, request: Any, *args: Any, **kwargs: Any) -> Any:
         url = str(request.url or "")
-        host = self.policy.check_url(url)
+        mark = getattr(request, _CHECKED, None)
+        host = mark[1] if mark is not None and mark[0] == url else self.policy.check_url(url)
         proxies = kwargs.get("proxies") or (args[4] if len(args) > 4 else None)
         if proxies and _proxy_for(url, proxies):
             self._check_proxied(host, urlsplit(url).port)
@@ -542,6 +528,20 @@ class GuardedAdapter(HTTPAdapter):
             address = parse_address(str(sockaddr[0]))
             if address is not None:
                 self.policy.check_address(host, address, by_name=by_name)
+
+
+#: the attribute of a prepared request that ``mark_checked`` sets
+_CHECKED = "_acagent_checked_url"
+
+
+def mark_checked(request: Any, host: str) -> None:
+    """Note on a prepared request that its URL, as it is now, passed ``check_url``
+    (giving ``host``): ``GuardedAdapter.send`` then does not check it again.
+
+    The note holds the URL itself, so a URL changed after the check (requests
+    prepares a new request for each redirect hop) is checked when it is sent.
+    """
+    setattr(request, _CHECKED, (str(request.url or ""), host))
 
 
 def _proxy_for(url: str, proxies: Mapping[str, str]) -> Optional[str]:

@@ -266,12 +266,12 @@ class Executor(Stage):
             raise TargetFailure("input is not valid UTF-8 text", "malformed") from None
         deadline = time.monotonic() + left
         try:
-            reply = self.session.request(
+            reply = self.session.request_checked(
                 task.method,
                 task.url,
+                host,
                 headers=headers,
                 data=body,
-                stream=True,
                 timeout=(min(self.config.connect_timeout, left), min(self.config.timeout, left)),
                 verify=self.ctx.settings.verify,
                 proxies=self.config.inward_proxies,

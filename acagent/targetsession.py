@@ -22,9 +22,11 @@ Three layers, so no URL trick, redirect or DNS answer gets around the policy
 from __future__ import annotations
 
 import http.cookiejar
-from typing import Any, Iterable, Tuple
+from typing import Any, Iterable, Mapping, Optional, Tuple, Union
 
-from .allowlist import GuardedAdapter, TargetPolicy
+from requests import Request, Response
+
+from .allowlist import GuardedAdapter, TargetPolicy, mark_checked
 from .client import EnvCachedSession
 
 __all__ = [
@@ -104,9 +106,36 @@ class TargetSession(EnvCachedSession):
     def allow(self) -> TargetPolicy:
         return self.policy
 
+    def request_checked(
+        self,
+        method: str,
+        url: str,
+        host: str,
+        *,
+        headers: Mapping[str, str],
+        data: Optional[bytes],
+        timeout: Tuple[float, float],
+        verify: Union[bool, str],
+        proxies: Optional[Mapping[str, str]],
+    ) -> Response:
+        """``request(method, url, ..., stream=True)`` for a ``url`` that already
+        passed ``policy.check_url`` (giving ``host``), so it is checked once:
+        the adapter checks the URL it sends only if preparing changed it (a
+        redirect hop is checked in ``rebuild_auth``). The steps are
+        ``requests.Session.request``'s."""
+        prepared = self.prepare_request(
+            Request(method=method.upper(), url=url, headers=dict(headers), data=data or {})
+        )
+        if prepared.url == url:
+            mark_checked(prepared, host)
+        settings = self.merge_environment_settings(
+            prepared.url, dict(proxies or {}), True, verify, None
+        )
+        return self.send(prepared, timeout=timeout, allow_redirects=True, **settings)
+
     def rebuild_auth(self, prepared_request: Any, response: Any) -> None:
         new_url = str(prepared_request.url or "")
-        self.policy.check_url(new_url, redirect=True)
+        mark_checked(prepared_request, self.policy.check_url(new_url, redirect=True))
         old_url = str(getattr(response.request, "url", "") or "")
         # requests' rule for Authorization, applied to every credential:
         # another host, port or scheme (but http->https on the same host) strips.

@@ -19,6 +19,7 @@ from acagent.cli import config_from_args
 from acagent.config import parse_host_port
 from acagent.health import HealthServer
 from acagent.models import Result
+from acagent.targetsession import build_target_session
 from acagent.testing import FakeACServer, FakeTarget
 
 BASE = ["--serverUrl", "https://ac.example", "--apiKey", "k"]
@@ -63,12 +64,12 @@ def test_policy_flags_parse_and_the_default_deny_list_can_be_cleared() -> None:
     assert policy.check_host("169.254.169.254") is False  # allowed; the address is checked too
 
 
-def test_a_url_allowed_once_is_not_parsed_again_and_a_refusal_is_never_kept(
+def test_each_url_is_checked_once_per_request_and_every_refusal_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The executor checks a task's URL and the adapter checks the URL it sends:
-    the same string is parsed once. Refusals are checked every time; the
-    memory is bounded."""
+    """The executor checks a task's URL; the adapter checks the URL requests
+    sends only when preparing changed it, or when nobody checked it before.
+    Nothing is remembered from one check to the next."""
     parsed: list = []
     real = allowlist.unambiguous_host
 
@@ -77,22 +78,42 @@ def test_a_url_allowed_once_is_not_parsed_again_and_a_refusal_is_never_kept(
         return real(url)
 
     monkeypatch.setattr(allowlist, "unambiguous_host", counting)
-    policy = TargetPolicy(("tool.corp",))
-    url = "https://tool.corp/api?page=1"
-    assert policy.check_url(url) == policy.check_url(url) == "tool.corp"
-    assert parsed == [url]
+    policy = TargetPolicy(("127.0.0.1",))
+    with FakeTarget() as target, build_target_session(policy, 2) as session:
+
+        def executor_call(url: str) -> bytes:
+            reply = session.request_checked(
+                "GET",
+                url,
+                policy.check_url(url),
+                headers={},
+                data=None,
+                timeout=(WAIT, WAIT),
+                verify=True,
+                proxies=None,
+            )
+            with reply:
+                return reply.content
+
+        same = f"{target.url}/bytes/3?seed=1"
+        assert executor_call(same) == executor_call(same) and len(executor_call(same)) == 3
+        assert parsed == [same] * 3  # once per request, never remembered
+        parsed.clear()
+        changed = f"{target.url}/bytes/2?x=caf\u00e9"  # requests percent-encodes it
+        assert len(executor_call(changed)) == 2
+        assert parsed == [changed, f"{target.url}/bytes/2?x=caf%C3%A9"]
+        parsed.clear()
+        with session.get(same, timeout=WAIT) as reply:  # not checked before: the adapter does
+            assert reply.status_code == 200
+        assert parsed == [same]
+    parsed.clear()
+    by_name = TargetPolicy(("tool.corp",))
     for _ in range(2):
         with pytest.raises(TargetDenied):
-            policy.check_url("https://other.corp/")
+            by_name.check_url("https://other.corp/")
         with pytest.raises(TargetDenied):
-            policy.check_url("http://tool.corp\\@other.corp/")
-    assert len(parsed) == 5
-    kept = TargetPolicy.ALLOWED_URLS_KEPT
-    for i in range(kept * 2):
-        policy.check_url(f"https://tool.corp/item/{i}")
-    assert len(parsed) == 5 + kept * 2
-    policy.check_url("https://tool.corp/item/0")  # long forgotten: parsed again
-    assert len(parsed) == 6 + kept * 2
+            by_name.check_url("http://tool.corp\\@other.corp/")
+    assert len(parsed) == 4
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """``TargetSession``: redirects checked and stripped, no cookies kept,
 proxies, netrc and URL credentials as requests handles them.
 
-Each test makes the executor's call through
+Each test makes the executor's call (``request_checked``) through
 ``build_target_session`` against real servers on 127.0.0.1 (and 127.0.0.2)
 that record the raw request head and body.
 """
@@ -199,13 +199,13 @@ def executor_call(
     body: Optional[bytes] = None,
     proxies: Optional[Dict[str, str]] = None,
 ) -> requests.Response:
-    """The call the executor makes."""
-    reply = session.request(
+    """The call the executor makes, its URL checked first as the executor does."""
+    reply = session.request_checked(
         method,
         url,
-        headers=headers,
+        session.policy.check_url(url),
+        headers=headers or {},
         data=body,
-        stream=True,
         timeout=(WAIT, WAIT),
         verify=True,
         proxies=proxies or {},
