@@ -44,6 +44,7 @@ from bench import (
     PERMITS,
     Sampler,
     Scenario,
+    _compile_agent,
     _read_status_kb,
     _tail,
     agent_command,
@@ -55,6 +56,8 @@ from acagent.testing import FakeACServer, FakeTarget, expected_sha256
 HOL_GOAL = 1.5
 FAULT_GOAL = 0.5
 REFUSE_SECONDS = 20.0
+#: extra environment of the agent process (``--agent-env``)
+AGENT_ENV: Dict[str, str] = {}
 
 #: (task id, url suffix on the target, expected kind, size, seed); kind is
 #: "ok" (200 + body), "status500" (500 + body) or "error" (an error result)
@@ -177,7 +180,7 @@ def drive(
                 )
             s = Scenario(name, "", tasks=len(specs), threads=threads)
             cmd = agent_command(s, ac.url, os.path.join(workdir, "spool"))
-            env = dict(os.environ, TMPDIR=workdir, PYTHONUNBUFFERED="1")
+            env = dict(os.environ, TMPDIR=workdir, PYTHONUNBUFFERED="1", **AGENT_ENV)
             log_path = os.path.join(workdir, "agent.log")
             with open(log_path, "wb") as log_file:
                 setup(ac)
@@ -349,7 +352,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="target latency (s) of the fault experiment's tasks (repeatable; default 0.05)",
     )
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument(
+        "--agent-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment variable for the agent process (repeatable), as in bench.py",
+    )
     args = parser.parse_args(argv)
+    AGENT_ENV.update(e.split("=", 1) for e in args.agent_env)
+    _compile_agent(AGENT_ENV)
     load_before = os.getloadavg()[0]
     print(f"machine: {json.dumps(machine())}, load {load_before:.2f}", flush=True)
     reports: List[Dict[str, Any]] = []

@@ -49,7 +49,9 @@ def _switch():
             counts[name] = counts.get(name, 0) + n
 
     def counting(owner, attr, name, pick=None):
-        inner = getattr(owner, attr)
+        inner = getattr(owner, attr, None)
+        if inner is None:  # not in this tree (a mechanism already removed)
+            return
 
         def wrapper(*args, **kwargs):
             out = inner(*args, **kwargs)
