@@ -17,6 +17,7 @@ Usage::
 
     python benchmarks/bench_mechanisms.py --pairs 3 --json out.json
     python benchmarks/bench_mechanisms.py --mechanism memo --scenario i13-b --tasks i13-b=300
+    python benchmarks/bench_mechanisms.py --mechanism borrow --scenario held-lane
 """
 
 from __future__ import annotations
@@ -24,14 +25,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 from dataclasses import asdict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import bench_delivery
 import mechanisms
 from bench import SCENARIOS, BenchFailure, Outcome, _compile_agent, machine, run_scenario
 
+from acagent.testing import FakeACServer
+
 DEFAULT_SCENARIOS = ["i13-a", "i13-b", "i13-c", "i13-d"]
+#: not a bench.py scenario: one upload-result held by the server while small results wait
+HELD_LANE = "held-lane"
+HELD_SECONDS = 20.0
 
 Run = Dict[str, Any]
 
@@ -78,6 +86,51 @@ def summarise(runs: Sequence[Run], mechanism: str, scenario: str) -> Optional[Di
     }
 
 
+def held_lane(env: Dict[str, str]) -> Run:
+    """One 700 KB result (upload-result) whose upload the server holds for
+    ``HELD_SECONDS``, then 20 small ones (2 KB, put-result), 10 threads, 5 ms
+    AC: when the last small result arrives (seconds after the first
+    get-task), and whether the held one arrived after it was let through."""
+    specs: List[bench_delivery.TaskSpec] = [
+        ("held-big", "/bytes/716800?seed=1&latency=0.05", "ok", 716800, 1)
+    ]
+    specs += [
+        (f"held-small-{i:02d}", f"/bytes/2048?seed={i}&latency=0.05", "ok", 2048, i)
+        for i in range(20)
+    ]
+    released: List[float] = []
+
+    def hold(ac: FakeACServer) -> None:
+        gate = ac.stall("upload-result")
+
+        def release() -> None:
+            released.append(time.monotonic())
+            gate.set()
+
+        timer = threading.Timer(HELD_SECONDS, release)
+        timer.daemon = True
+        timer.start()
+
+    bench_delivery.AGENT_ENV.clear()
+    bench_delivery.AGENT_ENV.update(env)
+    run = bench_delivery.drive(
+        HELD_LANE, specs, threads=10, ac_latency=0.005, setup=hold, timeout=120
+    )
+    small = [t[0] for t in specs[1:]]
+    failures = list(run.failures)
+    big_at = run.received.get("held-big")
+    if big_at is None or not released or big_at < released[0]:
+        failures.append("the held result did not arrive after the server let it through")
+    return {
+        "ok": not failures,
+        "error": "; ".join(failures),
+        "small_done_s": bench_delivery.span(run, small),
+        "cpu": run.cpu_s * 1000.0 / run.tasks,
+        "max_inflight": run.max_inflight,
+        "replies": run.replies,
+    }
+
+
 def report(summaries: Sequence[Dict[str, Any]]) -> str:
     head = (
         "| mechanism | scenario | pairs | CPU ms/task on | off | gain (off - on) ms | gain % "
@@ -107,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument(
         "--mechanism", action="append", choices=mechanisms.MECHANISMS, help="(repeatable)"
     )
-    parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))
+    parser.add_argument("--scenario", action="append", choices=[*sorted(SCENARIOS), HELD_LANE])
     parser.add_argument(
         "--tasks", action="append", default=[], metavar="SCENARIO=N", help="task count override"
     )
@@ -129,7 +182,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"pairs {args.pairs}, mechanisms {mechs}, scenarios {names}", flush=True)
     print(
         "tasks: "
-        + ", ".join(f"{n}={SCENARIOS[n].tasks}+{len(SCENARIOS[n].extra_sizes)}" for n in names),
+        + ", ".join(
+            f"{n}={SCENARIOS[n].tasks}+{len(SCENARIOS[n].extra_sizes)}"
+            for n in names
+            if n in SCENARIOS
+        ),
         flush=True,
     )
     runs: List[Run] = []
@@ -141,6 +198,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 order = ("on", "off") if (pair + mi + si) % 2 == 0 else ("off", "on")
                 for side in order:
                     run: Run = {"pair": pair, "mechanism": mech, "scenario": name, "side": side}
+                    if name == HELD_LANE:
+                        run.update(held_lane(envs[side][mech]))
+                        runs.append(run)
+                        failed += 0 if run["ok"] else 1
+                        print(
+                            f"pair {pair} {mech:12s} {name} {side:3s}: ok {run['ok']} {run['error']}"
+                            f" last small result at {run['small_done_s']:.2f} s,"
+                            f" CPU/task {run['cpu']:.1f} ms, max in-flight {run['max_inflight']},"
+                            f" replies {run['replies']}, t+{time.monotonic() - started:.0f}s",
+                            flush=True,
+                        )
+                        continue
                     try:
                         o: Outcome = run_scenario(
                             SCENARIOS[name], agent_env=list(envs[side][mech].items())
@@ -169,7 +238,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         f"{o.load_after:.1f}, t+{time.monotonic() - started:.0f}s",
                         flush=True,
                     )
-    summaries = [s for m in mechs for n in names if (s := summarise(runs, m, n)) is not None]
+    summaries = [
+        s
+        for m in mechs
+        for n in names
+        if n != HELD_LANE and (s := summarise(runs, m, n)) is not None
+    ]
+    for m in mechs:
+        held = [r for r in runs if r["scenario"] == HELD_LANE and r["mechanism"] == m]
+        for side in ("on", "off"):
+            done = [r["small_done_s"] for r in held if r["side"] == side and r["ok"]]
+            if done:
+                print(
+                    f"{HELD_LANE}, {m} {side}: last small result at {min(done):.2f}..{max(done):.2f} s"
+                    f" ({len(done)} runs)"
+                )
     print()
     print(report(summaries))
     print(f"\n{failed} failed runs; {time.monotonic() - started:.0f} s in all")
