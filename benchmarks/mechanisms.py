@@ -131,7 +131,13 @@ def _switch():
 
 
 if _OFF or _PROBE:
-    _switch()
+    try:
+        _switch()
+    except Exception as exc:  # site.py would print it and start the agent unswitched
+        import sys
+
+        sys.stderr.write("benchmark switch failed: %s\n" % exc)
+        _os._exit(70)
 """
 
 
