@@ -318,6 +318,9 @@ class ACClient:
                 reconnect=self.retry_policy.store_reconnect,
             )
         self._count_lock = threading.Lock()
+        #: the thread making the AC call on each held lease (to cut it if it lapses)
+        self._lease_threads: Dict[object, int] = {}
+        self.permits.on_lapse = self._cut_lapsed
         user_agent = f"acagent/{version}"
         self._tracker = ConnectionTracker()
         #: the thread in get-task right now
@@ -448,8 +451,15 @@ class ACClient:
         """A get-task is waiting for a permit now (a borrowing upload steps aside)."""
         return self._fetch_waiting > 0
 
+    def _cut_lapsed(self, lease: object) -> None:
+        """A held lease lapsed (``permits.py``): shut the AC request made on it,
+        which then fails as a network error (retried like one)."""
+        with self._count_lock:
+            ident = self._lease_threads.get(lease)
+        self._tracker.shut(ident)
+
     @contextlib.contextmanager
-    def _permit(self, op_class: str) -> Iterator[None]:
+    def _permit(self, op_class: str) -> Iterator[object]:
         # The wait ends on abort even while all permits are taken by slow calls
         # (a get-task's wait also ends when fetching stops).
         fetch = op_class == FETCH
@@ -464,9 +474,13 @@ class ACClient:
                     self._fetch_waiting -= 1
         if lease is None:
             raise AgentStopping("stopped while waiting for an AC permit")
+        with self._count_lock:
+            self._lease_threads[lease] = threading.get_ident()
         try:
-            yield
+            yield lease
         finally:
+            with self._count_lock:
+                self._lease_threads.pop(lease, None)
             self.permits.release(lease)
 
     # -- one exchange ----------------------------------------------------
@@ -522,13 +536,15 @@ class ACClient:
             data = body
             headers["Content-Type"] = body.content_type
         try:
-            with self._permit(op_class):
+            with self._permit(op_class) as lease:
                 for fresh_try in (False, True):
                     started = time.monotonic()
                     if fetch and self.fetch_stop.is_set():
                         # Looked at last, right before sending: a stop that
                         # came during the waits above sends no get-task.
                         raise AgentStopping("stopping: no new get-task")
+                    if not self.permits.valid(lease):
+                        raise ACConnectionError(f"{endpoint}: its AC permit lapsed; not sent")
                     try:
                         reply = self._send(endpoint, params, data, headers, timeout)
                         break

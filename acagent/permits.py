@@ -14,6 +14,13 @@ permit for the whole of every AC call. Two kinds:
   * a lease expires ``lease_seconds`` after its last renewal, so the permit
     of an agent killed with ``kill -9`` comes back by itself; a named renewer
     thread renews the leases this process holds every third of a lease;
+  * **fenced**: this process trusts a permit only until its *fence*, the
+    monotonic time the last good renewal (or the grant) was sent plus the
+    lease less ``fence_margin``, so always before Redis could let the lease
+    lapse. Past it the permit is *lapsed*: ``valid()`` says no (no AC call
+    may start on it) and ``on_lapse`` is called (``ACClient`` shuts the
+    request running on it). A renewal never re-adds a missing lease while
+    the holders are at the limit: that lease is lost, and lapses at once;
   * a release hands a freed permit straight to the head of the queue (same
     script) and wakes that waiter, blocked in ``BLPOP`` on its own list, so
     the next agent starts without another round trip; a permit released by
@@ -29,11 +36,18 @@ permit for the whole of every AC call. Two kinds:
     returns by itself once Redis is back. ``healthy()`` says why for
     ``/readyz``. A Redis that lost its data (restart without persistence)
     grants nothing for one lease, the time holders of the lost state need to
-    re-register their leases (the renewer re-adds them).
+    re-register their leases (the renewer re-adds them). The holders key
+    always carries a sentinel member, so a Redis that lost only that key
+    (an eviction, a replica promoted with lag) is seen as one that lost its
+    data, not as one with every permit free;
+  * a Redis that refuses the password (or needs one not given) is a setting
+    to fix, not an outage: the constructor raises ``ConfigError`` naming
+    ``--coordinationUrl`` and where the password came from.
 
 Both kinds expose plain counters for metrics: ``acquired_total``,
 ``wait_seconds_total``, ``holders`` (permits this process holds now),
-``waiting`` and an ``on_wait`` hook called with each wait in seconds.
+``waiting`` and an ``on_wait`` hook called with each wait in seconds;
+``RedisPermits`` adds ``lapsed_total``.
 """
 
 from __future__ import annotations
@@ -48,6 +62,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type
 from urllib.parse import urlsplit, urlunsplit
 
 from .backoff import Backoff
+from .errors import ConfigError
 from .retry import STORE_RECONNECT
 
 log = logging.getLogger("acagent.permits")
@@ -59,6 +74,8 @@ PASSWORD_ENV = "ACAGENT_COORDINATION_PASSWORD"  # noqa: S105 - a variable name
 DEFAULT_LEASE_SECONDS = 10.0
 
 WaitHook = Callable[[float], None]
+#: called with a lease that lapsed while held (from the fence thread)
+LapseHook = Callable[[object], None]
 
 
 class CoordinationUnavailable(RuntimeError):
@@ -92,6 +109,19 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+def secret_origin(
+    url: str, given: Optional[str], from_env: Optional[str]
+) -> Tuple[Optional[str], str]:
+    """(the password to pass besides the URL, where the one used comes from)."""
+    if urlsplit(url).password:
+        return None, "the password in --coordinationUrl"
+    if given is not None:
+        return given, f"the password given (--coordinationPasswordFile or {PASSWORD_ENV})"
+    if from_env:
+        return from_env, PASSWORD_ENV
+    return None, "none given (--coordinationPasswordFile)"
+
+
 class Permits:
     """The permit interface ``ACClient`` uses. ``acquire`` then ``release`` the lease."""
 
@@ -106,6 +136,8 @@ class Permits:
         self.wait_seconds_total = 0.0
         #: called with each wait for a permit, in seconds (e.g. a histogram)
         self.on_wait: Optional[WaitHook] = None
+        #: called with a held lease that can no longer be trusted (see ``valid``)
+        self.on_lapse: Optional[LapseHook] = None
         self._count_lock = threading.Lock()
         self._holders = 0
         self._waiting = 0
@@ -150,6 +182,10 @@ class Permits:
         with self._count_lock:
             self._holders -= 1
         self._release(lease)
+
+    def valid(self, lease: object) -> bool:
+        """May an AC call start (or go on) on this held lease? Local permits never lapse."""
+        return True
 
     def healthy(self) -> Tuple[bool, str]:
         """(ok, reason) for readiness."""
@@ -198,24 +234,45 @@ class LocalPermits(Permits):
 # ---------------------------------------------------------------------------
 
 # Keys (all under the per-API-key prefix):
-#   holders  zset  token -> lease expiry (ms, Redis clock)
+#   holders  zset  token -> lease expiry (ms, Redis clock), plus SENTINEL at +inf
 #   queue    zset  token -> ticket (arrival order of waiters)
 #   alive    zset  token -> waiter deadline (a waiter that stops polling leaves)
 #   ticket   counter of the queue
 #   epoch    ms until which nothing is granted; missing = new store or lost data
 #   recent   zset  owner -> time of its last release (for the hand-off margin)
 #   grant:<token>  list: a release handed this waiter a permit (value: releasing owner)
-_PRELUDE = """
+#: the member of ``holders`` that is always there (so its loss is seen); no token
+SENTINEL = "~sentinel"
+
+_PRELUDE = (
+    """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local H, Q, A, S, E, R = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local SENTINEL = '"""
+    + SENTINEL
+    + """'
 local function tidy()
   redis.call('ZREMRANGEBYSCORE', H, '-inf', now)
   local gone = redis.call('ZRANGEBYSCORE', A, '-inf', now)
   for _, w in ipairs(gone) do redis.call('ZREM', Q, w) end
   redis.call('ZREMRANGEBYSCORE', A, '-inf', now)
 end
+-- The epoch; a store without it, or whose holders lost the sentinel (the
+-- key was evicted or not replicated), lost leases: nothing is granted for
+-- ``grace`` ms, while the holders' renewers re-add them.
+local function epoch_of(grace)
+  local epoch = tonumber(redis.call('GET', E))
+  if not epoch or not redis.call('ZSCORE', H, SENTINEL) then
+    epoch = now + grace
+    redis.call('SET', E, epoch)
+    redis.call('ZADD', H, '+inf', SENTINEL)
+  end
+  return epoch
+end
+local function held() return redis.call('ZCARD', H) - 1 end
 """
+)
 
 # ARGV: limit, lease ms, token, waiter ttl ms, grace ms, owner, margin ms, grant key.
 # Returns {1, ms to wait before the first request} when the lease is taken,
@@ -226,11 +283,7 @@ _ACQUIRE_LUA = (
 local limit, lease, token = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local waiter_ttl, grace = tonumber(ARGV[4]), tonumber(ARGV[5])
 local owner, margin = ARGV[6], tonumber(ARGV[7])
-local epoch = tonumber(redis.call('GET', E))
-if not epoch then
-  epoch = now + grace
-  redis.call('SET', E, epoch)
-end
+local epoch = epoch_of(grace)
 tidy()
 local function granted()
   redis.call('DEL', ARGV[8])
@@ -250,7 +303,7 @@ if not redis.call('ZSCORE', Q, token) then
 end
 redis.call('ZADD', A, now + waiter_ttl, token)
 if now < epoch then return {0, epoch - now} end
-local free = limit - redis.call('ZCARD', H)
+local free = limit - held()
 if free > 0 and redis.call('ZRANK', Q, token) < free then
   redis.call('ZREM', Q, token)
   redis.call('ZREM', A, token)
@@ -280,10 +333,9 @@ if n > 0 then
   redis.call('ZADD', R, now, owner)
   redis.call('ZREMRANGEBYSCORE', R, '-inf', now - 60000)
 end
-local epoch = tonumber(redis.call('GET', E))
-if epoch and now >= epoch then
+if now >= epoch_of(lease) then
   tidy()
-  local free = limit - redis.call('ZCARD', H)
+  local free = limit - held()
   if free > 0 then
     for _, w in ipairs(redis.call('ZRANGE', Q, 0, free - 1)) do
       redis.call('ZREM', Q, w)
@@ -298,22 +350,32 @@ return n
 """
 )
 
-# KEYS: holders, epoch. ARGV: lease ms, grace ms, tokens...
-# Re-adds a missing lease (the store lost it, or it expired): this process
-# still holds the permit. Returns the number of leases that were missing.
-_RENEW_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if not redis.call('GET', KEYS[2]) then
-  redis.call('SET', KEYS[2], now + tonumber(ARGV[2]))
-end
-local missing = 0
+# ARGV: limit, lease ms, tokens...
+# Extends the leases of the tokens. A missing one (the store lost it) is
+# re-added only while the holders are below the limit: this process still
+# holds that permit and nobody took it. Otherwise it is lost (someone else
+# may hold it now). Returns {leases re-added, lost tokens...}.
+_RENEW_LUA = (
+    _PRELUDE
+    + """
+local limit, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
+epoch_of(lease)
+tidy()
+local out = {0}
 for i = 3, #ARGV do
-  if not redis.call('ZSCORE', KEYS[1], ARGV[i]) then missing = missing + 1 end
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i])
+  local token = ARGV[i]
+  if redis.call('ZSCORE', H, token) then
+    redis.call('ZADD', H, now + lease, token)
+  elseif held() < limit then
+    redis.call('ZADD', H, now + lease, token)
+    out[1] = out[1] + 1
+  else
+    out[#out + 1] = token
+  end
 end
-return missing
+return out
 """
+)
 
 
 class RedisPermits(Permits):
@@ -338,6 +400,11 @@ class RedisPermits(Permits):
     #: a permit that another agent released is used only this long after the
     #: release (see ``handoff_seconds``)
     HANDOFF_SECONDS = 0.005
+    #: a held permit lapses this share of a lease before Redis could let it go
+    #: (at least ``FENCE_MARGIN_MIN`` s): time for the request cut on it to end
+    #: at the server, and for a request that started just before the fence
+    FENCE_SHARE = 0.1
+    FENCE_MARGIN_MIN = 0.2
 
     def __init__(
         self,
@@ -365,6 +432,8 @@ class RedisPermits(Permits):
         )
         self.url = redact_url(url)
         self.lease_seconds = float(lease_seconds)
+        #: how long before its lease could lapse in Redis a held permit lapses here
+        self.fence_margin = max(self.FENCE_MARGIN_MIN, self.lease_seconds * self.FENCE_SHARE)
         self.reconnect = reconnect
         #: The server counts a request until *it* has written the reply; the
         #: client has read it a little earlier. A permit that goes straight to
@@ -386,9 +455,8 @@ class RedisPermits(Permits):
                 "socket_connect_timeout": socket_timeout,
                 "health_check_interval": 30,
             }
-            if password is None:
-                password = os.environ.get(PASSWORD_ENV) or None
-            if password is not None and not urlsplit(url).password:
+            password, origin = secret_origin(url, password, os.environ.get(PASSWORD_ENV))
+            if password is not None:
                 kwargs["password"] = password
             if url.startswith("rediss://") and ca_bundle and os.path.isfile(ca_bundle):
                 kwargs["ssl_ca_certs"] = ca_bundle
@@ -398,9 +466,16 @@ class RedisPermits(Permits):
         self._acquire_script = client.register_script(_ACQUIRE_LUA)
         self._renew_script = client.register_script(_RENEW_LUA)
         self._release_script = client.register_script(_RELEASE_LUA)
+        if self._owns_client:
+            self._check_password(origin)
         self._lock = threading.Lock()
+        #: notified when a fence may have come nearer (a grant, a renewal, close)
+        self._fences_changed = threading.Condition(self._lock)
         self._renew_lock = threading.Lock()
-        self._held: Set[str] = set()
+        #: held, trusted permits: token -> fence (monotonic)
+        self._held: Dict[str, float] = {}
+        #: held permits that lapsed, until their release
+        self._lapsed: Set[str] = set()
         self._to_release: Set[str] = set()
         self._down_since: Optional[float] = None
         self._last_error = ""
@@ -410,6 +485,7 @@ class RedisPermits(Permits):
         self.store_errors_total = 0
         self.leases_lost_total = 0
         self.renewals_total = 0
+        self.lapsed_total = 0
         #: this process, as other agents see it in the store
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._token_seq = 0
@@ -417,6 +493,32 @@ class RedisPermits(Permits):
             target=self._renew_loop, name="acagent-permit-renewer", daemon=True
         )
         self._renewer.start()
+        self._fence = threading.Thread(
+            target=self._fence_loop, name="acagent-permit-fence", daemon=True
+        )
+        self._fence.start()
+
+    def _check_password(self, source: str) -> None:
+        """One PING: a refused or missing password is a setting (``ConfigError``);
+        an unreachable store is not (the agent waits for it, fail safe)."""
+        redis = require_redis()
+        try:
+            self.store.ping()
+        except redis.exceptions.AuthenticationError as exc:
+            problem = str(exc)
+        except redis.exceptions.ResponseError as exc:
+            if not str(exc).startswith(("NOAUTH", "WRONGPASS")):
+                return
+            problem = str(exc)
+        except self.store_errors:
+            return
+        else:
+            return
+        raise ConfigError(
+            "coordination_url",
+            f"the coordination store {self.url} refused to authenticate ({problem[:120]}); "
+            f"password source: {source}",
+        )
 
     # -- status --------------------------------------------------------------
     def healthy(self) -> Tuple[bool, str]:
@@ -432,7 +534,7 @@ class RedisPermits(Permits):
     def remote_holders(self) -> Optional[int]:
         """Leases held by all agents on the key (one Redis call), or None if unreachable."""
         try:
-            return int(self.store.zcard(self._keys[0]))
+            return int(self.store.zcount(self._keys[0], "-inf", "(+inf"))
         except self.store_errors:
             return None
 
@@ -493,12 +595,15 @@ class RedisPermits(Permits):
         while not (stop.is_set() or self._closing.is_set()):
             wait = self.POLL_MAX
             try:
+                # A lease granted now, by this script or a release it lets
+                # us wait for, ends no earlier than a lease from here.
+                sent = time.monotonic()
                 granted, ms = self._acquire_script(keys=self._keys, args=args)
                 joined = True
                 self.report_store_ok()
                 store_failures = 0
                 if int(granted) == 1:
-                    return self._granted(token, int(ms) / 1000.0)
+                    return self._granted(token, sent, int(ms) / 1000.0)
                 if int(ms):
                     wait = min(wait, int(ms) / 1000.0)
                 if deadline is not None:
@@ -508,7 +613,8 @@ class RedisPermits(Permits):
                     got = self.store.blpop([grant_key], timeout=wait)
                     if got is not None:
                         mine = got[1].decode(errors="replace") == self.owner
-                        return self._granted(token, 0.0 if mine else self.handoff_seconds)
+                        margin = 0.0 if mine else self.handoff_seconds
+                        return self._granted(token, sent, margin)
             except self.store_errors as exc:
                 self.report_store_error(exc)
                 store_failures += 1
@@ -524,12 +630,18 @@ class RedisPermits(Permits):
                 self._to_release.add(token)
         return None
 
-    def _granted(self, token: str, margin: float) -> str:
+    def _granted(self, token: str, sent: float, margin: float) -> str:
         with self._lock:
-            self._held.add(token)
+            self._held[token] = sent + self.lease_seconds - self.fence_margin
+            self._fences_changed.notify_all()
         if margin > 0:
             time.sleep(margin)
         return token
+
+    def valid(self, lease: object) -> bool:
+        with self._lock:
+            fence = self._held.get(str(lease))
+        return fence is not None and time.monotonic() < fence
 
     def _release(self, lease: object) -> None:
         token = str(lease)
@@ -537,7 +649,8 @@ class RedisPermits(Permits):
         # re-add its lease after this release removed it.
         with self._renew_lock:
             with self._lock:
-                self._held.discard(token)
+                self._held.pop(token, None)
+                self._lapsed.discard(token)
             if not self._send_release([token], quiet=False):
                 with self._lock:
                     self._to_release.add(token)  # the renewer retries; it expires anyway
@@ -582,30 +695,81 @@ class RedisPermits(Permits):
             with self._lock:
                 self._to_release.difference_update(pending)
         if held:
-            keys = [self._keys[0], self._keys[4]]
-            missing = int(self._renew_script(keys=keys, args=[lease_ms, lease_ms, *held]))
+            sent = time.monotonic()
+            out = self._renew_script(keys=self._keys, args=[self.limit, lease_ms, *held])
+            readded = int(out[0])
+            lost = [bytes(t).decode() if isinstance(t, bytes) else str(t) for t in out[1:]]
             self.renewals_total += len(held)
-            if missing:
-                self.leases_lost_total += missing
+            fence = sent + self.lease_seconds - self.fence_margin
+            with self._lock:
+                for token in held:
+                    if token in self._held and token not in lost:
+                        self._held[token] = fence
+                self._fences_changed.notify_all()
+            if readded:
+                self.leases_lost_total += readded
                 log.warning(
-                    "%d permit lease(s) were missing in %s (expired or store reset); re-registered",
-                    missing,
+                    "%d permit lease(s) were missing in %s (store reset); re-registered",
+                    readded,
                     self.url,
                 )
+            if lost:
+                self.leases_lost_total += len(lost)
+                self._lapse(lost, "its lease was gone and every permit is taken")
         elif self._down_since is not None:
             self.store.ping()
+
+    # -- the fence -------------------------------------------------------------
+    def _fence_loop(self) -> None:
+        """Lapse each held permit at its fence (renewals move fences on)."""
+        while True:
+            with self._lock:
+                if self._closing.is_set():
+                    return
+                now = time.monotonic()
+                due = sorted(t for t, fence in self._held.items() if fence <= now)
+                if not due:
+                    nearest = min(self._held.values(), default=now + self.POLL_MAX)
+                    self._fences_changed.wait(max(0.001, min(nearest - now, self.POLL_MAX)))
+                    continue
+            self._lapse(due, f"no renewal reached {self.url} in time")
+
+    def _lapse(self, tokens: List[str], why: str) -> None:
+        """These held permits can no longer be trusted: no call starts on them,
+        and ``on_lapse`` cuts the one running."""
+        with self._lock:
+            lapsed = [t for t in tokens if self._held.pop(t, None) is not None]
+            self._lapsed.update(lapsed)
+            self.lapsed_total += len(lapsed)
+        if not lapsed:
+            return
+        log.warning(
+            "%d AC permit(s) lapsed (%s): the AC request on each is cut and retried",
+            len(lapsed),
+            why,
+        )
+        hook = self.on_lapse
+        for token in lapsed:
+            if hook is not None:
+                try:
+                    hook(token)
+                except Exception:  # a broken hook must not stop the fence
+                    log.exception("permit lapse hook failed")
 
     def close(self) -> None:
         if self._closing.is_set():
             return
         self._closing.set()
         with self._lock:
-            tokens = sorted(self._held | self._to_release)
+            tokens = sorted(set(self._held) | self._lapsed | self._to_release)
             self._held.clear()
+            self._lapsed.clear()
             self._to_release.clear()
+            self._fences_changed.notify_all()
         if tokens:
             self._send_release(tokens, quiet=True)
         self._renewer.join(timeout=5.0)
+        self._fence.join(timeout=5.0)
         if self._owns_client:
             try:
                 self.store.close()
