@@ -25,6 +25,9 @@ chunked replies, and faults (reset, short body, bad encoding, endless body).
 ``find_redis_server()`` finds the binary: on PATH first, else the one the
 ``test`` extra bundles.
 
+``PausableProxy`` is a TCP link that can stall (``pause``/``resume``), e.g.
+between an agent and its Redis.
+
 Every thread the fakes start is named, stops on ``stop()`` and is joined with
 a timeout; every blocking wait inside them is bounded.
 """
@@ -36,6 +39,7 @@ from .fake_ac import AC_ENDPOINTS, FakeACServer, ReceivedResult
 from .fake_target import FakeTarget
 from .httpserver import RecordedRequest, closed_port_url
 from .localredis import REDIS_SERVER_MISSING, LocalRedis, find_redis_server
+from .tcpproxy import PausableProxy
 
 __all__ = [
     "AC_ENDPOINTS",
@@ -43,6 +47,7 @@ __all__ = [
     "FakeACServer",
     "FakeTarget",
     "LocalRedis",
+    "PausableProxy",
     "ReceivedResult",
     "RecordedRequest",
     "body_chunks",

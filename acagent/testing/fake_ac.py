@@ -10,6 +10,7 @@ import base64
 import email.utils
 import json
 import random
+import select
 import ssl
 import threading
 import time
@@ -101,6 +102,11 @@ class FakeACServer(_FakeBase):
       connection and never hands that task out again. Stop tests use
       ``"decided"``: ``"written"`` hides a task lost on a closed long poll.
     - ``latency``: added to every AC request (it counts in flight meanwhile).
+    - ``notices_close``: a request whose client closes its connection during
+      ``latency`` or an injected ``delay`` ends there (no reply, no longer in
+      flight), as a server reading or writing that connection would see. By
+      default, as with a server that does not touch the socket meanwhile, it
+      stays in flight until the wait ends.
     - ``connection_cost``: delay before the first request of each new TCP
       connection (models TCP+TLS handshakes; not counted in flight).
     - ``reset_counted_for``: seconds a request the server resets still counts
@@ -135,6 +141,7 @@ class FakeACServer(_FakeBase):
         ssl_context: Optional[ssl.SSLContext] = None,
         keep_bodies_up_to: int = 8 * 1024 * 1024,
         reset_counted_for: float = 0.0,
+        notices_close: bool = False,
     ) -> None:
         if empty_reply not in ("null", "204"):
             raise ValueError('empty_reply must be "null" or "204"')
@@ -150,6 +157,7 @@ class FakeACServer(_FakeBase):
         self.connection_cost = connection_cost
         self.keep_bodies_up_to = keep_bodies_up_to
         self.reset_counted_for = reset_counted_for
+        self.notices_close = notices_close
         self._s3: Optional[_Server] = None
         self._queue: Deque[Union[Dict[str, Any], _Raw]] = deque()
         self._results: Dict[str, List[ReceivedResult]] = {}
@@ -596,8 +604,26 @@ class FakeACServer(_FakeBase):
             if ac:
                 self._end_inflight()
 
-    def _fault_reply(self, fault: _Fault, reader: _BodyReader) -> Optional[_Reply]:
-        self._sleep(fault.delay)
+    def _hold(self, h: _Handler, seconds: float) -> bool:
+        """Wait ``seconds`` (in flight); False if the client closed meanwhile
+        and ``notices_close`` is on."""
+        if not self.notices_close or seconds <= 0 or not hasattr(select, "POLLRDHUP"):
+            self._sleep(seconds)
+            return True
+        poller = select.poll()
+        poller.register(h.connection, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+        deadline = time.monotonic() + seconds
+        while not self._stop_event.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return True
+            if poller.poll(min(left, 0.05) * 1000):
+                return False
+        return True
+
+    def _fault_reply(self, h: _Handler, fault: _Fault, reader: _BodyReader) -> Optional[_Reply]:
+        if not self._hold(h, fault.delay):
+            return None
         if fault.reset:
             reader.drain()
             return None
@@ -625,17 +651,18 @@ class FakeACServer(_FakeBase):
         self._wait_stall(endpoint)
         fault = self._take_fault(endpoint)
         if fault is not None and not fault.process:
-            early = self._fault_reply(fault, reader)
+            early = self._fault_reply(h, fault, reader)
             if early is not _CARRY_ON:
                 return early
         if ac:
-            self._sleep(self.latency)
+            if not self._hold(h, self.latency):
+                return None
             reply = self._route_ac(h, endpoint, query, reader)
         else:
             reply = self._route_s3(h, path, reader)
         if fault is not None and fault.process:
             reader.drain()
-            late = self._fault_reply(fault, reader)
+            late = self._fault_reply(h, fault, reader)
             if late is not _CARRY_ON:
                 self._delivered(reply.item)  # deliberately lost
                 return late
