@@ -9,7 +9,10 @@ fix a failure (``hints.py``):
 2. resolve: the AC server's host name (or the outgoing proxy's) resolves;
 3. connect: a TCP connection and TLS handshake with the AC server, through
    the configured proxy, CA bundle and ``--verify``;
-4. authenticate: one get-task with the API key.
+4. coordination (with ``--coordinationUrl``): the Redis answers and takes
+   the password, or the check says so at once, naming the flag (an agent
+   without it makes no AC call);
+5. authenticate: one get-task with the API key.
 
 After the configuration, a ``NOTE`` line tells what the spool folder holds,
 when it holds anything: results waiting for this server and key, results
@@ -39,11 +42,12 @@ import requests
 from . import logs
 from .client import build_session
 from .config import AgentConfig
-from .errors import TaskError
+from .errors import ConfigError, TaskError
 from .fetcher import Fetcher
 from .hints import hint_for
 from .models import Result, Task
 from .observers import Observer
+from .permits import CoordinationUnavailable, RedisPermits
 from .pipeline import Pipeline
 from .spool import Origin, survey_spool
 
@@ -176,6 +180,44 @@ def _connect(config: AgentConfig, report: CheckReport) -> bool:
     expected = " (expected: no API key sent)" if reply.status_code in (401, 403) else ""
     report.ok(
         "connect", f"{config.base_url}{via}: {tls}, HTTP answer {reply.status_code}{expected}"
+    )
+    return True
+
+
+def _coordination(config: AgentConfig, report: CheckReport) -> bool:
+    """With ``--coordinationUrl``: one PING through the agent's own permits."""
+    if not config.coordination_url:
+        return True
+    try:
+        permits = RedisPermits(
+            config.coordination_url,
+            config.api_key,
+            config.ac_max_concurrent,
+            lease_seconds=config.coordination_lease,
+            password=config.coordination_password,
+            ca_bundle=config.ca_bundle,
+        )
+    except (ConfigError, CoordinationUnavailable) as exc:
+        message = exc.message if isinstance(exc, ConfigError) else str(exc)
+        report.fail("coordination", f"--coordinationUrl: {message}")
+        return False
+    try:
+        permits.store.ping()
+        holders = permits.remote_holders()
+    except permits.store_errors as exc:
+        report.fail(
+            "coordination",
+            f"--coordinationUrl {permits.url} cannot be used: {_brief(exc)}",
+            "the agent makes no AC call without its coordination store: start it, "
+            "or fix --coordinationUrl (host, port, rediss:// for TLS)",
+        )
+        return False
+    finally:
+        permits.close()
+    report.ok(
+        "coordination",
+        f"--coordinationUrl {permits.url} answers; {holders} of "
+        f"{config.ac_max_concurrent} AC permits of this key held now",
     )
     return True
 
@@ -314,7 +356,12 @@ def run_check(
     for line in warnings:
         report.note("configuration", line)
     _spool(config, report)
-    _ = _resolve(config, report) and _connect(config, report) and _authenticate(config, report)
+    _ = (
+        _resolve(config, report)
+        and _connect(config, report)
+        and _coordination(config, report)
+        and _authenticate(config, report)
+    )
     out.write(("all checks passed" if report.passed else "check FAILED") + "\n")
     out.flush()
     return 0 if report.passed else 1

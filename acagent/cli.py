@@ -639,7 +639,12 @@ def run(argv: Sequence[str]) -> int:
     log.info("%s", startup_line(config))
     for line in settings.warnings:
         log.warning("%s", line)
-    pipeline = Pipeline(config)
+    try:
+        pipeline = Pipeline(config)
+    except ConfigError as exc:  # a setting only a live service can judge (a Redis password)
+        flag = FLAG_OF_FIELD.get(exc.field, exc.field)
+        print(f"acagent: error: argument {flag}: {exc.message}", file=sys.stderr)
+        return EXIT_SETTINGS
     signals_seen = 0
 
     def on_stop_signal(signum: int, _frame: Any) -> None:

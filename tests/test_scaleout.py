@@ -84,7 +84,8 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str, agents: Agen
 
 
 def _agent_pids_holding(store: redis.Redis, prefix: str) -> List[int]:
-    return [int(t.decode().split("-", 1)[0]) for t in store.zrange(prefix + "holders", 0, -1)]
+    leases = store.zrangebyscore(prefix + "holders", "-inf", "(+inf")  # not the sentinel
+    return [int(t.decode().split("-", 1)[0]) for t in leases]
 
 
 def test_three_agents_600_tasks_within_two_in_flight_and_no_429(world) -> None:
