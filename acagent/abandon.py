@@ -80,15 +80,18 @@ class ConnectionTracker:
         with self._lock:
             self._by_thread.pop(threading.get_ident(), None)
 
-    def shut(self, thread_ident: Optional[int]) -> bool:
-        """Shut the socket ``thread_ident`` is using; True if there was one."""
+    def shut(self, thread_ident: Optional[int], how: int = socket.SHUT_RDWR) -> bool:
+        """Shut the socket ``thread_ident`` is using; True if there was one.
+
+        ``how=socket.SHUT_WR`` only tells the server the client is gone (a
+        FIN); a reply it still writes can be read."""
         with self._lock:
             connection = self._by_thread.get(thread_ident) if thread_ident is not None else None
         sock = getattr(connection, "sock", None)
         if sock is None:
             return False
         try:
-            sock.shutdown(socket.SHUT_RDWR)
+            sock.shutdown(how)
         except OSError:
             return False
         return True

@@ -318,8 +318,8 @@ class ACClient:
                 reconnect=self.retry_policy.store_reconnect,
             )
         self._count_lock = threading.Lock()
-        #: the thread making the AC call on each held lease (to cut it if it lapses)
-        self._lease_threads: Dict[object, int] = {}
+        #: (thread, is a get-task) of the AC call on each held lease, to cut it if it lapses
+        self._lease_threads: Dict[object, Tuple[int, bool]] = {}
         self.permits.on_lapse = self._cut_lapsed
         user_agent = f"acagent/{version}"
         self._tracker = ConnectionTracker()
@@ -453,10 +453,12 @@ class ACClient:
 
     def _cut_lapsed(self, lease: object) -> None:
         """A held lease lapsed (``permits.py``): shut the AC request made on it,
-        which then fails as a network error (retried like one)."""
+        which then fails as a network error (retried like one). A get-task's
+        connection is shut for sending only: a server that notices ends the
+        request, and a task it still hands out on it is read, not lost."""
         with self._count_lock:
-            ident = self._lease_threads.get(lease)
-        self._tracker.shut(ident)
+            ident, fetch = self._lease_threads.get(lease, (None, False))
+        self._tracker.shut(ident, socket.SHUT_WR if fetch else socket.SHUT_RDWR)
 
     @contextlib.contextmanager
     def _permit(self, op_class: str) -> Iterator[object]:
@@ -475,7 +477,7 @@ class ACClient:
         if lease is None:
             raise AgentStopping("stopped while waiting for an AC permit")
         with self._count_lock:
-            self._lease_threads[lease] = threading.get_ident()
+            self._lease_threads[lease] = (threading.get_ident(), fetch)
         try:
             yield lease
         finally:

@@ -30,18 +30,10 @@ TASKS = 200
 
 
 class World:
-    def __init__(self, tmp: Path, redis_url: str) -> None:
-        self.tmp, self.redis_url = tmp, redis_url
-        self.target = FakeTarget().start()
-        self.ac = FakeACServer(max_concurrent=2, latency=0.02, notices_close=True).start()
-        self.ac.add_tasks(
-            {
-                "taskId": f"t-{i:05d}",
-                "method": "GET",
-                "url": f"{self.target.url}/bytes/256?seed={i}",
-            }
-            for i in range(TASKS)
-        )
+    """Agent processes on one fake AC server, with their logs."""
+
+    def __init__(self, tmp: Path, ac: FakeACServer) -> None:
+        self.tmp, self.ac = tmp, ac
         self.procs: List[subprocess.Popen[bytes]] = []
 
     def start(self, name: str, coordination_url: str) -> subprocess.Popen[bytes]:
@@ -74,17 +66,23 @@ class World:
 
     def close(self) -> None:
         stop_agents(self.procs)
-        self.ac.stop()
-        self.target.stop()
 
 
 @pytest.fixture
-def world(tmp_path: Path, redis_server: LocalRedis) -> Iterator[World]:  # noqa: F811
-    made = World(tmp_path, redis_server.url)
-    try:
-        yield made
-    finally:
-        made.close()
+def world(tmp_path: Path) -> Iterator[World]:
+    with (
+        FakeTarget() as target,
+        FakeACServer(max_concurrent=2, latency=0.02, notices_close=True) as ac,
+    ):
+        ac.add_tasks(
+            {"taskId": f"t-{i:05d}", "method": "GET", "url": f"{target.url}/bytes/256?seed={i}"}
+            for i in range(TASKS)
+        )
+        made = World(tmp_path, ac)
+        try:
+            yield made
+        finally:
+            made.close()
 
 
 def _delivered_once(ac: FakeACServer) -> Tuple[int, int]:
@@ -170,3 +168,36 @@ def test_a_redis_that_lost_the_holders_but_kept_the_epoch_lets_no_third_request_
     assert ac.max_inflight <= 2
     assert ac.count_429 == 0
     assert missing == 0 and twice == 0
+
+
+def test_a_long_poll_whose_permit_lapses_still_delivers_the_task_it_brings(
+    tmp_path: Path,
+    redis_server: LocalRedis,  # noqa: F811
+) -> None:
+    # A server that does not read a held long poll's socket hands a task out
+    # on it even after the client shut it: the agent must still read it.
+    with FakeTarget() as target, FakeACServer(hold_poll=30.0, handout="decided") as ac:
+        with PausableProxy(redis_server.port) as link:
+            world = World(tmp_path, ac)
+            world.start("a", link.url)
+            try:
+                # the first get-tasks are answered at once; then one is held, with nothing queued
+                ac.add_task({"taskId": "first", "method": "GET", "url": f"{target.url}/bytes/8"})
+                world.wait(lambda: bool(ac.results.get("first")), 60, "the first result")
+                world.wait(
+                    lambda: ac.arrivals("get-task") == ac.count("get-task") + 1,
+                    10,
+                    "a held get-task",
+                )
+                link.pause()
+                world.wait(
+                    lambda: "lapsed" in world.log("a"), 3 * LEASE, "the poll's permit to lapse"
+                )
+                ac.add_task({"taskId": "late", "method": "GET", "url": f"{target.url}/bytes/64"})
+                world.wait(lambda: "late" in ac.handed_out_ids(), 10, "the task handed out")
+                link.resume()
+                world.wait(lambda: bool(ac.results.get("late")), 30, "the late task's result")
+            finally:
+                world.close()
+        got = ac.results["late"]
+    assert len(got) == 1 and got[0].via == "inline", got
