@@ -15,9 +15,16 @@ import redis
 from redis_fixture import redis_server  # noqa: F401 - the fixture
 
 from acagent.config import AgentConfig
-from acagent.permits import LocalPermits, Permits, RedisPermits, key_prefix, redact_url
+from acagent.permits import (
+    LocalPermits,
+    Permits,
+    RedisPermits,
+    key_prefix,
+    redact_url,
+    secret_origin,
+)
 from acagent.ratelimit import RateLimits
-from acagent.testing import LocalRedis
+from acagent.testing import LocalRedis, PausableProxy
 
 API_KEY = "secret-api-key-123"
 LEASE = 1.0
@@ -382,3 +389,80 @@ def test_client_takes_its_permits_from_the_object_passed_in(ac) -> None:
     assert ac.max_inflight == 1  # one permit, counted at the server
     assert permits.acquired_total == 6 and permits.holders == 0
     assert permits.acquire(threading.Event(), timeout=1) is not None  # not closed by the client
+
+
+# -- fencing -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url, given, env, expected",
+    [
+        ("redis://:pw@h:1/0", "x", "y", (None, "the password in --coordinationUrl")),
+        ("redis://h:1/0", "x", "y", ("x", "the password given")),
+        ("redis://h:1/0", None, "y", ("y", "ACAGENT_COORDINATION_PASSWORD")),
+        ("redis://h:1/0", None, None, (None, "none given (--coordinationPasswordFile)")),
+        ("redis://h:1/0", None, "", (None, "none given (--coordinationPasswordFile)")),
+    ],
+)
+def test_secret_origin_says_which_password_is_used(url, given, env, expected) -> None:
+    password, origin = secret_origin(url, given, env)
+    assert password == expected[0] and origin.startswith(expected[1])
+
+
+def test_a_held_permit_lapses_before_redis_could_give_it_to_another(
+    make_permits,
+    redis_server,  # noqa: F811
+) -> None:
+    lease_s = 1.0
+    with PausableProxy(redis_server.port) as link:
+        cut = RedisPermits(link.url, API_KEY, 1, lease_seconds=lease_s)
+        other = make_permits(limit=1, lease=lease_s)
+        lapses: List[float] = []
+        lapsed = threading.Event()
+        cut.on_lapse = lambda lease: (lapses.append(time.monotonic()), lapsed.set())
+        try:
+            _wait_grace(cut)
+            lease = cut.acquire(threading.Event(), timeout=5)
+            assert lease is not None and cut.valid(lease)
+            link.pause()
+            paused = time.monotonic()
+            got = other.acquire(threading.Event(), timeout=lease_s * 4)
+            granted = time.monotonic()
+            assert got is not None
+            assert lapsed.wait(0)  # the lapse came first...
+            assert lapses[0] < granted  # ...before the other got the permit
+            assert lapses[0] - paused <= lease_s - cut.fence_margin + 0.05
+            assert not cut.valid(lease) and cut.lapsed_total == 1
+            other.release(got)
+            link.resume()
+            cut.release(lease)
+            assert cut.holders == 0
+        finally:
+            link.resume()
+            cut.close()
+
+
+def test_a_renewal_never_readds_a_lease_when_every_permit_is_taken(
+    make_permits,
+    redis_server,  # noqa: F811
+) -> None:
+    a, b = make_permits(limit=1, lease=1.0), make_permits(limit=1, lease=1.0)
+    _wait_grace(a)
+    lapsed = threading.Event()
+    a.on_lapse = lambda lease: lapsed.set()
+    lease = a.acquire(threading.Event(), timeout=5)
+    assert lease is not None
+    store = redis.Redis.from_url(redis_server.url)
+    holders = key_prefix(API_KEY) + "holders"
+    try:
+        store.zrem(holders, str(lease))  # the store lost A's lease (only that one)
+        got = b.acquire(threading.Event(), timeout=5)
+        assert got is not None  # so the permit was free in Redis, and B took it
+        assert lapsed.wait(a.lease_seconds)  # A's next renewal finds it taken: lost
+        assert not a.valid(lease)
+        assert store.zcount(holders, "-inf", "(+inf") == 1  # B's only, A's not re-added
+        assert a.leases_lost_total == 1
+        b.release(got)
+    finally:
+        a.release(lease)
+        store.close()
