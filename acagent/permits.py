@@ -219,7 +219,7 @@ class LocalPermits(Permits):
             if deadline is not None:
                 wait = min(wait, max(0.0, deadline - time.monotonic()))
             if self._semaphore.acquire(timeout=wait):
-                return self
+                return object()  # one per holder, like a Redis token
             if stop.is_set():
                 return None
             if deadline is not None and time.monotonic() >= deadline:
