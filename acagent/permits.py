@@ -400,11 +400,12 @@ class RedisPermits(Permits):
     #: a permit that another agent released is used only this long after the
     #: release (see ``handoff_seconds``)
     HANDOFF_SECONDS = 0.005
-    #: a held permit lapses this share of a lease before Redis could let it go
-    #: (at least ``FENCE_MARGIN_MIN`` s): time for the request cut on it to end
-    #: at the server, and for a request that started just before the fence
-    FENCE_SHARE = 0.1
-    FENCE_MARGIN_MIN = 0.2
+    #: a held permit lapses this long before Redis could let it go (at most a
+    #: quarter of the lease, so a renewal late by a third of a lease is no
+    #: lapse): time for the request cut on it to end at the server (the
+    #: server sees the closed connection a little later, on a busy machine
+    #: later still), and for a request that started right before the fence
+    FENCE_MARGIN = 0.5
 
     def __init__(
         self,
@@ -433,7 +434,7 @@ class RedisPermits(Permits):
         self.url = redact_url(url)
         self.lease_seconds = float(lease_seconds)
         #: how long before its lease could lapse in Redis a held permit lapses here
-        self.fence_margin = max(self.FENCE_MARGIN_MIN, self.lease_seconds * self.FENCE_SHARE)
+        self.fence_margin = min(self.FENCE_MARGIN, self.lease_seconds / 4)
         self.reconnect = reconnect
         #: The server counts a request until *it* has written the reply; the
         #: client has read it a little earlier. A permit that goes straight to

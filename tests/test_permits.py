@@ -268,7 +268,8 @@ def test_redis_down_grants_nothing_and_resumes_when_back(make_permits, redis_ser
 
 def test_a_store_reset_keeps_surviving_holders(make_permits, redis_server) -> None:  # noqa: F811
     """Redis restarts empty while A holds the only permit: B must not get it."""
-    a, b = make_permits(limit=1, lease=1.0), make_permits(limit=1, lease=1.0)
+    # a lease long enough that the restart ends before A's permit lapses
+    a, b = make_permits(limit=1, lease=2.0), make_permits(limit=1, lease=2.0)
     _wait_grace(a)
     lease = a.acquire(threading.Event(), timeout=5)
     redis_server.stop()
@@ -276,6 +277,7 @@ def test_a_store_reset_keeps_surviving_holders(make_permits, redis_server) -> No
     # grace (one lease) + A's renewer re-registers its lease: B gets nothing
     assert b.acquire(threading.Event(), timeout=3.0) is None
     assert a.leases_lost_total >= 1
+    assert a.valid(lease) and a.lapsed_total == 0
     a.release(lease)
     got = b.acquire(threading.Event(), timeout=5)
     assert got is not None
