@@ -97,11 +97,8 @@ class Ledger:
         self.observers = observers if observers is not None else Observers()
         self.tasks: queue.Queue[Task] = queue.Queue()
         self.results: DueQueue[Delivery] = DueQueue()
-        lock = threading.RLock()
         #: wakes the Fetcher's ``reserve`` and ``wait_drained``: room and state changes
-        self._cond = threading.Condition(lock)
-        #: wakes ``wait_backlogged`` only: when results reach the threshold (same lock)
-        self._backlog = threading.Condition(lock)
+        self._cond = threading.Condition(threading.RLock())
         self._slots_now: Callable[[], int] = slots
         self._threshold = threshold
         self._executing = 0
@@ -109,7 +106,6 @@ class Ledger:
         self._holds: Dict[str, str] = {}
         self._intake_closed = False
         self._closed = False
-        self._woken = False
         self._next_probe = 0.0
         #: the spool has room for fewer bodies than slots: one task at a time,
         #: each only once its body fits (``_watch_spool``)
@@ -145,29 +141,6 @@ class Ledger:
             return True  # wake up: the answer is "no", at once
         slots = 1 if self._one_at_a_time else self.slots
         return not self._holds and self._executing < slots and self._results < self._threshold
-
-    def results_backlogged(self) -> bool:
-        """Results waiting for delivery reached ``response_queue_threshold``:
-        fetching waits for uploads (the upload side is the bottleneck)."""
-        with self._cond:
-            return self._results >= self._threshold
-
-    def wait_backlogged(self, timeout: float) -> bool:
-        """Block until results are backlogged (see ``results_backlogged``), the
-        ledger closes, ``wake()`` is called, or ``timeout`` passes; True if backlogged."""
-        with self._backlog:
-            self._backlog.wait_for(
-                lambda: self._closed or self._woken or self._results >= self._threshold,
-                timeout=timeout,
-            )
-            self._woken = False
-            return self._results >= self._threshold
-
-    def wake(self) -> None:
-        """End every ``wait_backlogged`` now (a stage is stopping)."""
-        with self._cond:
-            self._woken = True
-            self._backlog.notify_all()
 
     def cancel(self) -> None:
         """The reservation was not used (no task came back)."""
@@ -266,8 +239,6 @@ class Ledger:
             self._executing -= 1
             self._results += 1
             self._cond.notify_all()
-            if self._results == self._threshold:
-                self._backlog.notify_all()
         self.results.put(Delivery(result, counted=True, durable=durable))
         self.observers.emit("on_result_ready", result)
 
@@ -548,7 +519,6 @@ class Ledger:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-            self._backlog.notify_all()
         self.results.close()
 
     def slots_changed(self) -> None:

@@ -9,9 +9,9 @@ true) or to S3 via a presigned URL (false).
 at least one: one permit stays for get-task, so a slow upload never stops
 fetching) take the longest-due result from the Ledger's ``DueQueue``; a
 failed attempt puts the result back due after *its* backoff (its state is
-its ``Delivery``). While every sender's lane is held by a slow upload, or
-results are backlogged, small results borrow get-task's permit
-(``borrow_step``). **What a failure means** is decided in one place,
+its ``Delivery``). While every sender's lane is held by a slow upload,
+small results borrow get-task's permit (``borrow_step``). **What a failure
+means** is decided in one place,
 ``delivery.decide``: the Uploader sends, and applies what it decides.
 
 **A result is what the target sent, or an error.** A body sent from its
@@ -64,8 +64,6 @@ class Uploader(Stage):
     POLL = 0.5
     #: how long the borrowing sender steps aside while a get-task waits for a permit
     BORROW_PAUSE = 0.02
-    #: longest the borrowing sender sleeps before it looks again at backlog and lanes
-    BACKLOG_WAIT = 1.0
     #: an attempt this long makes its lane "held": small results may borrow (``borrow_step``)
     LANE_HELD = 1.0
     #: gzip level for upload-result when a body was not compressed by the executor
@@ -98,8 +96,7 @@ class Uploader(Stage):
         self.spawn(lambda: self.run_loop(self.cleanup_step), "acagent-uploader-cleanup")
 
     def on_stop(self) -> None:
-        self.ctx.ledger.wake()  # the borrowing sender's backlog wait ends; it sees the stop
-        self.ctx.ledger.wake_remover()  # so does the cleanup thread's wait
+        self.ctx.ledger.wake_remover()  # the cleanup thread's wait ends; it sees the stop
 
     def cleanup_step(self) -> None:
         """Remove the spool files of results delivered since the last step."""
@@ -126,25 +123,26 @@ class Uploader(Stage):
         finally:
             del self._lane_since[lane]
 
-    def lane_held(self) -> bool:
-        """Every sender's lane carries an attempt that began ``LANE_HELD`` ago or more."""
+    def held_in(self) -> float:
+        """Seconds until every sender's lane carries an attempt that began
+        ``LANE_HELD`` ago or more (0: held now). ``LANE_HELD`` while a lane is
+        free: an attempt that starts on it is held that long later at the earliest."""
         started = list(self._lane_since.values())
-        now = time.monotonic()
-        return len(started) >= self.senders and all(now - t >= self.LANE_HELD for t in started)
+        if len(started) < self.senders:
+            return self.LANE_HELD
+        return max(0.0, max(started) + self.LANE_HELD - time.monotonic())
 
     def borrow_step(self) -> None:
-        """Deliver one *small* result on get-task's permit while get-task cannot use it.
-
-        That is while results are at ``--responseQueueThreshold`` (no get-task
-        can be made until uploads drain them) or one slow upload holds every
-        sender's lane (``lane_held``), and no get-task waits for a permit.
-        Only small results (one short put-result) borrow, so a get-task that
-        becomes possible meanwhile waits one short round trip at most.
+        """Deliver one *small* result on get-task's permit while one slow
+        upload holds every sender's lane (``held_in``) and no get-task waits
+        for a permit. Only small results (one short put-result) borrow, so a
+        get-task that becomes possible meanwhile waits one short round trip at
+        most. Otherwise it sleeps until the lanes may be held, ``LANE_HELD`` at
+        most (a stop ends the sleep at once).
         """
-        if not (self.ctx.ledger.results_backlogged() or self.lane_held()):
-            # Idle or keeping up: sleep until a backlog builds, or look again
-            # in a while for a held lane.
-            self.ctx.ledger.wait_backlogged(self.BACKLOG_WAIT)
+        held_in = self.held_in()
+        if held_in > 0:
+            self.wait(held_in)
             return
         if self.ctx.client.fetch_waiting or self.breaker.remaining() > 0:
             self.wait(self.BORROW_PAUSE)

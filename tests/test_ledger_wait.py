@@ -1,9 +1,9 @@
-"""``Ledger.wait_backlogged``: the borrowing sender sleeps until a backlog builds.
+"""The Ledger's deferred removal and its wait, and the journal of a fetched task.
 
-An idle agent must not poll (issue 13: <= 0.5% of a core). These tests
-sequence a waiting thread with the ledger's own notifications: the wait ends
-when results reach the threshold, on ``wake()`` (a stage stopping) and on
-``close()``, and not before.
+An idle agent must not poll (<= 0.5% of a core): the cleanup thread sleeps in
+``remove_delivered`` until there is something to remove, and
+``wake_remover()`` (a stage stopping) ends that sleep, not before. These
+tests sequence a waiting thread with the ledger's own notifications.
 """
 
 from __future__ import annotations
@@ -17,10 +17,6 @@ from helpers import WAIT
 from acagent.ledger import INTERRUPTED, Ledger
 from acagent.models import Result, Task
 from acagent.spool import ResultSpool
-
-
-def _waiter(ledger: Ledger, out: List[Any], started: threading.Event) -> threading.Thread:
-    return _start_waiting(lambda: ledger.wait_backlogged(WAIT), out, started)
 
 
 def _start_waiting(
@@ -41,34 +37,6 @@ def _start_waiting(
 def _finish_one(ledger: Ledger, n: int) -> None:
     assert ledger.reserve(timeout=WAIT)
     ledger.finished(Result.agent_error({"taskId": f"t{n}"}, "test", key=f"{n:032x}"))
-
-
-def test_wait_ends_when_results_reach_the_threshold(tmp_path: Path) -> None:
-    ledger = Ledger(slots=5, threshold=3, spool=ResultSpool(tmp_path / "spool"))
-    out: List[bool] = []
-    thread = _waiter(ledger, out, threading.Event())
-    _finish_one(ledger, 1)
-    _finish_one(ledger, 2)
-    thread.join(0.2)
-    assert thread.is_alive() and not out  # 2 of 3: still waiting
-    _finish_one(ledger, 3)
-    thread.join(WAIT)
-    assert not thread.is_alive()
-    assert out == [True]
-
-
-def test_wake_and_close_end_the_wait_without_a_backlog(tmp_path: Path) -> None:
-    ledger = Ledger(slots=5, threshold=3, spool=ResultSpool(tmp_path / "spool"))
-    out: List[bool] = []
-    thread = _waiter(ledger, out, threading.Event())
-    ledger.wake()
-    thread.join(WAIT)
-    assert not thread.is_alive() and out == [False]
-
-    thread = _waiter(ledger, out, threading.Event())
-    ledger.close()
-    thread.join(WAIT)
-    assert not thread.is_alive() and out == [False, False]
 
 
 # ---------------------------------------------------------------- deferred removal
@@ -120,4 +88,3 @@ def test_fetched_journals_the_task_before_it_is_queued(tmp_path: Path) -> None:
     assert record["error"] == INTERRUPTED
     queued = ledger.take_task(timeout=WAIT)
     assert queued is not None and queued.key == key
-
