@@ -37,6 +37,9 @@ operator can fix (401, 403, 407, 408, 413, 429, 5xx, network errors):
   original goes to quarantine, the task is answered with an error result.
 * The agent stopping mid-attempt: the result stays, due at once (it is sent
   after a restart if not before).
+
+``lanes_held_in`` says when small results may borrow get-task's permit: only
+once one upload has held every sender's lane for ``held`` seconds.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import enum
 import errno
 import time
 from dataclasses import dataclass, field
-from typing import FrozenSet, Literal, Optional
+from typing import Collection, FrozenSet, Literal, Optional
 
 from .backoff import concurrency_wait
 from .config import INLINE_BODY_LIMIT
@@ -70,6 +73,16 @@ LINKED_BODY = "the body file is a symbolic link, not a file the agent wrote"
 
 class BodyMismatch(Exception):
     """The body file of a result is not the one saved (``ResultSpool.check_body``)."""
+
+
+def lanes_held_in(started: Collection[float], lanes: int, held: float, now: float) -> float:
+    """Seconds until each of ``lanes`` carries an attempt that began ``held``
+    seconds ago or more (0: held now), given when the attempts on them began
+    (``started``). ``held`` while a lane is free: an attempt that starts on it
+    is held that long later at the earliest."""
+    if len(started) < lanes:
+        return held
+    return max(0.0, max(started) + held - now)
 
 
 def route_of(result: Result, upload_to_ac: bool) -> Route:

@@ -37,7 +37,16 @@ from . import logs
 from .breaker import ClassBreaker
 from .compress import LEVEL, gzip_file
 from .config import INLINE_BODY_LIMIT
-from .delivery import BodyMismatch, Delivery, Kind, Outcome, Route, decide, route_of
+from .delivery import (
+    BodyMismatch,
+    Delivery,
+    Kind,
+    Outcome,
+    Route,
+    decide,
+    lanes_held_in,
+    route_of,
+)
 from .fetcher import AUTH_HOLD, CONCURRENCY_HINT, auth_hint
 from .hints import hint_for
 from .logs import error_fields
@@ -123,24 +132,16 @@ class Uploader(Stage):
         finally:
             del self._lane_since[lane]
 
-    def held_in(self) -> float:
-        """Seconds until every sender's lane carries an attempt that began
-        ``LANE_HELD`` ago or more (0: held now). ``LANE_HELD`` while a lane is
-        free: an attempt that starts on it is held that long later at the earliest."""
-        started = list(self._lane_since.values())
-        if len(started) < self.senders:
-            return self.LANE_HELD
-        return max(0.0, max(started) + self.LANE_HELD - time.monotonic())
-
     def borrow_step(self) -> None:
         """Deliver one *small* result on get-task's permit while one slow
-        upload holds every sender's lane (``held_in``) and no get-task waits
-        for a permit. Only small results (one short put-result) borrow, so a
-        get-task that becomes possible meanwhile waits one short round trip at
-        most. Otherwise it sleeps until the lanes may be held, ``LANE_HELD`` at
-        most (a stop ends the sleep at once).
+        upload holds every sender's lane (``lanes_held_in``) and no get-task
+        waits for a permit. Only small results (one short put-result) borrow,
+        so a get-task that becomes possible meanwhile waits one short round
+        trip at most. Otherwise it sleeps until the lanes may be held,
+        ``LANE_HELD`` at most (a stop ends the sleep at once).
         """
-        held_in = self.held_in()
+        started = list(self._lane_since.values())
+        held_in = lanes_held_in(started, self.senders, self.LANE_HELD, time.monotonic())
         if held_in > 0:
             self.wait(held_in)
             return

@@ -39,6 +39,7 @@ from acagent.delivery import (
     Outcome,
     Route,
     decide,
+    lanes_held_in,
     route_of,
 )
 from acagent.errors import (
@@ -495,3 +496,31 @@ def test_an_answer_instead_replaces_the_result_under_its_key() -> None:
     assert "nope" in str(delivery.result.error)
     assert (delivery.route, delivery.refusals, delivery.durable) == ("error", 0, False)
     assert delivery.small  # an error result is one short put-result
+
+
+# --------------------------------------------------------------------------
+# Borrowing get-task's permit: only once one upload holds every lane
+# --------------------------------------------------------------------------
+
+# fmt: off
+LANES = [
+    # id, attempts started at (monotonic), lanes, now -> seconds until held (held = 1.0)
+    ("idle", [], 1, 100.0, 1.0),
+    ("one-of-two-lanes-busy", [50.0], 2, 100.0, 1.0),
+    ("just-started", [100.0], 1, 100.0, 1.0),
+    ("half-way", [99.4], 1, 100.0, 0.4),
+    ("exactly-held", [99.0], 1, 100.0, 0.0),
+    ("held-20s", [80.0], 1, 100.0, 0.0),
+    ("newest-decides", [80.0, 99.5], 2, 100.0, 0.5),
+    ("every-lane-held", [80.0, 98.0], 2, 100.0, 0.0),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(
+    ("started", "lanes", "now", "held_in"),
+    [row[1:] for row in LANES],
+    ids=[row[0] for row in LANES],
+)
+def test_lanes_held_in(started: List[float], lanes: int, now: float, held_in: float) -> None:
+    assert lanes_held_in(started, lanes, 1.0, now) == pytest.approx(held_in)
