@@ -950,8 +950,8 @@ class ResultSpool:
         as they were saved, without the spool's own field; those of every
         origin are listed (``recover`` sorts them).
 
-        Every record is loaded into memory; records are small (inline bodies
-        are at most ~700 kB), bodies stay on disk. Meant for the start: the
+        Every record is loaded into memory; records are small (no body is
+        ever in one: bodies stay on disk). Meant for the start: the
         journal of a task left by an earlier run is one of the records (its
         answer); called while tasks run, it would list their journals too.
         """

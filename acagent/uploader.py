@@ -11,8 +11,8 @@ fetching) take the longest-due result from the Ledger's ``DueQueue``; a
 failed attempt puts the result back due after *its* backoff (its state is
 its ``Delivery``). While every sender's lane is held by a slow upload,
 small results borrow get-task's permit (``borrow_step``). **What a failure
-means** is decided in one place,
-``delivery.decide``: the Uploader sends, and applies what it decides.
+means** is decided in one place, ``delivery.decide``: the Uploader sends,
+and applies what it decides.
 
 **A result is what the target sent, or an error.** A body sent from its
 file is first checked against the record's ``bodySize`` and the sha256 the
