@@ -6,7 +6,7 @@ Python imports it at start-up, before ``python -m acagent`` runs, and it
 patches the named mechanisms out of the agent process:
 
 - ``borrow``: the borrowing sender (small uploads on get-task's permit while
-  results are backlogged or one upload holds every lane): no borrow thread;
+  one upload holds every lane): no borrow thread;
 - ``small-bodies``: small bodies kept base64 in the result record: every
   body goes to its own spool file, as larger ones do;
 - ``fast-path``: ``TargetSession.request``'s own request preparation: the
@@ -14,6 +14,11 @@ patches the named mechanisms out of the agent process:
   adapter, its connections and ``rebuild_auth``, which stay);
 - ``memo``: the cache in ``TargetPolicy.check_url``: every URL is parsed and
   checked each time.
+
+The last three mechanisms were measured and removed (benchmarks/README.md):
+their switches apply to the tree measured (commit 6c703e2, passed with
+``--agent-env PYTHONPATH=<that tree>``); on a tree without the mechanism a
+switch stops the agent with exit 70 rather than run it unswitched.
 
 With ``probe`` set, the agent also counts what each mechanism did and writes
 the counts as JSON to ``<probe>.<pid>.json`` at exit, so a run shows that a
