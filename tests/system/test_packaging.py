@@ -28,7 +28,7 @@ from packaging.requirements import Requirement
 import acagent
 from acagent.testing.localredis import bundled_redis_server
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NEWEST_PYTHON = (3, 13)
 
 _REQUIREMENT = re.compile(

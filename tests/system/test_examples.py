@@ -14,7 +14,7 @@ import pytest
 from acagent import AgentConfig, Pipeline
 from acagent.testing import FakeACServer, FakeTarget
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 
 

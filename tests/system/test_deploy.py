@@ -29,7 +29,7 @@ from acagent.health import HealthServer
 from acagent.metrics import AgentMetrics
 from acagent.permits import PASSWORD_ENV
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S = DEPLOY / "kubernetes"
 BASE = K8S / "base"
 SCALE_OUT = K8S / "scale-out"

@@ -12,7 +12,7 @@ from typing import Tuple
 
 from acagent.testing import FakeACServer, FakeTarget
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 MARKER = "<!-- snippet: library -->"
 TIMEOUT = 60
 

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from acagent.testing import FakeACServer, FakeTarget
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "acagent.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
 
