@@ -1,4 +1,4 @@
-"""Observability of a running Pipeline over real HTTP on 127.0.0.1 (issue 5).
+"""Observability of a running Pipeline over real HTTP on 127.0.0.1.
 
 What the operator sees is checked against what really happened at the fake
 AC server: ``/metrics`` counters against the fake's own request counts,

@@ -1,4 +1,4 @@
-"""End-to-end tests of the Pipeline over real HTTP on 127.0.0.1 (issue 3)."""
+"""End-to-end tests of the Pipeline over real HTTP on 127.0.0.1."""
 
 from __future__ import annotations
 

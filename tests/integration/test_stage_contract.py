@@ -1,4 +1,4 @@
-"""Each stage runs on a hand-made ``StageContext``, with no Pipeline at all (issue: architecture).
+"""Each stage runs on a hand-made ``StageContext``, with no Pipeline at all.
 
 The contract a subclass author relies on: a stage needs only the context's
 collaborators (config, AC client, Ledger, spool, work folder, abort signal,

@@ -1,4 +1,4 @@
-"""Operating the CLI agent: signals, status line, log formats, log files (issue 5).
+"""Operating the CLI agent: signals, status line, log formats, log files.
 
 Each test runs ``python -m acagent`` as a subprocess against the fake AC
 server and reads its stdout through a pipe (a reader thread; every wait is

@@ -1,4 +1,4 @@
-"""Delivery that never blocks and never destroys a result (issue: delivery).
+"""Delivery that never blocks and never destroys a result.
 
 Real servers on 127.0.0.1: the fake AC server refuses, faults and stalls;
 the agent must deliver every real result byte-exact, never replace one by an

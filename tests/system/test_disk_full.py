@@ -1,4 +1,4 @@
-"""A full or read-only spool pauses work and recovers by itself (issue: delivery).
+"""A full or read-only spool pauses work and recovers by itself.
 
 A real small file system: a tmpfs mounted for the test (CI runs as root; the
 test fails, it does not skip, where it cannot mount). Every task is answered

@@ -1,8 +1,8 @@
-"""An agent thread that dies is never silent, and the CLI does not hang (issue: 3.13 crash).
+"""An agent thread that dies is never silent, and the CLI does not hang.
 
-The Uploader of the first round died on Python 3.13 at its first result
-(``Thread._handle`` clash); the traceback went to stderr only and the
-process neither worked nor exited. Here a stage thread is killed by an
+A stage attribute that shadows a ``threading.Thread`` internal (as
+``_handle`` does on Python 3.13) kills its thread at first use; a dead thread
+must be told and must end the process. Here a stage thread is killed by an
 unexpected exception in a real CLI process: the log must carry the
 traceback with the thread name, and the process must exit non-zero within
 a few seconds with one line naming the thread.
