@@ -26,11 +26,13 @@ from acagent.fetcher import Fetcher
 from acagent.pipeline import Pipeline
 from acagent.retry import RetryPolicy
 from acagent.spool import LOCK_FILE
-from acagent.testing import FakeACServer
+from acagent.testing import FakeACServer, FakeTarget
 from acagent.uploader import Uploader
 
 #: generous bound for one "this must happen" wait; a pass takes a fraction of it
 WAIT = 20.0
+#: the repository (tests read its docs, deployment files and packaging)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class FastFetcher(Fetcher):
@@ -100,7 +102,9 @@ def running(pipeline: Pipeline, stop_timeout: float = 10.0) -> Iterator[Pipeline
         assert not pipeline.uploader.is_alive()
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+def wait_until(
+    predicate: Callable[[], bool], timeout: float = WAIT, interval: float = 0.02
+) -> bool:
     """Poll ``predicate`` until true or ``timeout``; returns its last value."""
     deadline = time.monotonic() + timeout
     while True:
@@ -131,6 +135,49 @@ def spool_records(spool_dir: Path) -> List[Dict[str, Any]]:
 
 def spool_task_ids(spool_dir: Path) -> List[str]:
     return [str(r["fields"].get("taskId")) for r in spool_records(spool_dir)]
+
+
+def saved_results(spool_dir: Path) -> List[Dict[str, Any]]:
+    """The result records in a spool folder, not the journals of tasks still running."""
+    return [r for r in spool_records(spool_dir) if r.get("failure") != "interrupted"]
+
+
+def bytes_tasks(target: FakeTarget, prefix: str, n: int, size: int) -> List[Dict[str, str]]:
+    """``n`` GET tasks for ``size`` bytes each from ``target``, ids ``<prefix>-<i>``."""
+    return [
+        {"taskId": f"{prefix}-{i}", "method": "GET", "url": f"{target.url}/bytes/{size}?seed={i}"}
+        for i in range(n)
+    ]
+
+
+def leave_results_in_spool(
+    ac: FakeACServer, spool: Path, key: str, tasks: List[Dict[str, str]]
+) -> None:
+    """Run an agent whose uploads the server refuses, until every task's result
+    is saved and was offered once; stop it: the results stay in the spool."""
+    ids = [t["taskId"] for t in tasks]
+    # longer than any wait of a test: the server refuses until told otherwise
+    ac.refuse_results(ids, status=503, seconds=600.0)
+    config = make_config(ac.url, spool, api_key=key, executor_pool_size=2, shutdown_timeout=1.0)
+    with running(make_pipeline(config), stop_timeout=1.0):
+        ac.add_tasks(tasks)
+        assert wait_until(lambda: len(saved_results(spool)) == len(tasks), WAIT)
+        assert ac.wait_for(
+            lambda: ac.count("put-result") + ac.count("upload-result") >= len(tasks), WAIT
+        )
+    assert ac.results == {}
+    ac.refuse_results(ids, status=503, seconds=0.0)  # refused no more
+
+
+def assert_one_line_exit_2(proc: subprocess.CompletedProcess[str], flag: str) -> str:
+    """The CLI refused to start: exit 2, one stderr line naming ``flag``, no traceback."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert flag in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    return lines[0]
 
 
 # --------------------------------------------------------------------------

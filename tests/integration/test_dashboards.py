@@ -12,18 +12,17 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, Iterator, List, Set, Tuple
 
 import pytest
 import requests
 import yaml
-from helpers import WAIT, make_config, make_pipeline, running
+from helpers import ROOT, WAIT, make_config, make_pipeline, running
 from prometheus_client.parser import text_string_to_metric_families
 
 from acagent.testing import FakeACServer, FakeTarget
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "acagent.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import math
 import sys
-import threading
-import time
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import pytest
 import requests
+from helpers import WAIT, make_config, wait_until
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -22,7 +21,6 @@ from acagent.metrics import DEFAULT_BUCKETS, AgentMetrics, RateWindow, metric_va
 from acagent.metricsobserver import HOLD_REASONS, RETRY_KINDS, MetricsObserver, retry_kind
 from acagent.testing import FakeACServer, FakeTarget
 
-WAIT = 20.0
 HTTP_TIMEOUT = 5.0
 
 #: family name (as prometheus_client's parser reports it) -> type; the parser
@@ -286,26 +284,12 @@ def test_health_server_metrics_parse_with_the_reference_parser() -> None:
 # two real Pipelines in one process, and a Pipeline on a caller's registry
 # ---------------------------------------------------------------------------
 def _config(ac: FakeACServer, tmp_path: Path, name: str) -> AgentConfig:
-    return AgentConfig(
-        server_url=ac.url,
+    return make_config(
+        ac.url,
+        tmp_path / name / "spool",
         api_key=f"metrics-test-key-{name}",
-        spool_dir=str(tmp_path / name / "spool"),
-        poll_interval=0.02,
-        poll_jitter=0.0,
-        rate_limit_per_min=0,
         health_addr="127.0.0.1:0",
-        shutdown_timeout=10.0,
     )
-
-
-def _wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return bool(predicate())
-        pause.wait(0.02)
-    return True
 
 
 def _add_tasks(ac: FakeACServer, target: FakeTarget, prefix: str, n: int) -> None:
@@ -341,8 +325,8 @@ def test_two_pipelines_in_one_process_keep_their_own_metrics(
             try:
                 assert ac.wait_for_results(3, timeout=WAIT)
                 assert ac_b.wait_for_results(5, timeout=WAIT)
-                assert _wait_until(lambda: first.metrics.counter_totals()["uploaded"] >= 3)
-                assert _wait_until(lambda: second.metrics.counter_totals()["uploaded"] >= 5)
+                assert wait_until(lambda: first.metrics.counter_totals()["uploaded"] >= 3)
+                assert wait_until(lambda: second.metrics.counter_totals()["uploaded"] >= 5)
                 sa, sb = _scrape(first), _scrape(second)
             finally:
                 assert second.stop(timeout=WAIT)
@@ -367,7 +351,7 @@ def test_a_pipeline_on_a_callers_registry(
     pipeline.start()
     try:
         assert ac.wait_for_results(4, timeout=WAIT)
-        assert _wait_until(lambda: pipeline.metrics.counter_totals()["uploaded"] >= 4)
+        assert wait_until(lambda: pipeline.metrics.counter_totals()["uploaded"] >= 4)
         served = _scrape(pipeline)  # the agent's own /metrics renders the host's registry
     finally:
         assert pipeline.stop(timeout=WAIT)

@@ -17,33 +17,23 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, cast
+from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
 
 import pytest
 import requests
+from helpers import WAIT, FastFetcher, make_config, make_pipeline, wait_until
 
 from acagent import AgentConfig, Pipeline, RetryPolicy
 from acagent.backoff import Backoff
-from acagent.fetcher import Fetcher
+from acagent.executor import Executor
 from acagent.health import METRICS_CONTENT_TYPE
 from acagent.metrics import metric_value
 from acagent.models import Task
 from acagent.stage import StageContext
 from acagent.testing import FakeACServer, FakeTarget, expected_sha256
-from acagent.uploader import Uploader
 
-#: bound of every "this must happen" wait; a pass takes a small fraction of it
-WAIT = 20.0
 HTTP_TIMEOUT = 5.0
 API_KEY = "obs-secret-key-6f1d2c"
-
-
-class FastFetcher(Fetcher):
-    CAPACITY_POLL = 0.05
-
-
-class FastUploader(Uploader):
-    POLL = 0.05
 
 
 class PausableFetcher(FastFetcher):
@@ -79,50 +69,24 @@ class DyingFetcher(FastFetcher):
         return super().fetch_one()
 
 
-#: the Fetcher's waits after a failed get-task, in tens of milliseconds
-FAST_RETRY = RetryPolicy(
+#: the Fetcher's waits after a failed get-task, in tens of milliseconds; the others as shipped
+FAST_FETCH = RetryPolicy(
     fetch=Backoff(0.05, 0.2, 0.5),
     fetch_breaker=Backoff(0.05, 0.2, 0.2),
 )
 
 
-def make_config(ac: FakeACServer, tmp_path: Path, **changes: Any) -> AgentConfig:
-    values: Dict[str, Any] = {
-        "server_url": ac.url,
-        "api_key": API_KEY,
-        "spool_dir": str(tmp_path / "spool"),
-        "poll_interval": 0.02,
-        "poll_jitter": 0.0,
-        "rate_limit_per_min": 0,
-        "health_addr": "127.0.0.1:0",
-        "shutdown_timeout": 10.0,
-    }
-    values.update(changes)
-    return AgentConfig(**values)
+def obs_config(ac: FakeACServer, tmp_path: Path, **changes: Any) -> AgentConfig:
+    values: Dict[str, Any] = {"api_key": API_KEY, "health_addr": "127.0.0.1:0", **changes}
+    return make_config(ac.url, tmp_path / "spool", **values)
 
 
-def make_pipeline(config: AgentConfig, fetcher: Any = FastFetcher) -> Pipeline:
-    return Pipeline(
-        config,
-        fetcher=fetcher,
-        uploader=FastUploader,
-        retry_policy=FAST_RETRY,
-    )
+def obs_pipeline(config: AgentConfig, fetcher: Any = FastFetcher) -> Pipeline:
+    return make_pipeline(config, fetcher=fetcher, executor=Executor, retry_policy=FAST_FETCH)
 
 
 def bytes_task(target: FakeTarget, task_id: str, size: int, seed: int) -> Dict[str, Any]:
     return {"taskId": task_id, "method": "GET", "url": f"{target.url}/bytes/{size}?seed={seed}"}
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
-    """Poll ``predicate`` (for states no event announces, e.g. an HTTP answer)."""
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return bool(predicate())
-        pause.wait(0.02)
-    return True
 
 
 def health_url(pipeline: Pipeline) -> str:
@@ -330,8 +294,8 @@ def test_metrics_scraped_during_and_after_a_run_match_the_server(
     expected = {f"m-{i}": (500 + 37 * i, i) for i in range(n)}
     ac.add_tasks(bytes_task(target, tid, size, seed) for tid, (size, seed) in expected.items())
     put_result_stalled = ac.stall("put-result")  # the first upload hangs at the server
-    config = make_config(ac, tmp_path, executor_pool_size=8)
-    pipeline = make_pipeline(config, fetcher=PausableFetcher)
+    config = obs_config(ac, tmp_path, executor_pool_size=8)
+    pipeline = obs_pipeline(config, fetcher=PausableFetcher)
     fetcher = cast(PausableFetcher, pipeline.fetcher)
     pipeline.start()
     try:
@@ -406,7 +370,7 @@ def test_metrics_scraped_during_and_after_a_run_match_the_server(
 def test_readyz_follows_the_ac_server_and_healthz_stays_up(
     ac: FakeACServer, tmp_path: Path
 ) -> None:
-    pipeline = make_pipeline(make_config(ac, tmp_path))
+    pipeline = obs_pipeline(obs_config(ac, tmp_path))
     pipeline.start()
     try:
         base = health_url(pipeline)
@@ -433,7 +397,7 @@ def test_readyz_follows_the_ac_server_and_healthz_stays_up(
 def test_readyz_is_503_before_the_first_good_exchange(tmp_path: Path) -> None:
     with FakeACServer() as ac:
         ac.set_down(True)
-        pipeline = make_pipeline(make_config(ac, tmp_path))
+        pipeline = obs_pipeline(obs_config(ac, tmp_path))
         pipeline.start()
         try:
             base = health_url(pipeline)
@@ -453,7 +417,7 @@ def test_healthz_turns_503_when_a_stage_thread_dies(
     ac: FakeACServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.CRITICAL, logger="acagent.threadcrash")
-    pipeline = make_pipeline(make_config(ac, tmp_path, shutdown_timeout=1.0), DyingFetcher)
+    pipeline = obs_pipeline(obs_config(ac, tmp_path, shutdown_timeout=1.0), DyingFetcher)
     fetcher = cast(DyingFetcher, pipeline.fetcher)
     pipeline.start()
     try:
@@ -488,8 +452,8 @@ def test_metrics_file_of_a_real_run_has_todays_line_shape(
     ids = [f"mf-{i}" for i in range(6)]
     ac.add_tasks(bytes_task(target, tid, 1000 + i, i) for i, tid in enumerate(ids))
     log_dir = tmp_path / "log"
-    config = make_config(ac, tmp_path, enable_metrics_file=True, log_dir=str(log_dir), index="_obs")
-    pipeline = make_pipeline(config, fetcher=PausableFetcher)
+    config = obs_config(ac, tmp_path, enable_metrics_file=True, log_dir=str(log_dir), index="_obs")
+    pipeline = obs_pipeline(config, fetcher=PausableFetcher)
     fetcher = cast(PausableFetcher, pipeline.fetcher)
     before = int(time.time() * 1000)
     pipeline.start()
@@ -588,7 +552,7 @@ _STATUS_RE = re.compile(
 def test_status_line_every_interval(
     ac: FakeACServer, tmp_path: Path, status_lines: StatusLines
 ) -> None:
-    pipeline = make_pipeline(make_config(ac, tmp_path, status_interval=0.1))
+    pipeline = obs_pipeline(obs_config(ac, tmp_path, status_interval=0.1))
     started = time.monotonic()
     pipeline.start()
     try:
@@ -604,7 +568,7 @@ def test_status_line_on_request(
     ac: FakeACServer, target: FakeTarget, tmp_path: Path, status_lines: StatusLines
 ) -> None:
     ac.add_tasks(bytes_task(target, f"st-{i}", 100, i) for i in range(3))
-    pipeline = make_pipeline(make_config(ac, tmp_path, status_interval=3600))
+    pipeline = obs_pipeline(obs_config(ac, tmp_path, status_interval=3600))
     pipeline.start()
     try:
         assert ac.wait_for_results(3, timeout=WAIT)

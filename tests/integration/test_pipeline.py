@@ -5,41 +5,17 @@ from __future__ import annotations
 import io
 import json
 import random
-import time
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, List
 
 import pytest
-from helpers import spool_names
+from helpers import make_config, spool_names, wait_until
 
 import acagent
-from acagent import AgentConfig, Pipeline
+from acagent import Pipeline
 from acagent.config import INLINE_BODY_LIMIT
 from acagent.testing import FakeACServer, FakeTarget, expected_body, expected_sha256
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
-    """Poll an agent-side condition every 10 ms, bounded by ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def make_config(ac: FakeACServer, tmp_path: Path, **kw: Any) -> AgentConfig:
-    base: Dict[str, Any] = dict(
-        server_url=ac.url,
-        api_key="test-key",
-        spool_dir=str(tmp_path / "spool"),
-        poll_interval=0.02,
-        poll_jitter=0.01,
-        rate_limit_per_min=0,
-    )
-    base.update(kw)
-    return AgentConfig(**base)
 
 
 def bytes_task(
@@ -80,7 +56,9 @@ def test_500_mixed_tasks_exactly_once_within_two_permits(
         size = rng.choices(SIZES, WEIGHTS)[0]
         expected[f"task-{i}"] = (size, i)
         ac.add_task(bytes_task(target, f"task-{i}", size, i, customField={"n": i}))
-    config = make_config(ac, tmp_path, executor_pool_size=20, upload_to_ac=upload_to_ac)
+    config = make_config(
+        ac.url, tmp_path / "spool", executor_pool_size=20, upload_to_ac=upload_to_ac
+    )
     with Pipeline(config):
         assert ac.wait_for_results(500, timeout=120)
     by_via = assert_exact_results(ac, expected)
@@ -102,7 +80,9 @@ def test_backpressure_caps_fetching_while_uploads_stall(
     for i in range(40):
         ac.add_task(bytes_task(target, f"t{i}", 100, i))
     release = ac.stall("put-result")
-    config = make_config(ac, tmp_path, executor_pool_size=slots, response_queue_threshold=threshold)
+    config = make_config(
+        ac.url, tmp_path / "spool", executor_pool_size=slots, response_queue_threshold=threshold
+    )
     cap = slots + threshold
     with Pipeline(config) as agent:
         try:
@@ -126,7 +106,9 @@ def test_prefetch_adds_to_the_cap(ac: FakeACServer, target: FakeTarget, tmp_path
     for i in range(30):
         ac.add_task(bytes_task(target, f"t{i}", 10, i))
     release = ac.stall("put-result")
-    config = make_config(ac, tmp_path, executor_pool_size=2, prefetch=2, response_queue_threshold=2)
+    config = make_config(
+        ac.url, tmp_path / "spool", executor_pool_size=2, prefetch=2, response_queue_threshold=2
+    )
     with Pipeline(config) as agent:
         try:
             assert wait_until(
@@ -145,7 +127,7 @@ def test_slow_upload_does_not_block_fetching_or_executing(
 ) -> None:
     ac.add_task(bytes_task(target, "big", 2_000_000, 1))
     release = ac.stall("upload-result")
-    config = make_config(ac, tmp_path, executor_pool_size=4)
+    config = make_config(ac.url, tmp_path / "spool", executor_pool_size=4)
     with Pipeline(config) as agent:
         try:
             # the uploader holds the big result and its request hangs at the server
@@ -171,7 +153,7 @@ def test_expired_task_is_answered_without_running(
     ac: FakeACServer, target: FakeTarget, tmp_path: Path
 ) -> None:
     ac.add_task(bytes_task(target, "old", 10, 1, expiryTsMs=1_000))
-    with Pipeline(make_config(ac, tmp_path)):
+    with Pipeline(make_config(ac.url, tmp_path / "spool")):
         assert ac.wait_for_results(1, timeout=20)
     result = ac.results["old"][0]
     assert result.via == "error"
@@ -202,7 +184,7 @@ def test_request_shape_body_method_headers_and_checkmarx(
             "input": "grant_type=password",
         }
     )
-    with Pipeline(make_config(ac, tmp_path)):
+    with Pipeline(make_config(ac.url, tmp_path / "spool")):
         assert ac.wait_for_results(2, timeout=20)
     import json
 
@@ -229,7 +211,7 @@ def test_content_encodings_are_decoded(
     ac.add_task(
         {"taskId": "chunked", "method": "GET", "url": f"{target.url}/bytes/90000?seed=9&chunked=1"}
     )
-    with Pipeline(make_config(ac, tmp_path)):
+    with Pipeline(make_config(ac.url, tmp_path / "spool")):
         assert ac.wait_for_results(4, timeout=20)
     for i, enc in enumerate(("gzip", "deflate", "identity")):
         assert ac.results[enc][0].body == expected_body(70000, i)
@@ -239,7 +221,7 @@ def test_content_encodings_are_decoded(
 def test_global_config_applied_at_runtime(
     ac: FakeACServer, target: FakeTarget, tmp_path: Path
 ) -> None:
-    config = make_config(ac, tmp_path, executor_pool_size=2, rate_limit_per_min=0)
+    config = make_config(ac.url, tmp_path / "spool", executor_pool_size=2, rate_limit_per_min=0)
     with Pipeline(config) as agent:
         ac.add_task(
             bytes_task(
@@ -280,7 +262,7 @@ def test_resize_while_busy_loses_nothing(
                 "globalConfig": {"poolSize": 2 + (i % 3) * 3},
             }
         )
-    with Pipeline(make_config(ac, tmp_path, executor_pool_size=3)):
+    with Pipeline(make_config(ac.url, tmp_path / "spool", executor_pool_size=3)):
         assert ac.wait_for_results(30, timeout=60)
     assert all(len(v) == 1 and v[0].via == "inline" for v in ac.results.values())
 
@@ -290,7 +272,7 @@ def test_fetch_logs_task_uploads_a_zip(ac: FakeACServer, tmp_path: Path) -> None
     log_dir.mkdir()
     (log_dir / "app_log_prod.log").write_text("hello log\n")
     ac.add_task({"taskId": "fetchLogs-1", "method": "GET", "url": "https://ac/agent/fetch-logs"})
-    config = make_config(ac, tmp_path, log_dir=str(log_dir))
+    config = make_config(ac.url, tmp_path / "spool", log_dir=str(log_dir))
     with Pipeline(config):
         assert ac.wait_for_requests("upload-logs", 1, timeout=20)
     upload = ac.results["fetchLogs-1"][0]
@@ -306,7 +288,7 @@ def test_results_echo_all_fields_and_version(
     ac: FakeACServer, target: FakeTarget, tmp_path: Path
 ) -> None:
     ac.add_task(bytes_task(target, "echo", 5, 1, extra=[1, 2], nested={"a": None}))
-    with Pipeline(make_config(ac, tmp_path)):
+    with Pipeline(make_config(ac.url, tmp_path / "spool")):
         assert ac.wait_for_results(1, timeout=20)
     fields = ac.results["echo"][0].fields
     assert fields["extra"] == [1, 2] and fields["nested"] == {"a": None}
@@ -320,7 +302,7 @@ def test_spool_is_empty_after_clean_run(
 ) -> None:
     for i in range(10):
         ac.add_task(bytes_task(target, f"t{i}", 700_000 if i % 2 else 10, i))
-    with Pipeline(make_config(ac, tmp_path)) as agent:
+    with Pipeline(make_config(ac.url, tmp_path / "spool")) as agent:
         assert ac.wait_for_results(10, timeout=30)
         assert agent.ledger.wait_drained(timeout=10)
     leftovers: List[str] = spool_names(tmp_path / "spool")
@@ -329,7 +311,7 @@ def test_spool_is_empty_after_clean_run(
 
 def test_gzip_upload_is_real_gzip(ac: FakeACServer, target: FakeTarget, tmp_path: Path) -> None:
     ac.add_task(bytes_task(target, "z", 600_000, 5))
-    with Pipeline(make_config(ac, tmp_path)):
+    with Pipeline(make_config(ac.url, tmp_path / "spool")):
         assert ac.wait_for_results(1, timeout=20)
     r = ac.results["z"][0]
     assert r.via == "upload" and r.fields["responseZipped"] is True
@@ -366,7 +348,7 @@ def test_every_body_lives_in_its_own_body_file_and_an_empty_one_has_none(
         ac.add_task(task)
     spool = tmp_path / "spool"
     watch = _SpoolAtReady(spool)
-    with Pipeline(make_config(ac, tmp_path), observers=[watch]):
+    with Pipeline(make_config(ac.url, tmp_path / "spool"), observers=[watch]):
         assert ac.wait_for_results(len(sizes), timeout=30)
     for task_id, size in sizes.items():
         body_path, body_file, file_size, record = watch.seen[task_id]

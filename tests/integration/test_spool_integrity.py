@@ -16,10 +16,19 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import pytest
-from helpers import WAIT, make_config, make_pipeline, running, spool_records, wait_until
+from helpers import (
+    WAIT,
+    bytes_tasks,
+    leave_results_in_spool,
+    make_config,
+    make_pipeline,
+    running,
+    spool_records,
+    wait_until,
+)
 
 from acagent.check import run_check
 from acagent.config import AgentConfig
@@ -44,45 +53,11 @@ from acagent.testing import FakeACServer, FakeTarget, expected_sha256
 
 KEY_A = "key-of-agent-a"
 KEY_B = "key-of-agent-b"
-#: long enough to outlast any wait of a test: the server refuses until told otherwise
-REFUSE_FOR = 600.0
 MIB = 1024 * 1024
-
-
-def _tasks(target: FakeTarget, prefix: str, n: int, size: int) -> List[Dict[str, str]]:
-    return [
-        {"taskId": f"{prefix}-{i}", "method": "GET", "url": f"{target.url}/bytes/{size}?seed={i}"}
-        for i in range(n)
-    ]
 
 
 def _config(ac: FakeACServer, spool: Path, key: str) -> AgentConfig:
     return make_config(ac.url, spool, api_key=key, executor_pool_size=2, shutdown_timeout=1.0)
-
-
-def _saved_results(spool: Path) -> List[Dict[str, object]]:
-    """The result records on disk (not the journals of tasks still running)."""
-    return [r for r in spool_records(spool) if r.get("failure") != "interrupted"]
-
-
-def _offered(ac: FakeACServer) -> int:
-    return ac.count("put-result") + ac.count("upload-result")
-
-
-def _leave_results_in_spool(
-    ac: FakeACServer, spool: Path, key: str, tasks: List[Dict[str, str]]
-) -> None:
-    """Run an agent whose uploads the server refuses, until every task's result
-    is saved and was offered once; stop it: the results stay in the spool."""
-    ids = [t["taskId"] for t in tasks]
-    ac.refuse_results(ids, status=503, seconds=REFUSE_FOR)
-    pipeline = make_pipeline(_config(ac, spool, key))
-    with running(pipeline, stop_timeout=1.0):
-        ac.add_tasks(tasks)
-        assert wait_until(lambda: len(_saved_results(spool)) == len(tasks), WAIT)
-        assert ac.wait_for(lambda: _offered(ac) >= len(tasks), WAIT)
-    assert ac.results == {}
-    ac.refuse_results(ids, status=503, seconds=0.0)  # refused no more
 
 
 # ------------------------------------------------------------------ where a result belongs
@@ -95,8 +70,8 @@ def test_two_agents_on_one_spool_each_deliver_only_their_own_results(
     n = 3
     with FakeTarget() as target, FakeACServer(api_key=KEY_A) as a, FakeACServer(api_key=KEY_B) as b:
         origin_a = Origin.of(a.url, KEY_A)
-        tasks = _tasks(target, "a", n, 2048)
-        _leave_results_in_spool(a, spool, KEY_A, tasks)
+        tasks = bytes_tasks(target, "a", n, 2048)
+        leave_results_in_spool(a, spool, KEY_A, tasks)
         assert all(r[SPOOL_FIELD]["server"] == origin_a.server for r in spool_records(spool))
 
         # Agent 2: another server and key on the same folder.
@@ -203,7 +178,7 @@ def test_a_body_changed_in_the_spool_is_quarantined_and_answered_as_an_error(
 ) -> None:
     spool = tmp_path / "spool"
     with FakeTarget() as target, FakeACServer() as ac:
-        _leave_results_in_spool(ac, spool, "k", _tasks(target, "t", 1, size))
+        leave_results_in_spool(ac, spool, "k", bytes_tasks(target, "t", 1, size))
         (body,) = spool.glob("*.body")
         data = body.read_bytes()
         assert len(data) == size

@@ -8,11 +8,10 @@ from typing import Any, Dict, Iterator
 
 import pytest
 import trustme
+from helpers import make_client
 
 from acagent import __version__
 from acagent.backoff import Backoff
-from acagent.client import ACClient
-from acagent.config import AgentConfig
 from acagent.errors import ACConnectionError
 from acagent.retry import RetryPolicy
 from acagent.testing import FakeACServer
@@ -25,11 +24,6 @@ def server_context(ca: trustme.CA, *names: str) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert(*names).configure_cert(context)
     return context
-
-
-def make_client(url: str, **settings: Any) -> ACClient:
-    config = AgentConfig(server_url=url, api_key="k", rate_limit_per_min=0, **settings)
-    return ACClient(config, retry_policy=FAST)
 
 
 def result(task_id: str) -> Dict[str, Any]:
@@ -57,7 +51,7 @@ def ac(ca: trustme.CA) -> Iterator[FakeACServer]:
 
 def test_default_client_refuses_an_untrusted_certificate(ac: FakeACServer) -> None:
     ac.add_task({"taskId": "t1", "url": "http://tool/x", "method": "GET"})
-    with make_client(ac.url) as client:
+    with make_client(ac, FAST) as client:
         assert client.verify is True
         with pytest.raises(ACConnectionError) as info:
             client.get_task()
@@ -71,7 +65,7 @@ def test_default_client_refuses_an_untrusted_certificate(ac: FakeACServer) -> No
 
 def test_ca_bundle_makes_the_server_trusted(ac: FakeACServer, ca_pem: str) -> None:
     ac.add_task({"taskId": "t1", "url": "http://tool/x", "method": "GET"})
-    with make_client(ac.url, ca_bundle=ca_pem) as client:
+    with make_client(ac, FAST, ca_bundle=ca_pem) as client:
         assert client.verify == ca_pem
         task = client.get_task()
         assert task is not None and task.task_id == "t1"
@@ -83,7 +77,7 @@ def test_ca_bundle_makes_the_server_trusted(ac: FakeACServer, ca_pem: str) -> No
 def test_ca_bundle_also_covers_the_s3_put(ac: FakeACServer, ca_pem: str, tmp_path: Path) -> None:
     body = tmp_path / "body.bin"
     body.write_bytes(b"\x00\x01" * 5000)
-    with make_client(ac.url, ca_bundle=ca_pem) as client:
+    with make_client(ac, FAST, ca_bundle=ca_pem) as client:
         put_url, _ = client.get_upload_url("t1" + "0" * 32)
         assert put_url.startswith("https://")
         client.put_s3(put_url, str(body))
@@ -94,7 +88,7 @@ def test_ca_bundle_also_covers_the_s3_put(ac: FakeACServer, ca_pem: str, tmp_pat
 def test_a_bundle_of_another_ca_is_refused(ac: FakeACServer, tmp_path: Path) -> None:
     other = tmp_path / "other.pem"
     trustme.CA().cert_pem.write_to_path(str(other))
-    with make_client(ac.url, ca_bundle=str(other)) as client:
+    with make_client(ac, FAST, ca_bundle=str(other)) as client:
         with pytest.raises(ACConnectionError):
             client.get_task()
 
@@ -102,7 +96,7 @@ def test_a_bundle_of_another_ca_is_refused(ac: FakeACServer, tmp_path: Path) -> 
 def test_a_certificate_for_another_host_is_refused(ca: trustme.CA, ca_pem: str) -> None:
     context = server_context(ca, "agent.example.com")
     with FakeACServer(api_key="k", ssl_context=context) as ac:
-        with make_client(ac.url, ca_bundle=ca_pem) as client:
+        with make_client(ac, FAST, ca_bundle=ca_pem) as client:
             with pytest.raises(ACConnectionError):
                 client.get_task()
         assert ac.requests == []
@@ -110,7 +104,7 @@ def test_a_certificate_for_another_host_is_refused(ca: trustme.CA, ca_pem: str) 
 
 @insecure_ok
 def test_verify_false_accepts_the_untrusted_server(ac: FakeACServer) -> None:
-    with make_client(ac.url, verify=False) as client:
+    with make_client(ac, FAST, verify=False) as client:
         assert client.verify is False
         assert client.get_task() is None
         client.put_result(result("t1"))
@@ -119,7 +113,7 @@ def test_verify_false_accepts_the_untrusted_server(ac: FakeACServer) -> None:
 
 @insecure_ok
 def test_set_verify_at_runtime(ac: FakeACServer, ca_pem: str) -> None:
-    with make_client(ac.url) as client:
+    with make_client(ac, FAST) as client:
         with pytest.raises(ACConnectionError):
             client.get_task()
         client.set_verify(False)  # globalConfig verifyCert=false
@@ -128,7 +122,7 @@ def test_set_verify_at_runtime(ac: FakeACServer, ca_pem: str) -> None:
         assert client.verify is True
         with pytest.raises(ACConnectionError):
             client.get_task()
-    with make_client(ac.url, ca_bundle=ca_pem, verify=False) as client:
+    with make_client(ac, FAST, ca_bundle=ca_pem, verify=False) as client:
         assert client.verify is False
         client.set_verify(True)  # turning verification on keeps the configured bundle
         assert client.verify == ca_pem

@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import pytest
 import requests
 import yaml
+from helpers import ROOT
 
 from acagent.cli import _OPTIONS, config_from_args, env_name_for
 from acagent.config import AgentConfig
@@ -29,7 +30,7 @@ from acagent.health import HealthServer
 from acagent.metrics import AgentMetrics
 from acagent.permits import PASSWORD_ENV
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
 BASE = K8S / "base"
 SCALE_OUT = K8S / "scale-out"

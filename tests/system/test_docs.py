@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import pytest
+from helpers import ROOT
 
 from acagent.allowlist import DEFAULT_DENIED
 from acagent.cli import _CLI_DEFAULTS, _OPTIONS, build_parser, env_names_for
 from acagent.config import AgentConfig
 
-ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 CONFIGURATION = DOCS / "configuration.md"

@@ -10,11 +10,11 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from helpers import ROOT
 
 from acagent import AgentConfig, Pipeline
 from acagent.testing import FakeACServer, FakeTarget
 
-ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 
 

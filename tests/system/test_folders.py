@@ -17,15 +17,21 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
-from helpers import WAIT, make_config, make_pipeline, running
-from test_path_flags import assert_one_line_exit_2, closed_port_url
-from test_spool_integrity import _leave_results_in_spool, _tasks
+from helpers import (
+    WAIT,
+    assert_one_line_exit_2,
+    bytes_tasks,
+    leave_results_in_spool,
+    make_config,
+    make_pipeline,
+    running,
+)
 
 from acagent import folders
 from acagent.config import AgentConfig
 from acagent.errors import ConfigError
 from acagent.logs import OwnFileHandler, zip_logs
-from acagent.testing import FakeACServer, FakeTarget
+from acagent.testing import FakeACServer, FakeTarget, closed_port_url
 
 OTHER_UID = 12345
 SECRET = "aws_secret_access_key = not-for-the-server\n"
@@ -237,7 +243,7 @@ def test_a_body_file_replaced_by_a_symlink_is_never_uploaded(tmp_path: Path, siz
     victim = _victim(tmp_path)
     spool = tmp_path / "spool"
     with FakeTarget() as target, FakeACServer() as ac:
-        _leave_results_in_spool(ac, spool, "k", _tasks(target, "planted", 1, size))
+        leave_results_in_spool(ac, spool, "k", bytes_tasks(target, "planted", 1, size))
         (body,) = spool.glob("*.body")
         body.unlink()
         body.symlink_to(victim)

@@ -23,12 +23,12 @@ if sys.version_info >= (3, 11):
 else:  # the test extra installs tomli on 3.9 and 3.10
     import tomli as tomllib
 
+from helpers import ROOT
 from packaging.requirements import Requirement
 
 import acagent
 from acagent.testing.localredis import bundled_redis_server
 
-ROOT = Path(__file__).resolve().parents[2]
 NEWEST_PYTHON = (3, 13)
 
 _REQUIREMENT = re.compile(

@@ -8,22 +8,17 @@ timeout turns into a failure instead of a hang.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List
 
 import pytest
+from helpers import assert_one_line_exit_2
+
+from acagent.testing import closed_port_url
 
 TIMEOUT = 60
-
-
-def closed_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
 
 
 def run_agent(tmp_path: Path, *args: str, subcommand: str = "run") -> subprocess.CompletedProcess[str]:
@@ -35,16 +30,6 @@ def run_agent(tmp_path: Path, *args: str, subcommand: str = "run") -> subprocess
         *args,
     ]
     return subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, env=env)
-
-
-def assert_one_line_exit_2(proc: subprocess.CompletedProcess[str], flag: str) -> str:
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert flag in lines[0]
-    assert "Traceback" not in proc.stderr
-    assert proc.stdout == ""
-    return lines[0]
 
 
 @pytest.fixture

@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 from typing import Tuple
 
+from helpers import ROOT
+
 from acagent.testing import FakeACServer, FakeTarget
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = ROOT / "README.md"
 MARKER = "<!-- snippet: library -->"
 TIMEOUT = 60
 

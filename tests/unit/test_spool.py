@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, List
 
 import pytest
+from helpers import ROOT
 
 from acagent.spool import ResultSpool
 
@@ -615,7 +616,7 @@ def test_empty_spool_is_truthy(spool: ResultSpool) -> None:
 
 def test_delivery_guarantee_is_documented() -> None:
     assert ResultSpool.DELIVERY_GUARANTEE == "at-least-once"
-    source = Path(__file__).resolve().parents[2] / "acagent" / "spool.py"
+    source = ROOT / "acagent" / "spool.py"
     text = source.read_text("utf-8")
     # No stronger claim than the code keeps: a lost reply can mean a second copy.
     assert "Exactly once while the process lives" not in text
