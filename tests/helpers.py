@@ -287,8 +287,11 @@ def result_payload(task_id: str, **extra: Any) -> Dict[str, Any]:
 class FakeClock:
     """A clock for code that takes one (``clock=``): time moves only when a test moves ``now``."""
 
-    def __init__(self) -> None:
-        self.now = 1000.0
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
 
     def __call__(self) -> float:
         return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

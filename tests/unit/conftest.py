@@ -1,6 +1,6 @@
 """Unit tests open no socket and start no process: this folder is the fast subset.
 
-Each test here runs with ``socket.socket``'s connect and bind and
+Each test here runs with ``socket.socket``'s connect and bind, name lookups and
 ``subprocess.Popen`` replaced by a call that fails the test, naming what it
 tried, so a test that needs a server or a subprocess is moved to
 ``tests/integration/`` or ``tests/system/`` instead of slowing this folder.
@@ -30,4 +30,5 @@ def _refuse(what: str) -> Any:
 def _no_sockets_no_processes(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("connect", "connect_ex", "bind"):
         monkeypatch.setattr(socket.socket, name, _refuse(f"socket.{name}"))
+    monkeypatch.setattr(socket, "getaddrinfo", _refuse("socket.getaddrinfo (a name lookup)"))
     monkeypatch.setattr(subprocess.Popen, "__init__", _refuse("subprocess.Popen"))

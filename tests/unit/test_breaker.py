@@ -7,25 +7,16 @@ import threading
 from typing import List, Optional, Tuple
 
 import pytest
+from helpers import FakeClock
 
 from acagent.backoff import Backoff
 from acagent.breaker import ClassBreaker
 
 
-class Clock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class ClockedStop(threading.Event):
     """A stop Event whose waits move ``clock`` instead of sleeping; set after ``set_after`` waits."""
 
-    def __init__(self, clock: Clock, set_after: Optional[int] = None) -> None:
+    def __init__(self, clock: FakeClock, set_after: Optional[int] = None) -> None:
         super().__init__()
         self.clock = clock
         self.set_after = set_after
@@ -42,8 +33,10 @@ class ClockedStop(threading.Event):
         return False
 
 
-def breaker(threshold: int = 3, opened: Backoff = Backoff(2.0, 16.0)) -> Tuple[ClassBreaker, Clock]:
-    clock = Clock()
+def breaker(
+    threshold: int = 3, opened: Backoff = Backoff(2.0, 16.0)
+) -> Tuple[ClassBreaker, FakeClock]:
+    clock = FakeClock()
     return ClassBreaker(threshold=threshold, opened=opened, clock=clock), clock
 
 

@@ -8,31 +8,14 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Dict, List
+from typing import Any, List
 
 import pytest
+from helpers import FakeClock
 
-from acagent import __version__
-from acagent.backoff import Backoff
-from acagent.client import ACClient
-from acagent.config import AgentConfig
-from acagent.errors import AgentStopping
 from acagent.ratelimit import FETCH, UPLOAD, RateLimiter, RateLimits
-from acagent.retry import RetryPolicy
-from acagent.testing import FakeACServer
 
 JOIN = 5.0
-
-
-class FakeClock:
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def drain(limiter: RateLimiter) -> int:
@@ -247,50 +230,3 @@ def test_rate_limits_set_rate_applies_to_every_class(clock: FakeClock) -> None:
         assert all(limits[name].acquire(timeout=0) for _ in range(100))
     with pytest.raises(KeyError):
         limits["other"]
-
-
-def test_exhausted_fetch_budget_does_not_delay_uploads_through_the_client() -> None:
-    with FakeACServer(api_key="k") as ac:
-        config = AgentConfig(server_url=ac.url, api_key="k", rate_limit_per_min=6)
-        with ACClient(
-            config, retry_policy=RetryPolicy(call=Backoff(0.05, 120.0, jitter=0.01))
-        ) as client:
-            assert client.rate_limits.per_minute == 6
-            client.get_task()  # spends the only fetch token (next one in 10 s)
-            assert not client.rate_limits[FETCH].acquire(timeout=0)
-            started = time.monotonic()
-            payload: Dict[str, Any] = {
-                "taskId": "t1",
-                "version": __version__,
-                "statusCode": 200,
-                "responseHeaders": {},
-            }
-            client.put_result(payload)
-            assert time.monotonic() - started < 1.0
-        assert list(ac.results) == ["t1"]
-
-
-def test_client_abort_interrupts_a_rate_limit_wait() -> None:
-    with FakeACServer(api_key="k") as ac:
-        config = AgentConfig(server_url=ac.url, api_key="k", rate_limit_per_min=1)
-        with ACClient(config) as client:
-            client.get_task()  # the only token for a minute
-            outcome: List[BaseException] = []
-
-            def fetch() -> None:
-                try:
-                    client.get_task()
-                except BaseException as exc:
-                    outcome.append(exc)
-
-            thread = threading.Thread(target=fetch)
-            thread.start()
-            try:
-                client.abort.set()
-                thread.join(JOIN)
-            finally:
-                client.abort.set()
-                thread.join(JOIN)
-            assert not thread.is_alive()
-            assert len(outcome) == 1 and isinstance(outcome[0], AgentStopping)
-        assert ac.count("get-task") == 1
