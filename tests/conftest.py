@@ -37,3 +37,13 @@ def ac() -> Iterator[FakeACServer]:
 def target() -> Iterator[FakeTarget]:
     with FakeTarget() as t:
         yield t
+
+
+@pytest.fixture
+def open_umask() -> Iterator[None]:
+    """umask 0: files are private only because the agent makes them so."""
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)

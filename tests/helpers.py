@@ -142,6 +142,15 @@ def saved_results(spool_dir: Path) -> List[Dict[str, Any]]:
     return [r for r in spool_records(spool_dir) if r.get("failure") != "interrupted"]
 
 
+def bytes_task(
+    target: FakeTarget, task_id: str, size: int, seed: int, **extra: Any
+) -> Dict[str, Any]:
+    """A GET task for ``size`` bytes from ``target`` (``seed`` varies the body)."""
+    task = {"taskId": task_id, "method": "GET", "url": f"{target.url}/bytes/{size}?seed={seed}"}
+    task.update(extra)
+    return task
+
+
 def bytes_tasks(target: FakeTarget, prefix: str, n: int, size: int) -> List[Dict[str, str]]:
     """``n`` GET tasks for ``size`` bytes each from ``target``, ids ``<prefix>-<i>``."""
     return [
@@ -178,6 +187,16 @@ def assert_one_line_exit_2(proc: subprocess.CompletedProcess[str], flag: str) ->
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
     return lines[0]
+
+
+def peak_rss_kb(pid: int) -> int:
+    """VmHWM (peak resident set size, kB) of a live process."""
+    status = Path(f"/proc/{pid}/status")
+    assert status.exists(), "this test reads /proc/<pid>/status (Linux)"
+    for line in status.read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmHWM in {status}")
 
 
 # --------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
 
 import pytest
 import requests
-from helpers import WAIT, FastFetcher, make_config, make_pipeline, wait_until
+from helpers import WAIT, FastFetcher, bytes_task, make_config, make_pipeline, wait_until
 
 from acagent import AgentConfig, Pipeline, RetryPolicy
 from acagent.backoff import Backoff
@@ -83,10 +83,6 @@ def obs_config(ac: FakeACServer, tmp_path: Path, **changes: Any) -> AgentConfig:
 
 def obs_pipeline(config: AgentConfig, fetcher: Any = FastFetcher) -> Pipeline:
     return make_pipeline(config, fetcher=fetcher, executor=Executor, retry_policy=FAST_FETCH)
-
-
-def bytes_task(target: FakeTarget, task_id: str, size: int, seed: int) -> Dict[str, Any]:
-    return {"taskId": task_id, "method": "GET", "url": f"{target.url}/bytes/{size}?seed={seed}"}
 
 
 def health_url(pipeline: Pipeline) -> str:

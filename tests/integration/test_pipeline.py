@@ -7,23 +7,15 @@ import json
 import random
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Dict, List
 
 import pytest
-from helpers import make_config, spool_names, wait_until
+from helpers import bytes_task, make_config, spool_names, wait_until
 
 import acagent
 from acagent import Pipeline
 from acagent.config import INLINE_BODY_LIMIT
 from acagent.testing import FakeACServer, FakeTarget, expected_body, expected_sha256
-
-
-def bytes_task(
-    target: FakeTarget, task_id: str, size: int, seed: int, **extra: Any
-) -> Dict[str, Any]:
-    task = {"taskId": task_id, "method": "GET", "url": f"{target.url}/bytes/{size}?seed={seed}"}
-    task.update(extra)
-    return task
 
 
 def assert_exact_results(ac: FakeACServer, expected: Dict[str, tuple[int, int]]) -> Dict[str, int]:

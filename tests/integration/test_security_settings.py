@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import stat
 import urllib.request
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from helpers import WAIT, make_config, make_pipeline, running, wait_until
@@ -135,15 +133,6 @@ def test_bad_policy_flag_exits_2_naming_it(
 
 
 # -- spool at rest ------------------------------------------------------------
-
-
-@pytest.fixture
-def open_umask() -> Iterator[None]:
-    old = os.umask(0)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def test_spool_records_keep_no_request_headers_or_input(tmp_path: Path, open_umask: None) -> None:

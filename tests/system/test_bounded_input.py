@@ -26,7 +26,15 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 import requests_mock
-from helpers import WAIT, AgentProcess, make_client, make_config, make_pipeline, running
+from helpers import (
+    WAIT,
+    AgentProcess,
+    make_client,
+    make_config,
+    make_pipeline,
+    peak_rss_kb,
+    running,
+)
 from helpers import result_payload as result
 
 from acagent.actransport import MAX_REPLY_BYTES, REPLY_HEAD_BYTES, read_capped, unaccepted_codings
@@ -474,14 +482,6 @@ def test_a_header_with_a_control_character_is_an_error_and_nothing_is_sent(
 
 
 # -- peak RSS of the CLI ------------------------------------------------------
-
-
-def peak_rss_kb(pid: int) -> int:
-    """VmHWM (peak resident set size, kB) of a live process."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmHWM for pid {pid}")
 
 
 def agent_peak_rss(

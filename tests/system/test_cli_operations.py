@@ -17,10 +17,11 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import IO, Callable, Dict, Iterator, List, Optional, Sequence
 
 import pytest
 import requests
+from helpers import bytes_task
 
 from acagent.cli import config_from_args
 from acagent.testing import FakeACServer, FakeTarget
@@ -155,10 +156,6 @@ def spawn(tmp_path: Path, agent_env: Dict[str, str]) -> Iterator[Callable[[List[
 
 def is_started(line: str) -> bool:
     return " started: executor=" in line
-
-
-def bytes_task(target: FakeTarget, task_id: str, size: int, seed: int) -> Dict[str, Any]:
-    return {"taskId": task_id, "method": "GET", "url": f"{target.url}/bytes/{size}?seed={seed}"}
 
 
 # ---------------------------------------------------------------------------

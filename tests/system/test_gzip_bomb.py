@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 import urllib3
-from helpers import WAIT, AgentProcess
+from helpers import WAIT, AgentProcess, peak_rss_kb
 
 from acagent.testing import FakeACServer
 
@@ -146,16 +146,6 @@ def bodies() -> Dict[str, bytes]:
 def target(bodies: Dict[str, bytes]) -> Iterator[BombServer]:
     with BombServer(bodies) as server:
         yield server
-
-
-def peak_rss_kb(pid: int) -> int:
-    """VmHWM (peak resident set size, kB) of a live process."""
-    status = Path(f"/proc/{pid}/status")
-    assert status.exists(), "this test reads /proc/<pid>/status (Linux)"
-    for line in status.read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmHWM in {status}")
 
 
 def run_agent_once(target: BombServer, path: str, tmp: Path) -> Tuple[int, str, str]:

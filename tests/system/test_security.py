@@ -289,16 +289,6 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-@pytest.fixture
-def open_umask() -> Iterator[None]:
-    """umask 0: files are private only because the agent makes them so."""
-    old = os.umask(0)
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
 def test_spool_and_work_files_are_private(tmp_path: Path, open_umask: None) -> None:
     with FakeTarget() as target, FakeACServer() as ac:
         put = ac.stall("put-result")
