@@ -23,8 +23,7 @@ import pytest
 import requests
 from helpers import WAIT, FastFetcher, bytes_task, make_config, make_pipeline, wait_until
 
-from acagent import AgentConfig, Pipeline, RetryPolicy
-from acagent.backoff import Backoff
+from acagent import AgentConfig, Pipeline
 from acagent.executor import Executor
 from acagent.health import METRICS_CONTENT_TYPE
 from acagent.metrics import metric_value
@@ -69,20 +68,13 @@ class DyingFetcher(FastFetcher):
         return super().fetch_one()
 
 
-#: the Fetcher's waits after a failed get-task, in tens of milliseconds; the others as shipped
-FAST_FETCH = RetryPolicy(
-    fetch=Backoff(0.05, 0.2, 0.5),
-    fetch_breaker=Backoff(0.05, 0.2, 0.2),
-)
-
-
 def obs_config(ac: FakeACServer, tmp_path: Path, **changes: Any) -> AgentConfig:
     values: Dict[str, Any] = {"api_key": API_KEY, "health_addr": "127.0.0.1:0", **changes}
     return make_config(ac.url, tmp_path / "spool", **values)
 
 
 def obs_pipeline(config: AgentConfig, fetcher: Any = FastFetcher) -> Pipeline:
-    return make_pipeline(config, fetcher=fetcher, executor=Executor, retry_policy=FAST_FETCH)
+    return make_pipeline(config, fetcher=fetcher, executor=Executor)
 
 
 def health_url(pipeline: Pipeline) -> str:
@@ -599,8 +591,8 @@ def test_busy_counts_the_threads_running_not_the_prefetched_task(
         {"taskId": f"busy-{i}", "method": "GET", "url": f"{target.url}/bytes/10?latency=1.5"}
         for i in range(3)
     )
-    pipeline = make_pipeline(
-        make_config(ac, tmp_path, executor_pool_size=2, prefetch=1, status_interval=3600)
+    pipeline = obs_pipeline(
+        obs_config(ac, tmp_path, executor_pool_size=2, prefetch=1, status_interval=3600)
     )
     pipeline.start()
     try:

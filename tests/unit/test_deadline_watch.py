@@ -6,16 +6,9 @@ import threading
 from typing import List
 
 import pytest
+from helpers import FakeClock
 
 from acagent.executor import DeadlineWatch
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Response:
@@ -34,8 +27,8 @@ class Response:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
@@ -44,7 +37,7 @@ def abort() -> threading.Event:
 
 
 @pytest.fixture
-def watch(clock: Clock, abort: threading.Event) -> DeadlineWatch:
+def watch(clock: FakeClock, abort: threading.Event) -> DeadlineWatch:
     return DeadlineWatch(abort, clock=clock)
 
 
@@ -53,7 +46,7 @@ def test_nothing_watched_sleeps_long(watch: DeadlineWatch) -> None:
 
 
 def test_a_response_past_its_deadline_is_shut_once_with_the_reason(
-    watch: DeadlineWatch, clock: Clock
+    watch: DeadlineWatch, clock: FakeClock
 ) -> None:
     response = Response()
     with watch.watching(response, clock.now + 3.0) as watched:
@@ -72,7 +65,7 @@ def test_a_response_past_its_deadline_is_shut_once_with_the_reason(
     assert response.shut == 1
 
 
-def test_a_response_finished_in_time_is_never_shut(watch: DeadlineWatch, clock: Clock) -> None:
+def test_a_response_finished_in_time_is_never_shut(watch: DeadlineWatch, clock: FakeClock) -> None:
     response = Response()
     with watch.watching(response, clock.now + 1.0) as watched:
         watch.fire_due()
@@ -81,7 +74,7 @@ def test_a_response_finished_in_time_is_never_shut(watch: DeadlineWatch, clock: 
     assert response.shut == 0 and watched.fired is None
 
 
-def test_earlier_deadlines_fire_first_and_alone(watch: DeadlineWatch, clock: Clock) -> None:
+def test_earlier_deadlines_fire_first_and_alone(watch: DeadlineWatch, clock: FakeClock) -> None:
     start = clock.now
     responses: List[Response] = [Response() for _ in range(4)]
     deadlines = [start + 4.0, start + 1.0, start + 3.0, start + 2.0]
@@ -101,7 +94,7 @@ def test_earlier_deadlines_fire_first_and_alone(watch: DeadlineWatch, clock: Clo
 
 
 def test_abort_shuts_every_watched_response_whatever_its_deadline(
-    watch: DeadlineWatch, clock: Clock, abort: threading.Event
+    watch: DeadlineWatch, clock: FakeClock, abort: threading.Event
 ) -> None:
     late, later, done = Response(), Response(), Response()
     with watch.watching(done, clock.now + 3600.0):
@@ -122,7 +115,7 @@ def test_abort_shuts_every_watched_response_whatever_its_deadline(
             )
 
 
-def test_a_failing_shutdown_still_marks_the_watch(watch: DeadlineWatch, clock: Clock) -> None:
+def test_a_failing_shutdown_still_marks_the_watch(watch: DeadlineWatch, clock: FakeClock) -> None:
     response = Response(fail=True)
     with watch.watching(response, clock.now) as watched:
         watch.fire_due()  # the error is swallowed: the check between reads remains
@@ -130,7 +123,7 @@ def test_a_failing_shutdown_still_marks_the_watch(watch: DeadlineWatch, clock: C
 
 
 def test_the_thread_wakes_for_a_new_earlier_deadline_and_ends_on_close(
-    watch: DeadlineWatch, clock: Clock
+    watch: DeadlineWatch, clock: FakeClock
 ) -> None:
     """The thread idles for ``IDLE_WAIT`` (a minute) when nothing is watched:
     a new watch must wake it, not wait for the minute to pass."""
