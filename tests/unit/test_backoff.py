@@ -357,20 +357,3 @@ def test_a_stage_loop_pauses_as_the_policys_stage_failure_says(
         "stage: unexpected error; going on in 1.0s",
         "stage: unexpected error; going on in 0.5s",
     ]
-
-
-def test_the_clients_policy_sets_the_reconnect_schedule_of_its_permits_and_rate_limits() -> None:
-    """Built, not run: no Redis is contacted (the client connects on first use)."""
-    reconnect = Backoff(0.02, 0.5)
-    config = AgentConfig(
-        server_url="http://127.0.0.1:1",
-        api_key="k",
-        coordination_url="redis://127.0.0.1:1/0",
-        rate_limit_per_min=60,
-    )
-    with ACClient(config, retry_policy=RetryPolicy(store_reconnect=reconnect)) as client:
-        assert isinstance(client.permits, RedisPermits)
-        assert client.permits.reconnect is reconnect
-        for op_class in ratelimit_module.RateLimits.CLASSES:
-            limiter = client.rate_limits[op_class]
-            assert isinstance(limiter, SharedRateLimiter) and limiter.reconnect is reconnect
