@@ -229,16 +229,6 @@ def test_bad_format_args_do_not_break_logging() -> None:
     assert "two %s %s" in stream.getvalue()
 
 
-def test_redaction_is_cheap_on_the_hot_path() -> None:
-    register_secret(API_KEY)
-    message = "task T1 executed: GET https://jira.local/rest/api/2/issue status=200 in 35ms"
-    started = time.perf_counter()
-    for _ in range(20_000):
-        redact(message)
-    per_call = (time.perf_counter() - started) / 20_000
-    assert per_call < 50e-6  # generous bound, catches pathological regex work
-
-
 # ---------------------------------------------------------------------------
 def _write(path: Path, size: int, mtime: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
