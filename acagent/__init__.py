@@ -15,8 +15,9 @@ server.
 from __future__ import annotations
 
 from ._version import __version__
-from .backoff import Backoff
-from .client import ACClient
+from .ac.backoff import Backoff
+from .ac.client import ACClient
+from .ac.retry import RetryPolicy
 from .config import AgentConfig
 from .delivery import Delivery
 from .errors import (
@@ -42,7 +43,6 @@ from .metrics import AgentMetrics
 from .models import Result, Task
 from .observers import Observer, Observers
 from .pipeline import Pipeline
-from .retry import RetryPolicy
 from .spool import ResultSpool
 from .stage import Stage, StageContext
 from .uploader import Uploader

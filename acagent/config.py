@@ -215,7 +215,7 @@ class AgentConfig:
             raise ConfigError("log_format", f"must be 'text' or 'json', got {self.log_format!r}")
         if self.health_addr is not None:
             parse_host_port(self.health_addr, field_name="health_addr")
-        from .allowlist import HostList, TargetPolicy
+        from .targets.policy import HostList, TargetPolicy
 
         try:
             TargetPolicy(self.allowed_targets)

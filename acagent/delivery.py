@@ -51,11 +51,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Collection, FrozenSet, Literal, Optional
 
-from .backoff import concurrency_wait
+from .ac.backoff import concurrency_wait
+from .ac.retry import RetryPolicy
 from .config import INLINE_BODY_LIMIT
 from .errors import ACError, ACHTTPError, ACRateLimitError, AgentStopping, UploadURLRefused
 from .models import Result
-from .retry import RetryPolicy
 
 Route = Literal["inline", "empty", "upload", "s3", "error", "logs"]
 

@@ -27,7 +27,6 @@ import urllib3.exceptions
 import urllib3.response
 
 from . import logs
-from .allowlist import TargetDenied, TargetPolicy, normalise_host
 from .compress import gzip_file
 from .config import INLINE_BODY_LIMIT
 from .errors import TargetFailure
@@ -35,7 +34,8 @@ from .logs import scrub_text
 from .models import Result, Task, echo_fields, new_result_key
 from .spool import SPOOL_ERRNOS, spool_error_reason
 from .stage import Stage, StageContext
-from .targetsession import TargetSession, build_target_session
+from .targets.policy import TargetDenied, TargetPolicy, normalise_host
+from .targets.session import TargetSession, build_target_session
 
 log = logging.getLogger("acagent.executor")
 

@@ -41,7 +41,7 @@ import random
 import time
 from typing import Optional
 
-from .breaker import ClassBreaker
+from .ac.breaker import ClassBreaker
 from .config import AC_SERVER_CONCURRENT_LIMIT, AgentConfig
 from .errors import (
     ACConnectionError,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .client import API_PREFIX, endpoint_method
+from .ac.client import API_PREFIX, endpoint_method
 from .logs import current_task_id
 from .metrics import AgentMetrics
 from .metricsfile import MetricsFileWriter, request_tags

@@ -40,7 +40,9 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 
 from . import folders, logs
 from ._version import __version__
-from .client import ACClient, force_ipv4
+from .ac.client import ACClient, force_ipv4
+from .ac.ratelimit import RateLimits
+from .ac.retry import RetryPolicy
 from .config import AgentConfig, parse_host_port
 from .executor import Executor
 from .fetcher import Fetcher, auth_hint
@@ -51,9 +53,7 @@ from .metrics import AgentMetrics
 from .metricsfile import MetricsFileWriter, default_metrics_path
 from .metricsobserver import MetricsFileObserver, MetricsObserver
 from .observers import Observer, Observers
-from .ratelimit import RateLimits
 from .readiness import Readiness
-from .retry import RetryPolicy
 from .spool import Origin, ResultSpool
 from .stage import Stage, StageContext
 from .threadcrash import ThreadCrashHook

@@ -32,12 +32,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable, List
 
-from .client import ACClient
+from .ac.client import ACClient
+from .ac.retry import RetryPolicy
 from .config import AgentConfig
 from .globalconfig import RuntimeSettings
 from .ledger import Ledger
 from .observers import Observers
-from .retry import RetryPolicy
 from .spool import ResultSpool
 
 log = logging.getLogger("acagent.stage")

@@ -34,7 +34,8 @@ import uuid
 from typing import Dict, Optional
 
 from . import logs
-from .breaker import ClassBreaker
+from .ac.breaker import ClassBreaker
+from .ac.retry import ONE_ATTEMPT
 from .compress import LEVEL, gzip_file
 from .config import INLINE_BODY_LIMIT
 from .delivery import (
@@ -59,7 +60,6 @@ from .models import (
     upload_file_name,
     upload_task_part,
 )
-from .retry import ONE_ATTEMPT
 from .spool import read_head
 from .stage import Stage, StageContext
 

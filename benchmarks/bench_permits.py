@@ -23,8 +23,8 @@ import threading
 import time
 from typing import Any, Dict, List
 
-from acagent.demo_multi import run_agents
-from acagent.permits import LocalPermits, Permits, RedisPermits
+from acagent.ac.permits import LocalPermits, Permits, RedisPermits
+from acagent.cli.demo_multi import run_agents
 from acagent.testing import LocalRedis
 
 

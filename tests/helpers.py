@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from acagent import __version__
-from acagent.backoff import Backoff
-from acagent.client import ACClient
+from acagent.ac.backoff import Backoff
+from acagent.ac.client import ACClient
+from acagent.ac.retry import RetryPolicy
 from acagent.config import AgentConfig
 from acagent.executor import Executor
 from acagent.fetcher import Fetcher
 from acagent.pipeline import Pipeline
-from acagent.retry import RetryPolicy
 from acagent.spool import LOCK_FILE
 from acagent.testing import FakeACServer, FakeTarget
 from acagent.uploader import Uploader

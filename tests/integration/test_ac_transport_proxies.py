@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import pytest
 from helpers import make_client, result_payload
 
-from acagent.actransport import ACReply
+from acagent.ac.transport import ACReply
 from acagent.testing import FakeACServer
 
 

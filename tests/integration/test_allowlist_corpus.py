@@ -546,7 +546,7 @@ def test_connections_refuse_on_their_own(
     whose DNS answer changes (rebinding) is checked on each new connection."""
     from urllib3.util import Timeout
 
-    from acagent.allowlist import GuardedAdapter, TargetDenied, TargetPolicy
+    from acagent.targets.policy import GuardedAdapter, TargetDenied, TargetPolicy
 
     allowed, denied = servers
     port = allowed.port

@@ -8,12 +8,12 @@ import time
 from typing import Any, Dict, List
 
 from acagent import __version__
-from acagent.backoff import Backoff
-from acagent.client import ACClient
+from acagent.ac.backoff import Backoff
+from acagent.ac.client import ACClient
+from acagent.ac.ratelimit import FETCH
+from acagent.ac.retry import RetryPolicy
 from acagent.config import AgentConfig
 from acagent.errors import AgentStopping
-from acagent.ratelimit import FETCH
-from acagent.retry import RetryPolicy
 from acagent.testing import FakeACServer
 
 JOIN = 5.0

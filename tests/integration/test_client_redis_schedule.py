@@ -6,13 +6,13 @@ its start-up PING is refused on a real socket, so this is an integration test.
 
 from __future__ import annotations
 
-from acagent import ratelimit as ratelimit_module
-from acagent.backoff import Backoff
-from acagent.client import ACClient
+from acagent.ac import ratelimit as ratelimit_module
+from acagent.ac.backoff import Backoff
+from acagent.ac.client import ACClient
+from acagent.ac.permits import RedisPermits
+from acagent.ac.ratelimit import SharedRateLimiter
+from acagent.ac.retry import RetryPolicy
 from acagent.config import AgentConfig
-from acagent.permits import RedisPermits
-from acagent.ratelimit import SharedRateLimiter
-from acagent.retry import RetryPolicy
 
 
 def test_the_clients_policy_sets_the_reconnect_schedule_of_its_permits_and_rate_limits() -> None:

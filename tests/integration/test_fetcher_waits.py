@@ -11,8 +11,8 @@ from typing import Iterator, List, Tuple
 import pytest
 from helpers import WAIT, fast_policy, make_config, make_pipeline, running, wait_until
 
-from acagent.backoff import Backoff
-from acagent.retry import RetryPolicy
+from acagent.ac.backoff import Backoff
+from acagent.ac.retry import RetryPolicy
 from acagent.testing import FakeACServer
 
 #: every schedule exact, so each logged wait can be compared

@@ -21,8 +21,16 @@ from helpers import FAST_CLIENT as FAST
 from helpers import WAIT, fast_policy, make_client, make_config, make_pipeline, running
 from helpers import result_payload as result
 
-from acagent.backoff import Backoff
-from acagent.client import ACClient
+from acagent.ac.backoff import Backoff
+from acagent.ac.client import ACClient
+from acagent.ac.retry import (
+    MAX_SERVER_WAIT,
+    ONE_ATTEMPT,
+    RetryPolicy,
+    parse_retry_after,
+    run_with_retries,
+    server_wait,
+)
 from acagent.config import AgentConfig
 from acagent.errors import (
     ACConnectionError,
@@ -30,14 +38,6 @@ from acagent.errors import (
     ACRateLimitError,
     AgentStopping,
     BadReplyError,
-)
-from acagent.retry import (
-    MAX_SERVER_WAIT,
-    ONE_ATTEMPT,
-    RetryPolicy,
-    parse_retry_after,
-    run_with_retries,
-    server_wait,
 )
 from acagent.testing import FakeACServer, RecordedRequest, closed_port_url, expected_body
 

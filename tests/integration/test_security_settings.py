@@ -11,13 +11,13 @@ import pytest
 from helpers import WAIT, make_config, make_pipeline, running, wait_until
 from prometheus_client import CollectorRegistry
 
-from acagent import allowlist
-from acagent.allowlist import DEFAULT_DENIED, TargetDenied, TargetPolicy
-from acagent.cli import config_from_args
+from acagent.cli.main import config_from_args
 from acagent.config import parse_host_port
 from acagent.health import HealthServer
 from acagent.models import Result
-from acagent.targetsession import build_target_session
+from acagent.targets import policy as allowlist
+from acagent.targets.policy import DEFAULT_DENIED, TargetDenied, TargetPolicy
+from acagent.targets.session import build_target_session
 from acagent.testing import FakeACServer, FakeTarget
 
 BASE = ["--serverUrl", "https://ac.example", "--apiKey", "k"]

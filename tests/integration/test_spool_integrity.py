@@ -30,7 +30,7 @@ from helpers import (
     wait_until,
 )
 
-from acagent.check import run_check
+from acagent.cli.check import run_check
 from acagent.config import AgentConfig
 from acagent.models import Result, new_result_key
 from acagent.spool import (

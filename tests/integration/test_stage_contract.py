@@ -16,7 +16,7 @@ from typing import Iterator, List, Type
 import pytest
 from helpers import WAIT, FastExecutor, FastFetcher, FastUploader, fast_policy, wait_until
 
-from acagent.client import ACClient
+from acagent.ac.client import ACClient
 from acagent.config import AgentConfig
 from acagent.globalconfig import RuntimeSettings
 from acagent.ledger import Ledger

@@ -19,8 +19,8 @@ import pytest
 import requests
 from helpers import WAIT
 
-from acagent.allowlist import TargetDenied, TargetPolicy
-from acagent.targetsession import TargetSession, build_target_session
+from acagent.targets.policy import TargetDenied, TargetPolicy
+from acagent.targets.session import TargetSession, build_target_session
 from acagent.testing import FakeTarget
 
 PROXY_VARS = (

@@ -11,9 +11,9 @@ import trustme
 from helpers import make_client
 
 from acagent import __version__
-from acagent.backoff import Backoff
+from acagent.ac.backoff import Backoff
+from acagent.ac.retry import RetryPolicy
 from acagent.errors import ACConnectionError
-from acagent.retry import RetryPolicy
 from acagent.testing import FakeACServer
 
 FAST = RetryPolicy(error_retries=1, call=Backoff(0.02, 120.0))

@@ -197,7 +197,7 @@ def test_put_url_checks_at_the_client(
 
 
 def test_https_required_unless_the_ac_server_uses_http(tmp_path: Path) -> None:
-    from acagent.client import ACClient
+    from acagent.ac.client import ACClient
     from acagent.config import AgentConfig
 
     body = tmp_path / "body"

@@ -41,9 +41,9 @@ from helpers import (
 )
 
 from acagent import logs
-from acagent.backoff import Backoff
-from acagent.cli import _OPTIONS, _seconds, _seconds_or_zero, read_settings
-from acagent.client import ACClient
+from acagent.ac.backoff import Backoff
+from acagent.ac.client import ACClient
+from acagent.cli.main import _OPTIONS, _seconds, _seconds_or_zero, read_settings
 from acagent.config import AgentConfig, read_secret_file, secret_mode_exposed
 from acagent.errors import ACHTTPError, ConfigError
 from acagent.fetcher import auth_hint

@@ -37,8 +37,8 @@ from helpers import (
 )
 from helpers import result_payload as result
 
-from acagent.actransport import MAX_REPLY_BYTES, REPLY_HEAD_BYTES, read_capped, unaccepted_codings
-from acagent.client import ACClient, task_id_in_head
+from acagent.ac.client import ACClient, task_id_in_head
+from acagent.ac.transport import MAX_REPLY_BYTES, REPLY_HEAD_BYTES, read_capped, unaccepted_codings
 from acagent.config import AgentConfig
 from acagent.errors import ACHTTPError, ConfigError, TaskError, UnreadReplyError
 from acagent.globalconfig import INT_RANGES, value_problem

@@ -31,7 +31,7 @@ from helpers import (
     wait_until,
 )
 
-from acagent.backoff import Backoff
+from acagent.ac.backoff import Backoff
 from acagent.errors import SpoolLockedError
 from acagent.models import Result
 from acagent.observers import Observer

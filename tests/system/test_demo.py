@@ -10,8 +10,8 @@ import sys
 import pytest
 from redis_fixture import require_redis_server
 
+from acagent.cli.demo import Progress, not_as_a_default_run, settings_notice
 from acagent.config import AgentConfig
-from acagent.demo import Progress, not_as_a_default_run, settings_notice
 
 DEFAULT_RATE = AgentConfig(server_url="https://ac.example", api_key="k").rate_limit_per_min
 

@@ -24,11 +24,11 @@ import requests
 import yaml
 from helpers import ROOT
 
-from acagent.cli import _OPTIONS, config_from_args, env_name_for
+from acagent.ac.permits import PASSWORD_ENV
+from acagent.cli.main import _OPTIONS, config_from_args, env_name_for
 from acagent.config import AgentConfig
 from acagent.health import HealthServer
 from acagent.metrics import AgentMetrics
-from acagent.permits import PASSWORD_ENV
 
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"

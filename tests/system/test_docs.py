@@ -13,9 +13,9 @@ from typing import Any, Dict, List, Tuple
 import pytest
 from helpers import ROOT
 
-from acagent.allowlist import DEFAULT_DENIED
-from acagent.cli import _CLI_DEFAULTS, _OPTIONS, build_parser, env_names_for
+from acagent.cli.main import _CLI_DEFAULTS, _OPTIONS, build_parser, env_names_for
 from acagent.config import AgentConfig
+from acagent.targets.policy import DEFAULT_DENIED
 
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"

@@ -14,8 +14,7 @@ import pytest
 import redis
 from redis_fixture import redis_server  # noqa: F401 - the fixture
 
-from acagent.config import AgentConfig
-from acagent.permits import (
+from acagent.ac.permits import (
     LocalPermits,
     Permits,
     RedisPermits,
@@ -23,7 +22,8 @@ from acagent.permits import (
     redact_url,
     secret_origin,
 )
-from acagent.ratelimit import RateLimits
+from acagent.ac.ratelimit import RateLimits
+from acagent.config import AgentConfig
 from acagent.testing import LocalRedis, PausableProxy
 
 API_KEY = "secret-api-key-123"
@@ -190,7 +190,7 @@ def test_a_killed_holder_frees_its_permits_within_the_lease(make_permits, redis_
     _wait_grace(waiter)
     code = (
         "import sys, threading, time\n"
-        "from acagent.permits import RedisPermits\n"
+        "from acagent.ac.permits import RedisPermits\n"
         f"p = RedisPermits({redis_server.url!r}, {API_KEY!r}, 2, lease_seconds={lease_s})\n"
         "a = p.acquire(threading.Event(), timeout=20); b = p.acquire(threading.Event(), timeout=20)\n"
         "assert a and b\n"
@@ -301,7 +301,7 @@ def test_shared_rate_limit_is_one_bucket_for_all_agents(make_permits) -> None:
 
 
 def test_client_uses_redis_permits_with_a_coordination_url(redis_server) -> None:  # noqa: F811
-    from acagent.client import ACClient
+    from acagent.ac.client import ACClient
 
     config = AgentConfig(
         server_url="http://127.0.0.1:9",
@@ -321,7 +321,7 @@ def test_client_uses_redis_permits_with_a_coordination_url(redis_server) -> None
 def test_cli_rejects_a_coordination_url_without_the_redis_package() -> None:
     code = (
         "import sys; sys.modules['redis'] = None\n"
-        "from acagent.cli import main\n"
+        "from acagent.cli.main import main\n"
         "main(['--serverUrl', 'http://127.0.0.1:9', '--apiKey', 'k',"
         " '--coordinationUrl', 'redis://127.0.0.1:1/0'])\n"
     )
@@ -332,7 +332,7 @@ def test_cli_rejects_a_coordination_url_without_the_redis_package() -> None:
 
 
 def test_cli_rejects_a_bad_coordination_url_and_reads_the_password_env() -> None:
-    from acagent.cli import config_from_args
+    from acagent.cli.main import config_from_args
 
     base = ["--serverUrl", "http://127.0.0.1:9", "--apiKey", "k"]
     with pytest.raises(SystemExit) as exc:
@@ -372,7 +372,7 @@ def test_shared_rate_limit_grants_nothing_without_redis_and_reports_it(
 def test_client_takes_its_permits_from_the_object_passed_in(ac) -> None:
     from helpers import result_payload
 
-    from acagent.client import ACClient
+    from acagent.ac.client import ACClient
 
     permits = LocalPermits(1)
     config = AgentConfig(server_url=ac.url, api_key="k", rate_limit_per_min=0)

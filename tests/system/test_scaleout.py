@@ -17,8 +17,8 @@ import pytest
 import redis
 from redis_fixture import redis_server, require_redis_server  # noqa: F401 - the fixture
 
-from acagent.demo_multi import agent_command, stop_agents
-from acagent.permits import key_prefix
+from acagent.ac.permits import key_prefix
+from acagent.cli.demo_multi import agent_command, stop_agents
 from acagent.testing import FakeACServer, FakeTarget, LocalRedis
 
 

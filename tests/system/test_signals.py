@@ -29,7 +29,7 @@ import pytest
 from helpers import WAIT, AgentProcess, make_config, make_pipeline, spool_records, wait_until
 
 from acagent import Pipeline
-from acagent.cli import EXIT_KEPT
+from acagent.cli.main import EXIT_KEPT
 from acagent.testing import FakeACServer, FakeTarget, expected_sha256
 
 

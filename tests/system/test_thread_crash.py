@@ -32,7 +32,7 @@ def boom():
     raise RuntimeError("injected bug in the fetcher thread")
 
 fetcher.Fetcher.start_threads = lambda self: self.spawn(boom, "acagent-fetcher")
-from acagent.cli import main
+from acagent.cli.main import main
 main(sys.argv[1:])
 """
 

@@ -12,17 +12,17 @@ from typing import Any, List, Optional, Sequence, Tuple, cast
 
 import pytest
 
-from acagent import permits as permits_module
-from acagent import ratelimit as ratelimit_module
-from acagent.backoff import CONCURRENCY_WAIT_MAX, Backoff, concurrency_wait
-from acagent.client import ACClient
+from acagent.ac import permits as permits_module
+from acagent.ac import ratelimit as ratelimit_module
+from acagent.ac.backoff import CONCURRENCY_WAIT_MAX, Backoff, concurrency_wait
+from acagent.ac.client import ACClient
+from acagent.ac.permits import RedisPermits
+from acagent.ac.ratelimit import SharedRateLimiter
+from acagent.ac.retry import STORE_RECONNECT, RetryPolicy
 from acagent.config import AgentConfig
 from acagent.globalconfig import RuntimeSettings
 from acagent.ledger import Ledger
 from acagent.observers import Observers
-from acagent.permits import RedisPermits
-from acagent.ratelimit import SharedRateLimiter
-from acagent.retry import STORE_RECONNECT, RetryPolicy
 from acagent.spool import ResultSpool
 from acagent.stage import Stage, StageContext
 

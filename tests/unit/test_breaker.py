@@ -9,8 +9,8 @@ from typing import List, Optional, Tuple
 import pytest
 from helpers import FakeClock
 
-from acagent.backoff import Backoff
-from acagent.breaker import ClassBreaker
+from acagent.ac.backoff import Backoff
+from acagent.ac.breaker import ClassBreaker
 
 
 class ClockedStop(threading.Event):

@@ -26,7 +26,8 @@ import pytest
 import requests
 import requests_mock
 
-from acagent.client import ACClient
+from acagent.ac.client import ACClient
+from acagent.ac.retry import RetryPolicy
 from acagent.config import AgentConfig
 from acagent.errors import (
     ACConnectionError,
@@ -36,7 +37,6 @@ from acagent.errors import (
     TaskError,
 )
 from acagent.models import Task
-from acagent.retry import RetryPolicy
 
 # --------------------------------------------------------------------------
 # Today's numbers (RetryPolicy defaults); a wait is exact or a (low, high) range

@@ -28,8 +28,9 @@ import pytest
 import requests
 from requests.structures import CaseInsensitiveDict
 
-from acagent.actransport import ACReply
-from acagent.client import _check_s3_status, _check_status
+from acagent.ac.client import _check_s3_status, _check_status
+from acagent.ac.retry import RetryPolicy
+from acagent.ac.transport import ACReply
 from acagent.delivery import (
     LINKED_BODY,
     BodyMismatch,
@@ -50,7 +51,6 @@ from acagent.errors import (
 )
 from acagent.fetcher import CONCURRENCY_HINT
 from acagent.models import Result
-from acagent.retry import RetryPolicy
 
 Wait = Union[float, Tuple[float, float]]
 

@@ -13,7 +13,7 @@ import pytest
 from helpers import WAIT
 
 from acagent import AgentConfig
-from acagent.client import ACClient
+from acagent.ac.client import ACClient
 from acagent.globalconfig import GlobalConfigObserver, RuntimeSettings, value_problem
 from acagent.ledger import Ledger
 from acagent.logs import LOGGER_NAME

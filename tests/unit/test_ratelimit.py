@@ -13,7 +13,7 @@ from typing import Any, List
 import pytest
 from helpers import FakeClock
 
-from acagent.ratelimit import FETCH, UPLOAD, RateLimiter, RateLimits
+from acagent.ac.ratelimit import FETCH, UPLOAD, RateLimiter, RateLimits
 
 JOIN = 5.0
 

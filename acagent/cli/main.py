@@ -22,10 +22,10 @@ import signal
 import sys
 from typing import Any, Dict, List, NamedTuple, NoReturn, Optional, Sequence, Tuple
 
-from . import __version__
-from .allowlist import DEFAULT_DENIED, NO_DEFAULTS, TargetAllowList, parse_entries
-from .config import AC_SERVER_CONCURRENT_LIMIT, AgentConfig, secret_file_exposed
-from .errors import ConfigError, SpoolLockedError
+from .. import __version__
+from ..config import AC_SERVER_CONCURRENT_LIMIT, AgentConfig, secret_file_exposed
+from ..errors import ConfigError, SpoolLockedError
+from ..targets.policy import DEFAULT_DENIED, NO_DEFAULTS, TargetAllowList, parse_entries
 
 log = logging.getLogger("acagent.cli")
 
@@ -550,7 +550,7 @@ def read_settings(
         if name in values:
             values[name] = tuple(values[name])
     if values.get("coordination_url"):
-        from .permits import PASSWORD_ENV, CoordinationUnavailable, require_redis
+        from ..ac.permits import PASSWORD_ENV, CoordinationUnavailable, require_redis
 
         try:
             require_redis()
@@ -616,9 +616,9 @@ def startup_line(config: AgentConfig) -> str:
 
 
 def run(argv: Sequence[str]) -> int:
-    from . import logs
-    from .health import ListenError
-    from .pipeline import Pipeline
+    from .. import logs
+    from ..health import ListenError
+    from ..pipeline import Pipeline
 
     if hasattr(signal, "SIGHUP"):
         # until the reload handler is in place below, SIGHUP must not end the agent

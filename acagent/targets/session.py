@@ -26,8 +26,8 @@ from typing import Any, Iterable, Mapping, Optional, Tuple, Union
 
 from requests import Request, Response
 
-from .allowlist import GuardedAdapter, TargetPolicy, mark_checked
-from .client import EnvCachedSession
+from ..ac.client import EnvCachedSession
+from .policy import GuardedAdapter, TargetPolicy, mark_checked
 
 __all__ = [
     "SENSITIVE_HEADERS",

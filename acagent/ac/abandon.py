@@ -26,7 +26,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from .connage import ConnectionAges
+from ..connage import ConnectionAges
 
 
 class FetchStop(threading.Event):

@@ -39,17 +39,17 @@ from urllib.parse import urlsplit
 
 import requests
 
-from . import logs
-from .client import build_session
-from .config import AgentConfig
-from .errors import ConfigError, TaskError
-from .fetcher import Fetcher
-from .hints import hint_for
-from .models import Result, Task
-from .observers import Observer
-from .permits import CoordinationUnavailable, RedisPermits
-from .pipeline import Pipeline
-from .spool import Origin, survey_spool
+from .. import logs
+from ..ac.client import build_session
+from ..ac.permits import CoordinationUnavailable, RedisPermits
+from ..config import AgentConfig
+from ..errors import ConfigError, TaskError
+from ..fetcher import Fetcher
+from ..hints import hint_for
+from ..models import Result, Task
+from ..observers import Observer
+from ..pipeline import Pipeline
+from ..spool import Origin, survey_spool
 
 __all__ = ["CheckReport", "main", "run_check"]
 
@@ -368,7 +368,7 @@ def run_check(
 
 
 def main(argv: Sequence[str] = ()) -> int:
-    from .cli import read_settings, startup_line
+    from .main import read_settings, startup_line
 
     settings = read_settings(argv, command="check")  # exits 2 with one line on a bad value
     config = settings.config

@@ -43,13 +43,10 @@ import requests
 import urllib3.util.connection
 from requests.adapters import HTTPAdapter
 
-from ._version import __version__
-from .abandon import ConnectionTracker, FetchStop, TrackingAdapter
-from .actransport import NETWORK_ERRORS, ACReply, ACTransport, is_stale_reset
-from .allowlist import GuardedAdapter, TargetDenied, UploadPolicy, unambiguous_host
-from .config import AgentConfig, read_secret_file
-from .connage import ConnectionAges
-from .errors import (
+from .._version import __version__
+from ..config import AgentConfig, read_secret_file
+from ..connage import ConnectionAges
+from ..errors import (
     ACConnectionError,
     ACHTTPError,
     ACRateLimitError,
@@ -61,13 +58,16 @@ from .errors import (
     UnreadReplyError,
     UploadURLRefused,
 )
-from .globalconfig import RuntimeSettings
-from .logs import scrub_text
-from .logthrottle import LogThrottle
-from .models import Task
+from ..globalconfig import RuntimeSettings
+from ..logs import scrub_text
+from ..logthrottle import LogThrottle
+from ..models import Task
+from ..targets.policy import GuardedAdapter, TargetDenied, UploadPolicy, unambiguous_host
+from .abandon import ConnectionTracker, FetchStop, TrackingAdapter
 from .permits import Permits, RedisPermits, permits_for
 from .ratelimit import FETCH, UPLOAD, RateLimits
 from .retry import RetryPolicy, run_with_retries, server_wait
+from .transport import NETWORK_ERRORS, ACReply, ACTransport, is_stale_reset
 
 log = logging.getLogger("acagent.client")
 

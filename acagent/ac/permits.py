@@ -61,8 +61,8 @@ import uuid
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type
 from urllib.parse import urlsplit, urlunsplit
 
+from ..errors import ConfigError
 from .backoff import Backoff
-from .errors import ConfigError
 from .retry import STORE_RECONNECT
 
 log = logging.getLogger("acagent.permits")

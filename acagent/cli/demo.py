@@ -21,10 +21,10 @@ import tempfile
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple
 
-from .cli import DEMO_AGENTS_HELP, DEMO_DESCRIPTION, FLAG_OF_FIELD
-from .config import INLINE_BODY_LIMIT, AgentConfig
-from .pipeline import Pipeline
-from .testing import FakeACServer, FakeTarget, expected_sha256
+from ..config import INLINE_BODY_LIMIT, AgentConfig
+from ..pipeline import Pipeline
+from ..testing import FakeACServer, FakeTarget, expected_sha256
+from .main import DEMO_AGENTS_HELP, DEMO_DESCRIPTION, FLAG_OF_FIELD
 
 #: (size in bytes, share of the tasks): mostly small, some large
 SIZE_MIX: List[Tuple[int, float]] = [

@@ -25,8 +25,8 @@ from typing import Callable, Mapping, Optional, TypeVar
 
 import tenacity
 
+from ..errors import ACConnectionError, ACHTTPError, ACRateLimitError, AgentStopping
 from .backoff import CONCURRENCY_WAIT_MAX, Backoff, concurrency_wait
-from .errors import ACConnectionError, ACHTTPError, ACRateLimitError, AgentStopping
 
 T = TypeVar("T")
 

@@ -1,0 +1,8 @@
+"""The AC link: every request to the AC server and its upload storage.
+
+``client`` (``ACClient``, the endpoints, the streamed multipart body),
+``transport`` (one AC request on the urllib3 pool) and ``abandon`` (a long
+poll shut at stop), ``permits`` (at most two AC requests in flight, local or
+shared through Redis), ``ratelimit`` (token buckets), ``retry`` and
+``backoff`` (the schedules) and ``breaker`` (a class of calls that pauses).
+"""

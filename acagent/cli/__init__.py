@@ -1,0 +1,5 @@
+"""The command line: ``acagent run``, ``acagent check``, ``acagent demo``.
+
+``main`` dispatches the subcommands and runs the agent; ``check``, ``demo``
+and ``demo_multi`` are the other subcommands.
+"""
