@@ -20,6 +20,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
 from . import folders, logs
+from ._version import __version__
 from .errors import ConfigError
 
 #: Largest body that goes inline (base64) in put-result; larger ones are uploaded.
@@ -312,8 +313,6 @@ class AgentConfig:
         CLI's own defaults). Secrets never appear: the API key is left out,
         and the server and proxy URLs lose any user:password and query.
         """
-        from . import __version__
-
         base = dict(baseline or {})
         parts = [
             f"acagent {__version__}",

@@ -29,6 +29,8 @@ from prometheus_client import (
 )
 from prometheus_client.registry import Collector
 
+from ._version import __version__
+
 __all__ = [
     "DEFAULT_BUCKETS",
     "NAMESPACE",
@@ -151,8 +153,6 @@ class AgentMetrics:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        from . import __version__  # late: acagent/__init__ imports this module's importers
-
         if registry is None:
             registry = CollectorRegistry()
             ProcessCollector(registry=registry)
