@@ -368,7 +368,7 @@ def run_check(
 
 
 def main(argv: Sequence[str] = ()) -> int:
-    from .main import read_settings, startup_line
+    from .options import read_settings, startup_line
 
     settings = read_settings(argv, command="check")  # exits 2 with one line on a bad value
     config = settings.config

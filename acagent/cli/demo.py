@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple
 from ..config import INLINE_BODY_LIMIT, AgentConfig
 from ..pipeline import Pipeline
 from ..testing import FakeACServer, FakeTarget, expected_sha256
-from .main import DEMO_AGENTS_HELP, DEMO_DESCRIPTION, FLAG_OF_FIELD
+from .options import DEMO_AGENTS_HELP, DEMO_DESCRIPTION, FLAG_OF_FIELD
 
 #: (size in bytes, share of the tasks): mostly small, some large
 SIZE_MIX: List[Tuple[int, float]] = [

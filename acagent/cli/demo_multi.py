@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, TextIO
 
 from ..testing import FakeACServer, FakeTarget, LocalRedis, find_redis_server
 from .demo import PLAIN_PROGRESS_EVERY, Progress, default_limit_note, settings_notice
-from .main import DEMO_AGENTS_DESCRIPTION, FLAG_OF_FIELD
+from .options import DEMO_AGENTS_DESCRIPTION, FLAG_OF_FIELD
 
 #: AC calls per task: one get-task, one put-result
 CALLS_PER_TASK = 2

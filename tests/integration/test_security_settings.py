@@ -11,7 +11,7 @@ import pytest
 from helpers import WAIT, make_config, make_pipeline, running, wait_until
 from prometheus_client import CollectorRegistry
 
-from acagent.cli.main import config_from_args
+from acagent.cli.options import config_from_args
 from acagent.config import parse_host_port
 from acagent.health import HealthServer
 from acagent.models import Result

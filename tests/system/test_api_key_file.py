@@ -43,7 +43,7 @@ from helpers import (
 from acagent import logs
 from acagent.ac.backoff import Backoff
 from acagent.ac.client import ACClient
-from acagent.cli.main import _OPTIONS, _seconds, _seconds_or_zero, read_settings
+from acagent.cli.options import _OPTIONS, _seconds, _seconds_or_zero, read_settings
 from acagent.config import AgentConfig, read_secret_file, secret_mode_exposed
 from acagent.errors import ACHTTPError, ConfigError
 from acagent.fetcher import auth_hint

@@ -9,7 +9,7 @@ from typing import Dict, Optional
 import pytest
 
 from acagent import AgentConfig
-from acagent.cli.main import _OPTIONS, config_from_args
+from acagent.cli.options import _OPTIONS, config_from_args
 
 BASE = ["--serverUrl", "https://ac.example", "--apiKey", "k"]
 

@@ -13,7 +13,7 @@ import pytest
 import trustme
 
 from acagent import AgentConfig
-from acagent.cli.main import _OPTIONS, build_parser, config_from_args, env_name_for, startup_line
+from acagent.cli.options import _OPTIONS, build_parser, config_from_args, env_name_for, startup_line
 from acagent.testing import FakeACServer
 
 #: values tried in turn for a flag the test has no special value for; the first

@@ -23,7 +23,7 @@ import pytest
 import requests
 from helpers import bytes_task
 
-from acagent.cli.main import config_from_args
+from acagent.cli.options import config_from_args
 from acagent.testing import FakeACServer, FakeTarget
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")

@@ -25,7 +25,7 @@ import yaml
 from helpers import ROOT
 
 from acagent.ac.permits import PASSWORD_ENV
-from acagent.cli.main import _OPTIONS, config_from_args, env_name_for
+from acagent.cli.options import _OPTIONS, config_from_args, env_name_for
 from acagent.config import AgentConfig
 from acagent.health import HealthServer
 from acagent.metrics import AgentMetrics

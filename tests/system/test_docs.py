@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Tuple
 import pytest
 from helpers import ROOT
 
-from acagent.cli.main import _CLI_DEFAULTS, _OPTIONS, build_parser, env_names_for
+from acagent.cli.options import _CLI_DEFAULTS, _OPTIONS, build_parser, env_names_for
 from acagent.config import AgentConfig
 from acagent.targets.policy import DEFAULT_DENIED
 

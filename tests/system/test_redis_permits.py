@@ -332,7 +332,7 @@ def test_cli_rejects_a_coordination_url_without_the_redis_package() -> None:
 
 
 def test_cli_rejects_a_bad_coordination_url_and_reads_the_password_env() -> None:
-    from acagent.cli.main import config_from_args
+    from acagent.cli.options import config_from_args
 
     base = ["--serverUrl", "http://127.0.0.1:9", "--apiKey", "k"]
     with pytest.raises(SystemExit) as exc:
