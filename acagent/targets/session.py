@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping, Optional, Tuple, Union
 
 from requests import Request, Response
 
-from ..ac.client import EnvCachedSession
+from ..envsession import EnvCachedSession
 from .policy import GuardedAdapter, TargetPolicy, mark_checked
 
 __all__ = [
