@@ -42,7 +42,6 @@ import time
 from typing import Optional
 
 from .ac.breaker import ClassBreaker
-from .config import AC_SERVER_CONCURRENT_LIMIT, AgentConfig
 from .errors import (
     ACConnectionError,
     ACError,
@@ -52,7 +51,8 @@ from .errors import (
     BadReplyError,
     TaskError,
 )
-from .hints import hint_for
+from .hints import CONCURRENCY_HINT, auth_hint, hint_for
+from .ledger import AUTH_HOLD
 from .logs import error_fields
 from .logthrottle import LogThrottle
 from .models import Result, Task, echo_fields
@@ -60,32 +60,6 @@ from .spool import Origin
 from .stage import Stage, StageContext
 
 log = logging.getLogger("acagent.fetcher")
-
-#: the hint logged when the AC server refuses an API key given by flag or environment
-AUTH_HINT = (
-    "the AC server refused the API key: check --apiKey / api_key (a key given so cannot "
-    "change while the agent runs; --apiKeyFile is re-read, so a rotated key needs no restart)"
-)
-
-#: the hold set while the AC server refuses the API key for uploads
-AUTH_HOLD = "auth"
-
-#: what a "Too many concurrent requests" 429 means, for the log line
-CONCURRENCY_HINT = (
-    f"Too many concurrent requests (429): more than {AC_SERVER_CONCURRENT_LIMIT} AC requests "
-    "were in flight on this API key (another agent on the same key? see --coordinationUrl)"
-)
-
-
-def auth_hint(config: AgentConfig) -> str:
-    """What to do when the AC server refuses the key, for where the key came from."""
-    if config.api_key_file is None:
-        return AUTH_HINT
-    return (
-        f"the AC server refused the API key read from {config.api_key_file}: put the right key "
-        "there (--apiKeyFile; it is re-read every few seconds, and on SIGHUP)"
-    )
-
 
 class Fetcher(Stage):
     name = "fetcher"

@@ -15,9 +15,12 @@ from typing import Iterator, Optional
 import requests
 import urllib3.exceptions
 
+from .config import AC_SERVER_CONCURRENT_LIMIT, AgentConfig
 from .errors import ACHTTPError
 
 __all__ = [
+    "AUTH_HINT",
+    "CONCURRENCY_HINT",
     "HINT_API_KEY",
     "HINT_CA_BUNDLE",
     "HINT_DNS",
@@ -26,10 +29,21 @@ __all__ = [
     "HINT_REFUSED",
     "HINT_TIMEOUT",
     "HINT_TLS_HANDSHAKE",
+    "auth_hint",
     "hint_for",
 ]
 
 HINT_API_KEY = "the AC server refused the API key: check --apiKey / api_key"
+#: the hint logged when the AC server refuses an API key given by flag or environment
+AUTH_HINT = HINT_API_KEY + (
+    " (a key given so cannot change while the agent runs; --apiKeyFile is re-read,"
+    " so a rotated key needs no restart)"
+)
+#: what a "Too many concurrent requests" 429 means, for the log line
+CONCURRENCY_HINT = (
+    f"Too many concurrent requests (429): more than {AC_SERVER_CONCURRENT_LIMIT} AC requests "
+    "were in flight on this API key (another agent on the same key? see --coordinationUrl)"
+)
 HINT_CA_BUNDLE = (
     "the server's TLS certificate is not trusted: pass --caBundle <file> with the CA "
     "that signed it (e.g. your proxy's CA), rather than --verify false"
@@ -87,6 +101,16 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         for arg in getattr(current, "args", ()):
             if isinstance(arg, BaseException):
                 todo.append(arg)
+
+
+def auth_hint(config: AgentConfig) -> str:
+    """What to do when the AC server refuses the key, for where the key came from."""
+    if config.api_key_file is None:
+        return AUTH_HINT
+    return (
+        f"the AC server refused the API key read from {config.api_key_file}: put the right key "
+        "there (--apiKeyFile; it is re-read every few seconds, and on SIGHUP)"
+    )
 
 
 def hint_for(exc: BaseException) -> Optional[str]:

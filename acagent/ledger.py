@@ -63,6 +63,9 @@ INTERRUPTED = (
 #: the hold set while the spool folder cannot be written
 SPOOL_HOLD = "spool"
 
+#: the hold set while the AC server refuses the API key for uploads
+AUTH_HOLD = "auth"
+
 
 class Ledger:
     """Task accounting and backpressure; see the module docstring.

@@ -45,9 +45,10 @@ from .ac.ratelimit import RateLimits
 from .ac.retry import RetryPolicy
 from .config import AgentConfig, parse_host_port
 from .executor import Executor
-from .fetcher import Fetcher, auth_hint
+from .fetcher import Fetcher
 from .globalconfig import GlobalConfigObserver, RuntimeSettings
 from .health import HealthServer
+from .hints import auth_hint
 from .ledger import Ledger
 from .metrics import AgentMetrics
 from .metricsfile import MetricsFileWriter, default_metrics_path

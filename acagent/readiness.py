@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Callable, List, Mapping, Tuple
 
-from .fetcher import AUTH_HINT
 from .health import ReadinessTracker
+from .hints import AUTH_HINT
 from .observers import Observer
 
 
@@ -26,7 +26,7 @@ class Readiness(Observer):
         *,
         holds: Callable[[], Mapping[str, str]] = dict,
     ) -> None:
-        #: what /readyz says while the server refuses the key (``fetcher.auth_hint``)
+        #: what /readyz says while the server refuses the key (``hints.auth_hint``)
         self.auth_hint = auth_hint
         self.tracker = ReadinessTracker(window)
         self._holds = holds

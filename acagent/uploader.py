@@ -48,8 +48,8 @@ from .delivery import (
     lanes_held_in,
     route_of,
 )
-from .fetcher import AUTH_HOLD, CONCURRENCY_HINT, auth_hint
-from .hints import hint_for
+from .hints import CONCURRENCY_HINT, auth_hint, hint_for
+from .ledger import AUTH_HOLD
 from .logs import error_fields
 from .logthrottle import LogThrottle
 from .models import (

@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import acagent
 from acagent import AgentConfig, Pipeline
-from acagent.fetcher import CONCURRENCY_HINT
 from acagent.health import METRICS_CONTENT_TYPE, HealthServer
+from acagent.hints import CONCURRENCY_HINT
 from acagent.metrics import DEFAULT_BUCKETS, AgentMetrics, RateWindow, metric_value
 from acagent.metricsobserver import HOLD_REASONS, RETRY_KINDS, MetricsObserver, retry_kind
 from acagent.testing import FakeACServer, FakeTarget

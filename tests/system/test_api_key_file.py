@@ -46,7 +46,7 @@ from acagent.ac.client import ACClient
 from acagent.cli.options import _OPTIONS, _seconds, _seconds_or_zero, read_settings
 from acagent.config import AgentConfig, read_secret_file, secret_mode_exposed
 from acagent.errors import ACHTTPError, ConfigError
-from acagent.fetcher import auth_hint
+from acagent.hints import auth_hint
 from acagent.observers import Observer
 from acagent.readiness import Readiness
 from acagent.spool import Origin

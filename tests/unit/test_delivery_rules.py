@@ -49,7 +49,7 @@ from acagent.errors import (
     BadReplyError,
     UploadURLRefused,
 )
-from acagent.fetcher import CONCURRENCY_HINT
+from acagent.hints import CONCURRENCY_HINT
 from acagent.models import Result
 
 Wait = Union[float, Tuple[float, float]]
