@@ -44,13 +44,23 @@ CHUNK = 256 * 1024
 
 
 class Executor(Stage):
-    """Runs tasks on a thread pool.
+    """Runs tasks on a thread pool, each as one HTTP request to its target.
 
-    Hooks (may be overridden): ``execute(task, key=...) -> Result`` (must not
-    raise: a failure is an error result; a result the spool cannot record as
-    JSON is answered with an error result too), ``prepare_headers(task)`` (add auth,
-    etc.), ``request_target(task, key)``. For subclasses: ``session`` (the
-    target session), ``allow`` (the target policy), ``deadline_watch``.
+    May be overridden: ``execute(task, key=...) -> Result`` (must not raise: a
+    failure is an error result; a result the spool cannot record as JSON is
+    answered with an error result too), ``prepare_headers(task)`` (add auth,
+    etc.), ``collect_logs(task, key)`` (the fetch-logs task).
+
+    Class variables that may be overridden: ``POLL`` (longest the dispatcher
+    blocks on the task queue before it looks at the stop flag).
+
+    May be extended, call ``super()``: ``__init__``, ``start_threads`` (the
+    dispatcher and the deadline watch), ``on_stop``, ``join``, and
+    ``request_target(task, key)``, which checks the task's URL against the
+    target policy before anything is sent: an override that does not call it
+    lets a task reach any host.
+    For subclasses: ``session`` (the target session), ``allow`` (the target
+    policy), ``deadline_watch``, and ``Stage``'s part (see ``acagent.stage``).
     """
 
     name = "executor"

@@ -62,6 +62,23 @@ from .stage import Stage, StageContext
 log = logging.getLogger("acagent.fetcher")
 
 class Fetcher(Stage):
+    """Gets tasks from the AC server, one get-task at a time, while the Ledger has room.
+
+    May be overridden: ``fetch_one() -> Optional[Task]`` (where tasks come
+    from; None = none now, then ``idle_wait()`` seconds pass) and
+    ``idle_wait() -> float`` (the poll interval with jitter).
+
+    Class variables that may be overridden: ``CAPACITY_POLL`` (one wait for a
+    free slot before the stop flag is looked at again), ``KEY_FILE_POLL``
+    (while the server refuses the key, seconds between two reads of
+    ``--apiKeyFile``).
+
+    May be extended, call ``super()``: ``__init__``, ``start_threads`` (the
+    fetch loop) and ``on_stop`` (ends a get-task long poll at once).
+    For subclasses: ``breaker`` (open while get-task fails in a row), and
+    ``Stage``'s part (see ``acagent.stage``).
+    """
+
     name = "fetcher"
 
     #: how long one capacity wait lasts before the stop flag is checked again

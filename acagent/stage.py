@@ -5,7 +5,7 @@ A stage never sees the ``Pipeline``. It is constructed with one frozen
 its threads (a stage *has* threads; it is not one, so no name of ours can
 clash with a ``threading.Thread`` internal such as ``_handle``).
 
-``Stage`` methods, sorted as in ``socketserver``:
+``Stage``'s contract, in the five parts of ``socketserver``'s:
 
 For callers (the Pipeline, or a test):
     ``start()``, ``stop()`` (stop taking new work; finish what is in hand),
@@ -13,15 +13,32 @@ For callers (the Pipeline, or a test):
     ``is_alive()``, ``dead_threads()`` (liveness: threads that ended early).
 
 May be overridden:
-    ``start_threads()`` (spawn the stage's threads), ``on_stop()`` (extra stop
-    work), plus each stage's own hooks (see ``Fetcher``, ``Executor``,
-    ``Uploader``).
+    each stage's own hooks, which a subclass replaces outright: ``Fetcher``'s
+    ``fetch_one`` and ``idle_wait``; ``Executor``'s ``execute``,
+    ``prepare_headers``, ``collect_logs``; ``Uploader``'s ``deliver`` and
+    ``compress`` (see each class). ``Stage`` itself has two, empty in the base:
+    ``start_threads()`` (spawn the stage's threads) and ``on_stop()`` (extra
+    stop work, called by ``stop()`` after ``stopping`` is set).
 
 For subclasses:
-    ``ctx``, ``spawn(target, name)``, ``run_loop(step)`` (a loop that
-    survives any error in ``step``: logged, reported to observers, backed
+    ``ctx``, ``config``, ``spawn(target, name)``, ``run_loop(step)`` (a loop
+    that survives any error in ``step``: logged, reported to observers, backed
     off as ``ctx.retry_policy.stage_failure`` says), ``wait(seconds)``
     (interruptible), ``stopping`` (the Event that ``stop()`` sets).
+
+Class variables that may be overridden:
+    ``name`` (the prefix of the stage's thread names) and ``WAIT_SLICE`` (the
+    longest single sleep of ``wait``); each stage adds its tuning ones (polls and
+    pauses, listed in its class docstring). Any other attribute is private.
+
+May be extended, do not override (call ``super()`` first, or the stage loses
+what the base does there):
+    ``__init__(ctx)``, and in the three stages ``start_threads()`` and
+    ``on_stop()`` (the base stage's threads and its stop work);
+    ``Executor.request_target`` holds the per-task allow-list check, so an
+    override that skips ``super()`` lets a task reach any host; ``start()``,
+    ``stop()``, ``join()`` are for callers: extend ``start_threads``/``on_stop``
+    instead.
 """
 
 from __future__ import annotations

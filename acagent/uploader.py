@@ -67,6 +67,24 @@ log = logging.getLogger("acagent.uploader")
 
 
 class Uploader(Stage):
+    """Delivers each result the Ledger holds to the AC server; ``decide`` says what a failure means.
+
+    May be overridden: ``deliver(result) -> str`` (send one result on its route;
+    raise when it did not go through; archive a delivered result with
+    ``Observer.on_result_delivered``, not here, or a failing archive re-sends
+    it) and ``compress(source, target)`` (gzip a body the executor left raw).
+
+    Class variables that may be overridden: ``POLL`` (longest a sender waits
+    for a due result), ``BORROW_PAUSE`` (the borrowing sender steps aside while
+    a get-task waits for a permit), ``LANE_HELD`` (an attempt this long lets
+    small results borrow), ``COMPRESS_LEVEL`` (gzip level).
+
+    May be extended, call ``super()``: ``__init__``, ``start_threads`` (the
+    senders, the borrowing sender, the cleanup thread) and ``on_stop`` (wakes
+    the cleanup thread's wait, so it sees the stop).
+    For subclasses: ``Stage``'s part (see ``acagent.stage``).
+    """
+
     name = "uploader"
 
     #: longest a sender blocks waiting for a due result before checking for stop

@@ -77,7 +77,9 @@ def imports_of(module: str, path: Path, modules: Dict[str, Path]) -> Set[str]:
             else:
                 base = node.module or ""
             # `from pkg import sub` names the submodule; `from pkg import name`, pkg itself
-            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            names = [
+                f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names
+            ]
         else:
             continue
         for name in names:
