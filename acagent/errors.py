@@ -108,7 +108,3 @@ class TargetFailure(AgentError):
         self.reason = reason
         #: short name of the failure (a metrics label), e.g. ``"timeout"``
         self.slug = slug
-
-
-class PermanentUploadError(ACError):
-    """The AC server refused a result's content for good (400/422 after a few tries)."""

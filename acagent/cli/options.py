@@ -23,7 +23,7 @@ from typing import Any, Dict, List, NamedTuple, NoReturn, Optional, Sequence, Tu
 from .._version import __version__
 from ..config import AC_SERVER_CONCURRENT_LIMIT, AgentConfig, secret_file_exposed
 from ..errors import ConfigError
-from ..targets.policy import DEFAULT_DENIED, NO_DEFAULTS, TargetAllowList, parse_entries
+from ..targets.policy import DEFAULT_DENIED, NO_DEFAULTS, HostList, parse_entries
 
 _TRUE = ("yes", "true", "t", "1", "y", "on")
 _FALSE = ("no", "false", "f", "0", "n", "off")
@@ -72,7 +72,7 @@ def _seconds_or_zero(value: str) -> float:
 
 def _allow_list(value: str) -> List[str]:
     try:
-        allow = TargetAllowList.parse(value)
+        allow = HostList(part for part in value.split(",") if part.strip())
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return list(allow.describe())

@@ -236,44 +236,6 @@ def _internal(address: _Address) -> bool:
     )
 
 
-class TargetAllowList(TargetPolicy):
-    """The allow-list alone (no deny-list entries): kept for callers of the old API."""
-
-    def __init__(self, entries: Iterable[str] = ()) -> None:
-        super().__init__(entries, denied=(NO_DEFAULTS,))
-
-    @classmethod
-    def parse(cls, text: str) -> TargetAllowList:
-        """From a comma-separated flag value; raises ValueError for a bad CIDR."""
-        return cls(part for part in text.split(",") if part.strip())
-
-    @property
-    def names(self) -> List[str]:
-        return self.allow.names
-
-    @property
-    def patterns(self) -> List[str]:
-        return self.allow.patterns
-
-    @property
-    def networks(self) -> List[_Network]:
-        return self.allow.networks
-
-    def allows_url(self, url: str) -> bool:
-        try:
-            self.check_url(url)
-        except TargetDenied:
-            return False
-        return True
-
-    def allows_host(self, host: str) -> bool:
-        try:
-            self.check_host(host)
-        except TargetDenied:
-            return False
-        return True
-
-
 def parse_entries(text: str) -> List[str]:
     """A comma-separated flag value as entries; raises ValueError for a bad CIDR."""
     entries = [part.strip() for part in text.split(",") if part.strip()]
@@ -323,14 +285,6 @@ def unambiguous_host(url: str) -> str:
     if mine != theirs or split_port != other.port or scheme != (other.scheme or "").lower():
         raise TargetDenied("invalid url: its host is ambiguous")
     return mine
-
-
-def host_of(url: str) -> Optional[str]:
-    """The host name of ``url``, or None if it has none or does not parse."""
-    try:
-        return urlsplit(url).hostname
-    except ValueError:
-        return None
 
 
 def _idna(host: str) -> str:
