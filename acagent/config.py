@@ -1,6 +1,6 @@
 """AgentConfig: one frozen, validated settings object.
 
-Every knob of the agent lives here with its default. The CLI (``cli.py``)
+Every knob of the agent lives here with its default. The CLI (``cli/options.py``)
 turns flags and environment variables into an ``AgentConfig``; library users
 build one directly. ``AgentConfig.validate()`` runs at construction, so an
 invalid object cannot exist: each problem raises ``ConfigError`` naming the
@@ -124,13 +124,13 @@ class AgentConfig:
     #: target hosts allowed (names, ``*.wildcards``, CIDRs); empty = all
     allowed_targets: Tuple[str, ...] = ()
     #: target hosts denied on top of the cloud metadata addresses
-    #: (``allowlist.DEFAULT_DENIED``); the entry ``no-defaults`` drops those
+    #: (``targets.policy.DEFAULT_DENIED``); the entry ``no-defaults`` drops those
     denied_targets: Tuple[str, ...] = ()
     #: hosts (names, ``*.wildcards``, CIDRs) an S3 upload URL may point to even
     #: though they are loopback, link-local or private
     allowed_upload_hosts: Tuple[str, ...] = ()
     #: header names stripped on a redirect to another origin, on top of
-    #: ``targetsession.SENSITIVE_HEADERS``
+    #: ``targets.session.SENSITIVE_HEADERS``
     sensitive_headers: Tuple[str, ...] = ()
     #: retries of one AC upload call before the result waits in the spool
 

@@ -10,7 +10,7 @@ the number of requests open to the server never exceeds the permit count,
 whatever the number of threads using the client. Between retry attempts the
 permit is released, so a call waiting out a 429 does not block the others.
 
-Each AC request is sent by ``ACTransport`` (``actransport.py``) straight to
+Each AC request is sent by ``ACTransport`` (``transport.py``) straight to
 the session adapter's connection pool: requests' proxies and TLS, without
 the per-call session work (about a quarter of an AC call's CPU).
 
@@ -458,7 +458,7 @@ class ACClient:
         headers: Mapping[str, str],
         timeout: Tuple[float, float],
     ) -> ACReply:
-        """Send one AC request and read the whole reply (``actransport.py``)."""
+        """Send one AC request and read the whole reply (``transport.py``)."""
         url = self._url(endpoint)
         if params:
             url += "?" + urlencode(params)
@@ -584,7 +584,7 @@ class ACClient:
         ``BadReplyError`` for a reply the protocol does not allow, ``TaskError``
         (with ``raw`` set) for a malformed task, and ``ACError`` subclasses for
         HTTP and network failures. A reply not read whole (over the reply
-        cap, see ``actransport.py``) is a malformed task when its first bytes
+        cap, see ``transport.py``) is a malformed task when its first bytes
         name the task's id, else an ``UnreadReplyError``.
         """
         params = {"agentId": self.agent_id, "agentVersion": self.version}

@@ -1,7 +1,7 @@
 """The HTTP session for target requests: the target policy enforced where connections are made.
 
 Three layers, so no URL trick, redirect or DNS answer gets around the policy
-(the first two live in ``allowlist.py``, so the S3 upload uses them too):
+(the first two live in ``policy.py``, so the S3 upload uses them too):
 
 1. ``GuardedAdapter.send`` refuses, before any connection, a URL that
    ``urllib.parse`` and urllib3 read differently, and a host the policy
