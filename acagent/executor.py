@@ -15,16 +15,14 @@ the old one finish what it runs, so no work is lost.
 from __future__ import annotations
 
 import concurrent.futures
-import heapq
 import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import requests
 import urllib3.exceptions
-import urllib3.response
 
 from . import logs
 from .compress import gzip_file
@@ -34,6 +32,8 @@ from .logs import scrub_text
 from .models import Result, Task, echo_fields, new_result_key
 from .spool import SPOOL_ERRNOS, spool_error_reason
 from .stage import Stage, StageContext
+from .targets.deadline import DeadlineWatch, Watch
+from .targets.encodings import encoding_reason, undecodable_encoding
 from .targets.policy import TargetDenied, TargetPolicy, normalise_host
 from .targets.session import TargetSession, build_target_session
 
@@ -345,7 +345,7 @@ class Executor(Stage):
             raise TargetFailure("Host header names another host than the url", "denied")
 
     def _stream_body(
-        self, reply: requests.Response, key: str, deadline: float, watch: _Watch
+        self, reply: requests.Response, key: str, deadline: float, watch: Watch
     ) -> int:
         """Stream the body into the spool's body file (opened at the first
         chunk: an empty body has none); returns its size."""
@@ -353,7 +353,7 @@ class Executor(Stage):
         if unknown:
             # urllib3 passes an encoding it cannot decode through as raw bytes;
             # they must not reach AC as if they were the body.
-            raise TargetFailure(_encoding_reason(unknown), "bad_encoding")
+            raise TargetFailure(encoding_reason(unknown), "bad_encoding")
         cap = self.config.max_response_bytes
         size = 0
         out = None
@@ -387,131 +387,6 @@ class Executor(Stage):
         return size
 
 
-class _Watch:
-    """One watched response: ``fired`` is set when the watch shut it (and why)."""
-
-    def __init__(self, response: Any, deadline: float) -> None:
-        self.response = response
-        self.deadline = deadline
-        self.fired: Optional[TargetFailure] = None
-
-
-class DeadlineWatch:
-    """Shuts the socket of a response that outlives its task's ``expiryTsMs``.
-
-    A target that trickles its body (one byte a second) never trips a read
-    timeout, and a read of a large piece blocks until the piece is full; so
-    a deadline checked between reads is a hint, not a deadline. This watch
-    runs one thread (started by the Executor) that calls
-    ``HTTPResponse.shutdown()`` (urllib3 >= 2.3) when a deadline passes, or
-    for every watched response when the agent's abort signal is set (stop at
-    the drain deadline): the blocked read ends at once with an error that
-    the executor reports as the watch's reason.
-
-    ``clock``: the monotonic clock deadlines are read on (tests pass their
-    own, and drive the watch with ``fire_due`` instead of a thread).
-    """
-
-    #: how often the thread looks at the abort signal while a response is watched
-    TICK = 0.5
-    #: longest sleep while nothing is watched (a new watch or close() wakes it)
-    IDLE_WAIT = 60.0
-
-    def __init__(self, abort: threading.Event, clock: Callable[[], float] = time.monotonic) -> None:
-        self._abort = abort
-        self._clock = clock
-        self._cond = threading.Condition()
-        self._heap: List[Tuple[float, int, _Watch]] = []
-        self._seq = 0
-        self._closed = False
-
-    def watching(self, response: Any, deadline: float) -> _Watching:
-        return _Watching(self, _Watch(response, deadline))
-
-    def _add(self, watch: _Watch) -> None:
-        with self._cond:
-            self._seq += 1
-            heapq.heappush(self._heap, (watch.deadline, self._seq, watch))
-            if self._heap[0][2] is watch:  # only an earlier deadline changes the thread's wait
-                self._cond.notify()
-
-    def _remove(self, watch: _Watch) -> None:
-        with self._cond:
-            watch.response = None  # finished: the thread drops it when it comes up
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-
-    def run(self) -> None:
-        """The watch thread's loop; ends on ``close()``."""
-        while True:
-            with self._cond:
-                if self._closed:
-                    return
-                due, aborting, wait = self._take_due()
-                if not due:
-                    # in the same hold of the lock: a new watch's notify is never missed
-                    self._cond.wait(wait)
-                    continue
-            for watch in due:
-                self._fire(watch, aborting)
-
-    def fire_due(self) -> float:
-        """One pass of the thread's loop without its wait: shut every response
-        whose deadline passed (every one, once the abort signal is set); then
-        the seconds the thread would wait before it looks again."""
-        with self._cond:
-            due, aborting, wait = self._take_due()
-        for watch in due:
-            self._fire(watch, aborting)
-        return wait
-
-    def _take_due(self) -> Tuple[List[_Watch], bool, float]:
-        """Take the due watches off the heap (lock held): ``(due, aborting,
-        wait)``, ``wait`` being how long to sleep if none was due."""
-        while self._heap and self._heap[0][2].response is None:
-            heapq.heappop(self._heap)  # finished in time
-        now = self._clock()
-        due: List[_Watch] = []
-        aborting = self._abort.is_set()
-        while self._heap and (aborting or self._heap[0][0] <= now):
-            due.append(heapq.heappop(self._heap)[2])
-        wait = self.IDLE_WAIT if not self._heap else min(self.TICK, self._heap[0][0] - now)
-        return due, aborting, max(0.0, wait)
-
-    @staticmethod
-    def _fire(watch: _Watch, aborting: bool) -> None:
-        response = watch.response
-        if response is None:
-            return
-        watch.fired = (
-            TargetFailure("agent shutting down", "shutdown")
-            if aborting
-            else TargetFailure("task expired while reading the response", "timeout")
-        )
-        try:
-            response.shutdown()
-        except Exception:  # best effort: the check between reads remains
-            log.debug("could not shut down a response", exc_info=True)
-
-
-class _Watching:
-    """Context manager: a response is watched for the duration of the ``with``."""
-
-    def __init__(self, owner: DeadlineWatch, watch: _Watch) -> None:
-        self._owner = owner
-        self._watch = watch
-
-    def __enter__(self) -> _Watch:
-        self._owner._add(self._watch)
-        return self._watch
-
-    def __exit__(self, *exc: object) -> None:
-        self._owner._remove(self._watch)
-
-
 def _spool_failure(exc: OSError) -> TargetFailure:
     """A body that could not be written to the spool: the task's error result says why."""
     if exc.errno in SPOOL_ERRNOS:
@@ -522,7 +397,7 @@ def _spool_failure(exc: OSError) -> TargetFailure:
     return TargetFailure(f"cannot write the response body: {_brief(exc)}", "spool_unwritable")
 
 
-def _read_failure(exc: Exception, watch: _Watch) -> Exception:
+def _read_failure(exc: Exception, watch: Watch) -> Exception:
     """The error result's reason for an exception raised while reading a body."""
     if watch.fired is not None:  # the watch shut the socket: that is why the read failed
         return watch.fired
@@ -533,29 +408,6 @@ def _read_failure(exc: Exception, watch: _Watch) -> Exception:
     if isinstance(exc, (urllib3.exceptions.HTTPError, OSError)):
         return TargetFailure(f"response body broken: {_brief(exc)}", "broken_body")
     return exc
-
-
-#: the optional extra that makes urllib3 decode an encoding (see pyproject.toml)
-_ENCODING_EXTRAS = {"br": "brotli", "zstd": "zstd"}
-
-
-def undecodable_encoding(header: str) -> Optional[str]:
-    """The first coding in a ``Content-Encoding`` value urllib3 cannot decode here, or None."""
-    decodable = {c.lower() for c in urllib3.response.HTTPResponse.CONTENT_DECODERS}
-    decodable.add("identity")
-    for coding in header.split(","):
-        name = coding.strip().lower()
-        if name and name not in decodable:
-            return name[:40]
-    return None
-
-
-def _encoding_reason(coding: str) -> str:
-    extra = _ENCODING_EXTRAS.get(coding)
-    reason = f"unsupported Content-Encoding: {coding}"
-    if extra:
-        reason += f" (install acagent[{extra}] to decode it)"
-    return reason
 
 
 def _host_part(value: str) -> str:

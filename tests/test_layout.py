@@ -4,7 +4,8 @@
 subpackage with a boundary of its own:
 
 * ``acagent.ac``: the AC link (client, transport, permits, rate limits, retry);
-* ``acagent.targets``: the target boundary (the target policy, the session);
+* ``acagent.targets``: the target boundary (the policy, the session, the deadline
+  watch, the content encodings);
 * ``acagent.cli``: the command line (``main``, ``options``, ``check``, the demos).
 
 The rules, every import counted (top-level and inside functions alike):

@@ -18,7 +18,7 @@ import pytest
 import urllib3.response
 
 from acagent import AgentConfig, Pipeline
-from acagent.executor import undecodable_encoding
+from acagent.targets.encodings import undecodable_encoding
 from acagent.testing import FakeACServer
 
 BODY = b"the body as the tool meant it\n" * 100

@@ -8,7 +8,7 @@ from typing import List
 import pytest
 from helpers import FakeClock
 
-from acagent.executor import DeadlineWatch
+from acagent.targets.deadline import DeadlineWatch
 
 
 class Response:
