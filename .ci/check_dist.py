@@ -1,9 +1,10 @@
 """Check what `python -m build` produced: one sdist and one wheel.
 
-The wheel holds the package with its ``py.typed`` marker and the LICENSE,
-and no tests. The sdist holds every tracked file a distributor needs to build
-and test (the package, tests, examples, deploy files, benchmarks, constraints
-and the top-level docs), that is everything ``git ls-files`` lists outside
+The wheel holds every tracked file of the package (its subpackages, the
+``py.typed`` marker, the ``.lua`` scripts) and the LICENSE, and no tests.
+The sdist holds every tracked file a distributor needs to build and test
+(the package, tests, examples, deploy files, benchmarks, constraints and the
+top-level docs), that is everything ``git ls-files`` lists outside
 ``.ci/`` and the git dot-files.
 
 usage: python .ci/check_dist.py DIST_DIR
@@ -46,15 +47,10 @@ def check_wheel(wheel: Path) -> None:
         if metadata_name is None:
             fail("wheel has no METADATA")
         metadata = Parser().parsestr(zf.read(metadata_name).decode("utf-8"))
-    needed_files = (
-        "acagent/__init__.py",
-        "acagent/py.typed",
-        "acagent/testing/__init__.py",
-        "acagent/testing/fake_ac.py",
-    )
-    for needed in needed_files:
-        if needed not in names:
-            fail(f"wheel lacks {needed}")
+    # every tracked file of the package: each subpackage, py.typed, the .lua scripts
+    missing = [f for f in tracked_files() if f.startswith("acagent/") and f not in names]
+    if missing:
+        fail(f"wheel lacks package files: {missing}")
     if not any(n.endswith("LICENSE") and ".dist-info/" in n for n in names):
         fail("wheel lacks the LICENSE in its .dist-info")
     if any(n.startswith("tests/") for n in names):
@@ -66,7 +62,7 @@ def check_wheel(wheel: Path) -> None:
     requires = " ".join(metadata.get_all("Requires-Dist") or [])
     if "prometheus" not in requires or "urllib3" not in requires:
         fail(f"wheel METADATA Requires-Dist is incomplete: {requires}")
-    print(f"check_dist: {wheel.name}: {len(names)} files, py.typed and LICENSE present")
+    print(f"check_dist: {wheel.name}: {len(names)} files, the package's and the LICENSE")
 
 
 def check_sdist(sdist: Path) -> None:

@@ -4,5 +4,7 @@
 ``transport`` (one AC request on the urllib3 pool) and ``abandon`` (a long
 poll shut at stop), ``permits`` (at most two AC requests in flight, local or
 shared through Redis), ``ratelimit`` (token buckets), ``retry`` and
-``backoff`` (the schedules) and ``breaker`` (a class of calls that pauses).
+``backoff`` (the schedules), ``breaker`` (a class of calls that pauses) and
+``scripts`` (the Redis scripts of the shared permits and rate budget, as
+``.lua`` files beside it).
 """

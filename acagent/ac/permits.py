@@ -64,6 +64,7 @@ from urllib.parse import urlsplit, urlunsplit
 from ..errors import ConfigError
 from .backoff import Backoff
 from .retry import STORE_RECONNECT
+from .scripts import lua
 
 log = logging.getLogger("acagent.permits")
 
@@ -244,138 +245,12 @@ class LocalPermits(Permits):
 #: the member of ``holders`` that is always there (so its loss is seen); no token
 SENTINEL = "~sentinel"
 
-_PRELUDE = (
-    """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local H, Q, A, S, E, R = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local SENTINEL = '"""
-    + SENTINEL
-    + """'
-local function tidy()
-  redis.call('ZREMRANGEBYSCORE', H, '-inf', now)
-  local gone = redis.call('ZRANGEBYSCORE', A, '-inf', now)
-  for _, w in ipairs(gone) do redis.call('ZREM', Q, w) end
-  redis.call('ZREMRANGEBYSCORE', A, '-inf', now)
-end
--- The epoch; a store without it, or whose holders lost the sentinel (the
--- key was evicted or not replicated), lost leases: nothing is granted for
--- ``grace`` ms, while the holders' renewers re-add them.
-local function epoch_of(grace)
-  local epoch = tonumber(redis.call('GET', E))
-  if not epoch or not redis.call('ZSCORE', H, SENTINEL) then
-    epoch = now + grace
-    redis.call('SET', E, epoch)
-    redis.call('ZADD', H, '+inf', SENTINEL)
-  end
-  return epoch
-end
-local function held() return redis.call('ZCARD', H) - 1 end
-"""
-)
-
-# ARGV: limit, lease ms, token, waiter ttl ms, grace ms, owner, margin ms, grant key.
-# Returns {1, ms to wait before the first request} when the lease is taken,
-# else {0, ms of grace left}.
-_ACQUIRE_LUA = (
-    _PRELUDE
-    + """
-local limit, lease, token = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local waiter_ttl, grace = tonumber(ARGV[4]), tonumber(ARGV[5])
-local owner, margin = ARGV[6], tonumber(ARGV[7])
-local epoch = epoch_of(grace)
-tidy()
-local function granted()
-  redis.call('DEL', ARGV[8])
-  local wait = 0
-  local rel = redis.call('ZRANGEBYSCORE', R, now - margin, '+inf', 'WITHSCORES')
-  for i = 1, #rel, 2 do
-    if rel[i] ~= owner then wait = math.max(wait, tonumber(rel[i + 1]) + margin - now) end
-  end
-  return {1, wait}
-end
-if redis.call('ZSCORE', H, token) then
-  redis.call('ZADD', H, now + lease, token)
-  return granted()
-end
-if not redis.call('ZSCORE', Q, token) then
-  redis.call('ZADD', Q, redis.call('INCR', S), token)
-end
-redis.call('ZADD', A, now + waiter_ttl, token)
-if now < epoch then return {0, epoch - now} end
-local free = limit - held()
-if free > 0 and redis.call('ZRANK', Q, token) < free then
-  redis.call('ZREM', Q, token)
-  redis.call('ZREM', A, token)
-  redis.call('ZADD', H, now + lease, token)
-  return granted()
-end
-return {0, 0}
-"""
-)
-
-# ARGV: limit, lease ms, waiter ttl ms, owner, grant key prefix, tokens...
-# Gives the tokens back, then hands free permits to the waiters at the head
-# of the queue (each is told through its grant list). Returns leases removed.
-_RELEASE_LUA = (
-    _PRELUDE
-    + """
-local limit, lease, waiter_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local owner, grant = ARGV[4], ARGV[5]
-local n = 0
-for i = 6, #ARGV do
-  n = n + redis.call('ZREM', H, ARGV[i])
-  redis.call('ZREM', Q, ARGV[i])
-  redis.call('ZREM', A, ARGV[i])
-  redis.call('DEL', grant .. ARGV[i])
-end
-if n > 0 then
-  redis.call('ZADD', R, now, owner)
-  redis.call('ZREMRANGEBYSCORE', R, '-inf', now - 60000)
-end
-if now >= epoch_of(lease) then
-  tidy()
-  local free = limit - held()
-  if free > 0 then
-    for _, w in ipairs(redis.call('ZRANGE', Q, 0, free - 1)) do
-      redis.call('ZREM', Q, w)
-      redis.call('ZREM', A, w)
-      redis.call('ZADD', H, now + lease, w)
-      redis.call('RPUSH', grant .. w, owner)
-      redis.call('PEXPIRE', grant .. w, waiter_ttl)
-    end
-  end
-end
-return n
-"""
-)
-
-# ARGV: limit, lease ms, tokens...
-# Extends the leases of the tokens. A missing one (the store lost it) is
-# re-added only while the holders are below the limit: this process still
-# holds that permit and nobody took it. Otherwise it is lost (someone else
-# may hold it now). Returns {leases re-added, lost tokens...}.
-_RENEW_LUA = (
-    _PRELUDE
-    + """
-local limit, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
-epoch_of(lease)
-tidy()
-local out = {0}
-for i = 3, #ARGV do
-  local token = ARGV[i]
-  if redis.call('ZSCORE', H, token) then
-    redis.call('ZADD', H, now + lease, token)
-  elseif held() < limit then
-    redis.call('ZADD', H, now + lease, token)
-    out[1] = out[1] + 1
-  else
-    out[#out + 1] = token
-  end
-end
-return out
-"""
-)
+# The scripts are Lua files beside this module (``permits_*.lua``); each says
+# what it takes and returns. Each runs after the prelude (the Redis clock, the
+# key names, tidy(), epoch_of(), held()).
+_ACQUIRE_LUA = lua("permits_prelude", "permits_acquire", SENTINEL=SENTINEL)
+_RELEASE_LUA = lua("permits_prelude", "permits_release", SENTINEL=SENTINEL)
+_RENEW_LUA = lua("permits_prelude", "permits_renew", SENTINEL=SENTINEL)
 
 
 class RedisPermits(Permits):

@@ -1,0 +1,31 @@
+-- ARGV: limit, lease ms, waiter ttl ms, owner, grant key prefix, tokens...
+-- Gives the tokens back, then hands free permits to the waiters at the head
+-- of the queue (each is told through its grant list). Returns leases removed.
+-- Runs after permits_prelude.lua.
+local limit, lease, waiter_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local owner, grant = ARGV[4], ARGV[5]
+local n = 0
+for i = 6, #ARGV do
+  n = n + redis.call('ZREM', H, ARGV[i])
+  redis.call('ZREM', Q, ARGV[i])
+  redis.call('ZREM', A, ARGV[i])
+  redis.call('DEL', grant .. ARGV[i])
+end
+if n > 0 then
+  redis.call('ZADD', R, now, owner)
+  redis.call('ZREMRANGEBYSCORE', R, '-inf', now - 60000)
+end
+if now >= epoch_of(lease) then
+  tidy()
+  local free = limit - held()
+  if free > 0 then
+    for _, w in ipairs(redis.call('ZRANGE', Q, 0, free - 1)) do
+      redis.call('ZREM', Q, w)
+      redis.call('ZREM', A, w)
+      redis.call('ZADD', H, now + lease, w)
+      redis.call('RPUSH', grant .. w, owner)
+      redis.call('PEXPIRE', grant .. w, waiter_ttl)
+    end
+  end
+end
+return n
