@@ -1,6 +1,6 @@
 """The AC link: every request to the AC server and its upload storage.
 
-``client`` (``ACClient``, the endpoints, the streamed multipart body),
+``client`` (``ACClient``, the endpoints), ``multipart`` (the streamed upload body),
 ``transport`` (one AC request on the urllib3 pool) and ``abandon`` (a long
 poll shut at stop), ``permits`` (at most two AC requests in flight, local or
 shared through Redis), ``ratelimit`` (token buckets), ``retry`` and

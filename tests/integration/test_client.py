@@ -22,7 +22,8 @@ from helpers import make_client
 from helpers import result_payload as result
 
 from acagent import __version__
-from acagent.ac.client import ACClient, MultipartBody
+from acagent.ac.client import ACClient
+from acagent.ac.multipart import MultipartBody
 from acagent.config import AgentConfig
 from acagent.errors import (
     ACConnectionError,
