@@ -31,7 +31,7 @@ monotonic clock):
   (put-result/upload-result) starts while busy: AC latency + per-call overhead.
 - ``server-time bound/min``: as ``bound/min``, but each AC term is 60 s over
   the server's own mean time per call in this run (configured latency plus
-  its handling): how issue 13 states its bounds (5,714/min for 10.5 ms).
+  its handling): how the reference table states its bounds (5,714/min for 10.5 ms).
 - ``raw-client bound/min``: before each run a minimal client (``http.client``,
   one kept-alive connection, no agent) times 40 get-task calls against the same
   fake server; 60 / that round trip replaces the AC terms of the bound. It
@@ -155,31 +155,31 @@ SCENARIOS: Dict[str, Scenario] = {
             targets=("connections",),
             timeout=240.0,
         ),
-        # issue 13's table, row by row
+        # the reference table, row by row
         Scenario(
-            "i13-a",
-            "issue 13 (a): 400 x 2 KB, 10 threads, 500 ms targets, 20 ms AC",
+            "a-slow-targets",
+            "(a): 400 x 2 KB, 10 threads, 500 ms targets, 20 ms AC",
             tasks=400,
             threads=10,
             target_latency=0.5,
             ac_latency=0.02,
             sizes=((1.0, 2 * KB, 2 * KB),),
-            targets=("i13_ratio95", "connections", "cpu2"),
+            targets=("ref_ratio95", "connections", "cpu2"),
         ),
         Scenario(
-            "i13-b",
-            "issue 13 (b): 1,500 x 1 KB, 50 threads, 200 ms targets, 10 ms AC",
+            "b-fast-ac",
+            "(b): 1,500 x 1 KB, 50 threads, 200 ms targets, 10 ms AC",
             tasks=1500,
             threads=50,
             target_latency=0.2,
             ac_latency=0.01,
             sizes=((1.0, 1 * KB, 1 * KB),),
-            targets=("i13_ratio90", "connections", "cpu2"),
+            targets=("ref_ratio90", "connections", "cpu2"),
             timeout=180.0,
         ),
         Scenario(
-            "i13-c",
-            "issue 13 (c): 300 tasks, 100 ms AC, 150 ms per new AC conn, 20 threads,"
+            "c-slow-ac",
+            "(c): 300 tasks, 100 ms AC, 150 ms per new AC conn, 20 threads,"
             " 10% 700 KB bodies",
             tasks=300,
             threads=20,
@@ -187,12 +187,12 @@ SCENARIOS: Dict[str, Scenario] = {
             ac_latency=0.1,
             connection_cost=0.15,
             sizes=((0.9, 1 * KB, 4 * KB), (0.1, 700 * KB, 700 * KB)),
-            targets=("i13_ratio95", "connections"),
+            targets=("ref_ratio95", "connections"),
             timeout=180.0,
         ),
         Scenario(
-            "i13-d",
-            "issue 13 (d): 150 tasks 1 KB-20 MB, 10 threads, 150-250 ms targets, 20 ms AC",
+            "d-mixed-sizes",
+            "(d): 150 tasks 1 KB-20 MB, 10 threads, 150-250 ms targets, 20 ms AC",
             tasks=150,
             threads=10,
             target_jitter=0.1,
@@ -204,7 +204,7 @@ SCENARIOS: Dict[str, Scenario] = {
                 (0.05, 5 * MB, 20 * MB),
             ),
             extra_sizes=(20 * MB,),
-            targets=("i13_rate1200", "connections"),
+            targets=("ref_rate1200", "connections"),
             timeout=240.0,
         ),
         Scenario(
@@ -230,7 +230,7 @@ SCENARIOS: Dict[str, Scenario] = {
 }
 
 FULL = [n for n in SCENARIOS if n != "short"] + ["idle"]
-ISSUE13 = ["i13-a", "i13-b", "i13-c", "i13-d", "idle"]
+REFERENCE = ["a-slow-targets", "b-fast-ac", "c-slow-ac", "d-mixed-sizes", "idle"]
 
 #: the issue's targets
 TARGET_RATIO = 0.90
@@ -350,7 +350,7 @@ class Outcome:
     #: to this fake AC server, and the AC bound it implies (see ``calibrate``)
     raw_ac_round_trip_ms: float = 0.0
     raw_ac_bound_per_min: float = 0.0
-    #: issue 13's bound: the AC terms use the server's own mean time per call
+    #: the reference table's bound: the AC terms use the server's own mean time per call
     #: in this run (configured latency + its handling), not the configured
     #: latency: min(executor, 60 / get-task server time, 60 / upload server time)
     server_bound_per_min: float = 0.0
@@ -914,10 +914,10 @@ def check_targets(s: Scenario, o: Outcome) -> None:
         elif t == "cpu2":
             c = o.process_cpu_ms_per_task
             mark(t, c <= 2.0, f"{c:.2f} ms/task whole process (<= 2)")
-        elif t.startswith("i13_ratio"):
-            # Issue 13 states its bounds from the server's measured time per
+        elif t.startswith("ref_ratio"):
+            # The reference table states its bounds from the server's measured time per
             # call (5,714/min = 60 s / 10.5 ms): judged the same way here.
-            goal = int(t[len("i13_ratio") :]) / 100.0
+            goal = int(t[len("ref_ratio") :]) / 100.0
             r = o.server_ratio
             mark(
                 t,
@@ -925,7 +925,7 @@ def check_targets(s: Scenario, o: Outcome) -> None:
                 f"{r:.1%} of server-time bound {o.server_bound_per_min:.0f}/min (>= {goal:.0%});"
                 f" {o.ratio:.1%} of the configured-latency bound",
             )
-        elif t == "i13_rate1200":
+        elif t == "ref_rate1200":
             mark(t, o.tasks_per_min >= 1200, f"{o.tasks_per_min:.0f}/min (>= 1200)")
         elif t == "startup":
             mark(t, o.first_get_task_s <= TARGET_STARTUP_S, f"{o.first_get_task_s:.2f} s (<= 0.5)")
@@ -1012,7 +1012,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="run only this scenario (repeatable); default: every full scenario",
     )
     parser.add_argument(
-        "--issue13", action="store_true", help="issue 13's table: i13-a..d and idle"
+        "--reference", action="store_true", help="the reference table: scenarios a..d and idle"
     )
     parser.add_argument("--idle-seconds", type=float, default=60.0)
     parser.add_argument("--tasks", type=int, help="override the task count")
@@ -1047,7 +1047,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="the agent writes what each mechanism did to PREFIX.<pid>.json (costs CPU)",
     )
     args = parser.parse_args(argv)
-    names = ["short"] if args.short else (ISSUE13 if args.issue13 else args.scenario or FULL)
+    names = ["short"] if args.short else (REFERENCE if args.reference else args.scenario or FULL)
     agent_env = dict(e.split("=", 1) for e in args.agent_env)
     _compile_agent(agent_env)
     if args.off or args.probe:

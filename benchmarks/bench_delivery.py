@@ -1,4 +1,4 @@
-"""Issue 11's delivery figures: the real agent CLI against a FakeACServer with real faults.
+"""Delivery figures: the real agent CLI against a FakeACServer with real faults.
 
 Two experiments, each run twice on the same tasks (once clean, once with faults):
 

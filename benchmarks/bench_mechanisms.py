@@ -16,7 +16,7 @@ and the smallest gain is larger than the spread (max - min) of either side.
 Usage::
 
     python benchmarks/bench_mechanisms.py --pairs 3 --json out.json
-    python benchmarks/bench_mechanisms.py --mechanism memo --scenario i13-b --tasks i13-b=300
+    python benchmarks/bench_mechanisms.py --mechanism memo --scenario b-fast-ac --tasks b-fast-ac=300
     python benchmarks/bench_mechanisms.py --mechanism borrow --scenario held-lane
 """
 
@@ -36,7 +36,7 @@ from bench import SCENARIOS, BenchFailure, Outcome, _compile_agent, machine, run
 
 from acagent.testing import FakeACServer
 
-DEFAULT_SCENARIOS = ["i13-a", "i13-b", "i13-c", "i13-d"]
+DEFAULT_SCENARIOS = ["a-slow-targets", "b-fast-ac", "c-slow-ac", "d-mixed-sizes"]
 #: not a bench.py scenario: one upload-result held by the server while small results wait
 HELD_LANE = "held-lane"
 HELD_SECONDS = 20.0

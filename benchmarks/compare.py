@@ -1,6 +1,6 @@
 """Before/after: two source trees of the agent, measured alternately in one run.
 
-Each pair runs ``bench.py --issue13`` and ``bench_delivery.py`` once against
+Each pair runs ``bench.py --reference`` and ``bench_delivery.py`` once against
 each tree (the agent gets ``PYTHONPATH=<tree>``; the benchmarks and their fake
 servers are this checkout's, the same for both). The order of the trees flips
 from one pair to the next, so a drift of the machine's load favours neither.
@@ -108,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 env = f"PYTHONPATH={trees[name]}"
                 out.write(f"## pair {pair}: {name}\n")
                 bench_json = os.path.join(work, f"bench-{pair}-{name}.json")
-                cmd = [sys.executable, os.path.join(HERE, "bench.py"), "--issue13"]
+                cmd = [sys.executable, os.path.join(HERE, "bench.py"), "--reference"]
                 cmd += ["--agent-env", env, "--json", bench_json]
                 if args.tasks is not None:
                     cmd += ["--tasks", str(args.tasks)]
