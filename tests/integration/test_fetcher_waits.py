@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import List, Tuple
 
-import pytest
 from helpers import WAIT, fast_policy, make_config, make_pipeline, running, wait_until
 
 from acagent.ac.backoff import Backoff
@@ -26,28 +25,6 @@ POLICY = fast_policy(
 )
 
 
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: List[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@pytest.fixture
-def fetcher_log() -> Iterator[List[logging.LogRecord]]:
-    """Records of ``acagent.fetcher`` at every level, whatever else is set up."""
-    logger = logging.getLogger("acagent.fetcher")
-    handler = _Collect()
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield handler.records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
 
 
 def _run_until(

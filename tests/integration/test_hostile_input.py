@@ -106,28 +106,6 @@ def _error_text(fields: Dict[str, Any]) -> str:
 # --------------------------------------------------------------------------
 
 
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: List[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@pytest.fixture
-def fetcher_log() -> Iterator[List[logging.LogRecord]]:
-    """Records of ``acagent.fetcher``, whatever handlers and propagation are set up."""
-    logger = logging.getLogger("acagent.fetcher")
-    handler = _Collect()
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield handler.records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
 
 
 BAD_REPLIES: List[Tuple[int, bytes]] = [
