@@ -108,6 +108,8 @@ class Uploader(Stage):
             threshold=self.policy.breaker_threshold, opened=self.policy.upload_breaker
         )
         self._auth_log = LogThrottle(60.0)
+        #: what to do about a refused key (the config is frozen: worked out once)
+        self._key_hint = auth_hint(self.config)
         #: when the attempt running on each sender's lane began (thread ident)
         self._lane_since: Dict[int, float] = {}
         #: the delivery this thread is attempting (``deliver`` follows its route)
@@ -187,7 +189,7 @@ class Uploader(Stage):
     def _apply(self, delivery: Delivery, exc: Optional[Exception], via: Optional[str]) -> None:
         """Do what ``decide`` says after one attempt of ``delivery``."""
         outcome = Outcome.of(exc)
-        key_hint = auth_hint(self.config)
+        key_hint = self._key_hint
         d = decide(delivery, outcome, self.policy, key_hint=key_hint, busy_hint=CONCURRENCY_HINT)
         result, task_id = delivery.result, delivery.result.task_id
         if outcome.kind is Kind.UNEXPECTED:
