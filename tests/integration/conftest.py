@@ -6,10 +6,6 @@ import logging
 from typing import Iterator, List
 
 import pytest
-from helpers import make_client
-
-from acagent.ac.client import ACClient
-from acagent.testing import FakeACServer
 
 
 class _Collect(logging.Handler):
@@ -34,17 +30,3 @@ def fetcher_log() -> Iterator[List[logging.LogRecord]]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
-
-
-@pytest.fixture
-def ac() -> Iterator[FakeACServer]:
-    """A fake AC server for key ``k``; the test fails if the server saw a protocol error."""
-    with FakeACServer(api_key="k") as server:
-        yield server
-        assert server.errors == []
-
-
-@pytest.fixture
-def client(ac: FakeACServer) -> Iterator[ACClient]:
-    with make_client(ac) as c:
-        yield c

@@ -13,7 +13,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 import requests
@@ -65,6 +65,19 @@ def run_together(n: int, work: Callable[[int], None]) -> List[BaseException]:
         thread.join(JOIN)
     assert not [t.name for t in threads if t.is_alive()], "worker threads hung"
     return errors
+
+
+@pytest.fixture
+def ac() -> Iterator[FakeACServer]:
+    with FakeACServer(api_key="k") as server:
+        yield server
+        assert server.errors == []
+
+
+@pytest.fixture
+def client(ac: FakeACServer) -> Iterator[ACClient]:
+    with make_client(ac) as c:
+        yield c
 
 
 # ------------------------------------------------------------ concurrency

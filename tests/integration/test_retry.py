@@ -14,7 +14,7 @@ import threading
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 from helpers import FAST_CLIENT as FAST
@@ -51,6 +51,19 @@ def records(ac: FakeACServer, endpoint: str) -> List[RecordedRequest]:
 def gap(first: RecordedRequest, second: RecordedRequest) -> float:
     """Seconds between a reply and the next attempt, as the server saw them."""
     return second.started - first.finished
+
+
+@pytest.fixture
+def ac() -> Iterator[FakeACServer]:
+    with FakeACServer(api_key="k") as server:
+        yield server
+        assert server.errors == []
+
+
+@pytest.fixture
+def client(ac: FakeACServer) -> Iterator[ACClient]:
+    with make_client(ac) as c:
+        yield c
 
 
 # ------------------------------------------------------------ parse_retry_after
