@@ -1,4 +1,5 @@
-"""gzip of a result body for upload-result, from file to file (never whole in memory)."""
+"""gzip of a result body for upload-result, from file to file (never whole in
+memory), or of a small body held in memory."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import gzip
 import os
 import shutil
+from typing import Callable
 
 #: fast: every large body is compressed, and the time is an executor thread's
 LEVEL = 3
@@ -20,12 +22,23 @@ def gzip_file(source: str, target: str, level: int = LEVEL) -> None:
     a reader never sees a partial ``target``. Raises ``OSError`` (the disk is
     full, say) with no file left behind.
     """
+    with open(source, "rb") as src:
+        _write_gzip(target, level, lambda gz: shutil.copyfileobj(src, gz, CHUNK))
+
+
+def gzip_bytes(data: bytes, target: str, level: int = LEVEL) -> None:
+    """Write ``data`` gzip-compressed to ``target``, as ``gzip_file`` does (a
+    small body that was kept in memory)."""
+    _write_gzip(target, level, lambda gz: gz.write(data))
+
+
+def _write_gzip(target: str, level: int, fill: Callable[[gzip.GzipFile], object]) -> None:
     partial = target + ".tmp"
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        with open(source, "rb") as src, os.fdopen(fd, "wb") as raw:
+        with os.fdopen(fd, "wb") as raw:
             with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=level) as gz:
-                shutil.copyfileobj(src, gz, CHUNK)
+                fill(gz)
         os.replace(partial, target)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -26,6 +26,13 @@ from .errors import ConfigError
 #: Largest body that goes inline (base64) in put-result; larger ones are uploaded.
 INLINE_BODY_LIMIT = 512_000
 
+#: Largest body kept inside its spool record (base64) instead of a body file of
+#: its own. Most results are small: this saves a file, its fsync and its unlink
+#: per task. Bounded so the results of a run held in memory stay small (at
+#: most ``response_queue_threshold`` plus the executor slots of them wait for
+#: upload, the Ledger's bound); at most INLINE_BODY_LIMIT.
+RECORD_BODY_LIMIT = 16 * 1024
+
 #: AC requests the server takes at once per API key (docs/protocol.md); above it,
 #: 429 "Too many concurrent requests"
 AC_SERVER_CONCURRENT_LIMIT = 2

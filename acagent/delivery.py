@@ -91,6 +91,8 @@ def route_of(result: Result, upload_to_ac: bool) -> Route:
         return "logs"
     if result.is_error:
         return "error"
+    if result.body_base64 is not None:  # a small body kept in the record
+        return "inline"
     if result.body_size == 0 or result.body_path is None:
         return "empty"
     if result.body_size <= INLINE_BODY_LIMIT:

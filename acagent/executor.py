@@ -5,7 +5,8 @@ A dispatcher thread takes tasks from the task queue and hands them to a
 ``execute(task) -> Result`` is the hook a subclass overrides; the default
 sends the target request with its own session (inward proxies, TLS settings)
 and streams the body, decoded as HTTP says, into a private spool file: a
-body is never whole in memory. Any failure becomes ``statusCode 500`` with
+large body is never whole in memory (one of at most ``RECORD_BODY_LIMIT``
+bytes is kept in the result and its record instead). Any failure becomes ``statusCode 500`` with
 ``Agent Side Error: <reason>``; ``execute`` never raises for a task.
 
 Resizing (globalConfig ``poolSize``) starts a new pool for new tasks and lets
@@ -14,19 +15,20 @@ the old one finish what it runs, so no work is lost.
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import logging
 import os
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import requests
 import urllib3.exceptions
 
 from . import logs
 from .compress import gzip_file
-from .config import INLINE_BODY_LIMIT
+from .config import INLINE_BODY_LIMIT, RECORD_BODY_LIMIT
 from .errors import TargetFailure
 from .logs import scrub_text
 from .models import Result, Task, echo_fields, new_result_key
@@ -307,16 +309,17 @@ class Executor(Stage):
                 f"target unreachable: {_brief(exc)}", "target_unreachable"
             ) from None
         with reply, self.deadline_watch.watching(reply.raw, deadline) as watch:
-            size = self._stream_body(reply, key, deadline, watch)
+            size, small = self._stream_body(reply, key, deadline, watch)
         if size > INLINE_BODY_LIMIT and self.ctx.settings.upload_to_ac:
             self._precompress(key)
         return Result(
             fields=echo_fields(task.raw),
             status_code=reply.status_code,
             response_headers=dict(reply.headers),
-            body_path=str(self.ctx.spool.body_path(key)) if size else None,
+            body_path=str(self.ctx.spool.body_path(key)) if size and small is None else None,
             body_size=size,
             key=key,
+            body_base64=base64.b64encode(small).decode("ascii") if small else None,
         )
 
     def _precompress(self, key: str) -> None:
@@ -346,9 +349,10 @@ class Executor(Stage):
 
     def _stream_body(
         self, reply: requests.Response, key: str, deadline: float, watch: Watch
-    ) -> int:
-        """Stream the body into the spool's body file (opened at the first
-        chunk: an empty body has none); returns its size."""
+    ) -> Tuple[int, Optional[bytes]]:
+        """Read the body: ``(size, small)``. A body of at most RECORD_BODY_LIMIT
+        bytes is returned as ``small``, to be kept in the result's record; a
+        larger one is streamed into the spool's body file (``small`` None)."""
         unknown = undecodable_encoding(reply.headers.get("Content-Encoding", ""))
         if unknown:
             # urllib3 passes an encoding it cannot decode through as raw bytes;
@@ -356,6 +360,7 @@ class Executor(Stage):
             raise TargetFailure(encoding_reason(unknown), "bad_encoding")
         cap = self.config.max_response_bytes
         size = 0
+        held: List[bytes] = []  # the body while it still fits in the record
         out = None
         try:
             for chunk in reply.raw.stream(CHUNK, decode_content=True):
@@ -364,12 +369,18 @@ class Executor(Stage):
                 size += len(chunk)
                 if cap and size > cap:
                     raise TargetFailure(f"response larger than {cap} bytes", "too_large")
-                try:
-                    if out is None:
-                        out = self.ctx.spool.open_body(key)
-                    out.write(chunk)
-                except OSError as exc:
-                    raise _spool_failure(exc) from None
+                if out is None and size <= RECORD_BODY_LIMIT:
+                    held.append(chunk)
+                else:
+                    try:
+                        if out is None:
+                            out = self.ctx.spool.open_body(key)
+                            for part in held:
+                                out.write(part)
+                            held = []
+                        out.write(chunk)
+                    except OSError as exc:
+                        raise _spool_failure(exc) from None
                 if time.monotonic() > deadline:
                     raise TargetFailure("task expired while reading the response", "timeout")
                 if self.ctx.abort.is_set():
@@ -384,7 +395,7 @@ class Executor(Stage):
                     out.close()
                 except OSError as exc:  # the last buffered write failed on close
                     raise _spool_failure(exc) from None
-        return size
+        return size, (None if out is not None else b"".join(held))
 
 
 def _spool_failure(exc: OSError) -> TargetFailure:

@@ -247,8 +247,8 @@ class Ledger:
 
     def _save(self, result: Result) -> bool:
         try:
-            # A result without a body file (an error, an empty body) spares
-            # the spool looking for one.
+            # A result without a body file (an error, an empty body or one kept
+            # in the record) spares the spool looking for one.
             self.spool.save(result.key, result.to_record(), has_body=result.body_path is not None)
         except OSError as exc:
             if exc.errno not in SPOOL_ERRNOS:
@@ -276,10 +276,9 @@ class Ledger:
                 self._answer_damaged(key, task_id_in_record(record), f"unusable record: {exc}")
                 continue
             # The record's own "key" and "bodyPath" are not trusted: the file
-            # name says which result this is and where its body lives (a body
-            # of bodySize bytes with no bodyPath lives there too, or is lost).
+            # name says which result this is and where its body lives.
             result.key = key
-            if result.body_path is not None or result.body_size:
+            if result.body_path is not None:
                 result.body_path = str(spool.body_path(key))
             interrupted += result.failure == "interrupted"
             self.adopt(result)

@@ -226,9 +226,12 @@ def echo_fields(obj: Any) -> Dict[str, Any]:
 class Result:
     """The outcome of one task, ready for the Uploader.
 
-    ``fields`` are the task's own fields (echoed). The body, if any, is the
-    file at ``body_path`` holding the decoded bytes exactly as received.
-    ``key`` names the result in the spool and in file names.
+    ``fields`` are the task's own fields (echoed). The body, if any, is
+    either the file at ``body_path`` holding the decoded bytes exactly as
+    received, or (a small body, ``RECORD_BODY_LIMIT``) ``body_base64``: the
+    bytes base64-encoded, kept in the result and its spool record, and sent as
+    they are in put-result's ``output``. ``key`` names the result in the spool
+    and in file names.
     """
 
     fields: Dict[str, Any]
@@ -242,6 +245,8 @@ class Result:
     logs_zip: Optional[str] = None
     #: short slug of the failure (metrics label) when ``error`` is set
     failure: Optional[str] = None
+    #: a small body kept in the record itself (base64 of ``body_size`` bytes)
+    body_base64: Optional[str] = None
 
     @property
     def task_id(self) -> str:
@@ -251,9 +256,17 @@ class Result:
     def is_error(self) -> bool:
         return self.error is not None
 
+    def kept_body(self) -> Optional[bytes]:
+        """The bytes of a body kept in the result itself (``body_base64``), or None."""
+        return None if self.body_base64 is None else base64.b64decode(self.body_base64)
+
     def open_body(self) -> BinaryIO:
-        """The body's bytes: the body file, or empty if there is no body. The
+        """The body's bytes, readable wherever they are kept: the body file,
+        or (a small body) the result itself; empty if there is no body. The
         caller closes it. Raises ``OSError`` if the body file is gone."""
+        kept = self.kept_body()
+        if kept is not None:
+            return io.BytesIO(kept)
         if self.body_path is not None:
             return open(self.body_path, "rb")
         return io.BytesIO()
@@ -295,12 +308,21 @@ class Result:
             "failure": self.failure,
             "key": self.key,
             "logsZip": self.logs_zip,
+            **({} if self.body_base64 is None else {"bodyBase64": self.body_base64}),
         }
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Result:
         """The result a spool record holds; ``ValueError`` (or ``KeyError``,
-        ``TypeError``) if the record is not one."""
+        ``TypeError``) if the record is not one: a body kept in the record
+        must be valid base64 of exactly ``bodySize`` bytes."""
+        encoded = record.get("bodyBase64")
+        if encoded is not None:
+            if not isinstance(encoded, str):
+                raise TypeError("bodyBase64 is not a string")
+            size = len(base64.b64decode(encoded, validate=True))
+            if size != int(record.get("bodySize") or 0):
+                raise ValueError(f"bodyBase64 holds {size} bytes, bodySize says otherwise")
         return cls(
             fields=dict(record["fields"]),
             status_code=int(record["statusCode"]),
@@ -311,6 +333,7 @@ class Result:
             failure=record.get("failure"),
             key=str(record["key"]),
             logs_zip=record.get("logsZip"),
+            body_base64=encoded,
         )
 
 
@@ -336,10 +359,16 @@ def error_payload(result: Result, version: str) -> Dict[str, Any]:
 
 def inline_payload(result: Result, version: str, body: bytes) -> Dict[str, Any]:
     """put-result body carrying the body inline (base64), or no output if empty."""
+    return encoded_inline_payload(result, version, base64.b64encode(body).decode("ascii"))
+
+
+def encoded_inline_payload(result: Result, version: str, encoded: str) -> Dict[str, Any]:
+    """put-result body carrying a body already base64-encoded (``encoded``),
+    or no output if it is empty."""
     payload = _base_payload(result, version)
-    if body:
+    if encoded:
         payload["responseBase64"] = True
-        payload["output"] = base64.b64encode(body).decode("ascii")
+        payload["output"] = encoded
     return payload
 
 

@@ -9,7 +9,8 @@ still in the spool after a crash or a failed upload is found again by
 
 On-disk layout (one flat folder, mode 0700, every file mode 0600)::
 
-    <key>.json          the saved record of a result (written atomically); while
+    <key>.json          the saved record of a result (written atomically; a small
+                        body may be inside it, ``save(has_body=False)``); while
                         a task runs, its journal: the error result that answers it
                         if the agent dies first (``journal``), replaced by the result
     <key>.body          the streamed response body of that result (optional)
@@ -695,7 +696,7 @@ class ResultSpool:
         (if any) intact and no partial ``<key>.json``.
 
         ``has_body=False`` says the caller made no body file for ``key`` (the
-        record holds all there is: an error, an empty body): no body is
+        record holds all there is, e.g. a small body in base64): no body is
         looked for, and ``remove`` unlinks none, unless ``open_body`` is
         called for the key later. Each skipped system call is a GIL hand-off
         saved under load.
@@ -872,14 +873,16 @@ class ResultSpool:
         free = self.free_bytes()
         return None if free is None else tasks_that_fit(free, self.largest_body, self.max_body)
 
-    def quarantine(self, key: str, reason: str) -> Optional[Path]:
+    def quarantine(self, key: str, reason: str, *, body: Optional[bytes] = None) -> Optional[Path]:
         """Move the record and body of ``key`` into ``quarantine/`` with a reason file.
 
         For a result the AC server refused for good (400/422), a body that is
         not the one saved, a record that is damaged (``<key>.json.corrupt``
         goes too): the content is never silently deleted; an operator finds
-        it there (listed at start). Returns the folder it went to, or None if
-        nothing was on disk.
+        it there (listed at start).
+        ``body``: the bytes of a body the record holds itself (it has no body
+        file); they are written out as ``body`` too, for the human. Returns
+        the folder it went to, or None if nothing was on disk.
         """
         target = self._dir / QUARANTINE_DIR / self._check_key(key)
         moved = False
@@ -894,6 +897,8 @@ class ResultSpool:
             self._forget(key)
         if not moved:
             return None
+        if body is not None and not (target / "body").exists():
+            self._write_new(target / "body", body)
         self._write_new(target / "reason.txt", reason.encode("utf-8", "replace"))
         self._fsync_dir()
         return target

@@ -36,7 +36,7 @@ from typing import Dict, Optional
 from . import logs
 from .ac.breaker import ClassBreaker
 from .ac.retry import ONE_ATTEMPT
-from .compress import LEVEL, gzip_file
+from .compress import LEVEL, gzip_bytes, gzip_file
 from .config import INLINE_BODY_LIMIT
 from .delivery import (
     BodyMismatch,
@@ -54,6 +54,7 @@ from .logs import error_fields
 from .logthrottle import LogThrottle
 from .models import (
     Result,
+    encoded_inline_payload,
     error_payload,
     inline_payload,
     s3_payload,
@@ -207,7 +208,7 @@ class Uploader(Stage):
         if d.reroute_why:
             log.warning("task %s: %s; sending it through upload-result", task_id, d.reroute_why)
         if d.quarantine is not None:
-            where = self.ctx.spool.quarantine(result.key, d.quarantine)
+            where = self.ctx.spool.quarantine(result.key, d.quarantine, body=result.kept_body())
             answered = "; the task is answered with an error result" if d.answer else ""
             log.error("task %s: %s; original kept in %s%s", task_id, d.why, where, answered)
             self.ctx.observers.emit("on_result_quarantined", result, d.quarantine)
@@ -249,7 +250,7 @@ class Uploader(Stage):
         client, version = self.ctx.client, self.ctx.client.version
         route = self._route(result)
         body: Optional[bytes] = None
-        if route in ("inline", "upload", "s3"):
+        if route in ("inline", "upload", "s3") and result.body_base64 is None:
             assert result.body_path is not None
             try:  # no exists() first: one system call less on the delivering thread
                 if route == "inline":
@@ -271,7 +272,11 @@ class Uploader(Stage):
         elif route == "error":
             client.put_result(error_payload(result, version), policy=ONE_ATTEMPT)
         elif route == "inline" or route == "empty":
-            client.put_result(inline_payload(result, version, body or b""), policy=ONE_ATTEMPT)
+            if body is None and result.body_base64 is not None:  # kept in the record
+                payload = encoded_inline_payload(result, version, result.body_base64)
+            else:
+                payload = inline_payload(result, version, body or b"")
+            client.put_result(payload, policy=ONE_ATTEMPT)
         elif route == "upload":
             self._upload_to_ac(result)
         else:
@@ -294,8 +299,12 @@ class Uploader(Stage):
     def _upload_to_ac(self, result: Result) -> None:
         work = os.path.join(self.ctx.work_dir, f"{result.key}.gz")
         source, zipped = str(self.ctx.spool.compressed_path(result.key)), True
+        kept = result.kept_body()
         try:
-            if not os.path.exists(source):  # the executor did not compress it
+            if kept is not None:  # a small body kept in the record, refused inline
+                gzip_bytes(kept, work, self.COMPRESS_LEVEL)
+                source = work
+            elif not os.path.exists(source):  # the executor did not compress it
                 assert result.body_path is not None
                 try:
                     self.compress(result.body_path, work)

@@ -46,7 +46,8 @@ class ArchivingObserver(Observer):
         if not result.body_size:
             return
         os.makedirs(self.staging, mode=0o700, exist_ok=True)
-        # open_body() reads the result's body file in the spool.
+        # A small body is kept in the result itself, a larger one in a file:
+        # open_body() reads either.
         with result.open_body() as src:
             with open(os.path.join(self.staging, _safe(result.task_id)), "wb") as out:
                 shutil.copyfileobj(src, out)

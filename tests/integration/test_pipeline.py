@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import random
 import zipfile
 from pathlib import Path
@@ -14,7 +13,7 @@ from helpers import bytes_task, make_config, spool_names, wait_until
 
 import acagent
 from acagent import Pipeline
-from acagent.config import INLINE_BODY_LIMIT
+from acagent.config import INLINE_BODY_LIMIT, RECORD_BODY_LIMIT
 from acagent.testing import FakeACServer, FakeTarget, expected_body, expected_sha256
 
 
@@ -319,21 +318,31 @@ class _SpoolAtReady(acagent.Observer):
         self.seen: Dict[str, tuple] = {}
 
     def on_result_ready(self, result: acagent.Result) -> None:
-        body_file = self.spool_dir / f"{result.key}.body"
-        size = body_file.stat().st_size if body_file.exists() else None
-        record = json.loads((self.spool_dir / f"{result.key}.json").read_text())
-        self.seen[result.task_id] = (result.body_path, str(body_file), size, record)
+        body_file = (self.spool_dir / f"{result.key}.body").exists()
+        record = (self.spool_dir / f"{result.key}.json").read_text()
+        self.seen[result.task_id] = (result.body_base64 is not None, body_file, record)
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
-def test_every_body_lives_in_its_own_body_file_and_an_empty_one_has_none(
-    ac: FakeACServer, target: FakeTarget, tmp_path: Path, chunked: bool
+@pytest.mark.parametrize(
+    "limit, chunked",
+    [(RECORD_BODY_LIMIT, False), (100_000, True)],
+    ids=["default-limit", "spill-after-held-chunks"],
+)
+def test_small_bodies_live_in_their_record_larger_ones_in_a_body_file(
+    ac: FakeACServer,
+    target: FakeTarget,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    limit: int,
+    chunked: bool,
 ) -> None:
-    """One home for a body: a body of one byte, of 16 KiB or of several
-    chunks is streamed to ``<key>.body`` (its record names no bytes of it); an
-    empty body makes no file at all."""
+    """A body of at most RECORD_BODY_LIMIT bytes is kept (base64) in its spool
+    record, with no body file; one byte more and it is streamed to a body file.
+    With 64 KiB chunks and a 100,000-byte limit, the first chunk is held in
+    memory and written to the body file when the second one crosses the limit."""
+    monkeypatch.setattr(acagent.executor, "RECORD_BODY_LIMIT", limit)
     flag = "&chunked=1" if chunked else ""
-    sizes = {"empty": 0, "one": 1, "16k": 16 * 1024, "several-chunks": 300_000}
+    sizes = {"one": 1, "at-limit": limit, "over": limit + 1, "several-chunks": 200_000}
     for seed, (task_id, size) in enumerate(sizes.items()):
         task = bytes_task(target, task_id, size, seed)
         task["url"] += flag
@@ -343,10 +352,10 @@ def test_every_body_lives_in_its_own_body_file_and_an_empty_one_has_none(
     with Pipeline(make_config(ac.url, tmp_path / "spool"), observers=[watch]):
         assert ac.wait_for_results(len(sizes), timeout=30)
     for task_id, size in sizes.items():
-        body_path, body_file, file_size, record = watch.seen[task_id]
-        assert file_size == (size or None), task_id
-        assert body_path == record["bodyPath"] == (body_file if size else None), task_id
-        assert record["bodySize"] == size, task_id
+        in_record, body_file, record = watch.seen[task_id]
+        assert in_record == (size <= limit), task_id
+        assert body_file == (size > limit), task_id
+        assert ('"bodyBase64"' in record) == (size <= limit), task_id
     by_via = assert_exact_results(ac, {t: (n, seed) for seed, (t, n) in enumerate(sizes.items())})
-    assert by_via == {"empty": 1, "inline": 3}
+    assert by_via == {"inline": 4}
     assert spool_names(spool) == []

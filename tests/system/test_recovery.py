@@ -29,7 +29,7 @@ from helpers import (
 
 from acagent.models import Result
 from acagent.observers import Observer
-from acagent.spool import ResultSpool
+from acagent.spool import QUARANTINE_DIR, ResultSpool
 from acagent.testing import FakeACServer, FakeTarget, expected_sha256
 
 N = 6
@@ -122,8 +122,8 @@ def test_sigkill_with_results_in_spool_then_restart_delivers_everything(tmp_path
             }
             for i in range(N)
         ]
-        # one body above the inline limit (upload-result) and a mid-sized one:
-        # every body file in the spool must survive the kill
+        # one body above the inline limit and one above the record's: their
+        # spool body files must survive too (the small ones live in their records)
         tasks.append(
             {"taskId": "crash-big", "method": "GET", "url": f"{target.url}/bytes/600000?seed=99"}
         )
@@ -136,7 +136,7 @@ def test_sigkill_with_results_in_spool_then_restart_delivers_everything(tmp_path
             ids = {t["taskId"] for t in tasks}
             held = wait_until(lambda: _saved_result_ids(spool) >= ids, WAIT)
             assert held, (spool_records(spool), first.output())
-            assert len(list(spool.glob("*.body"))) == len(tasks)  # one per result
+            assert len(list(spool.glob("*.body"))) == 2  # crash-big and crash-mid
             assert ac.wait_for_results(1, WAIT)  # the lost-reply result
             accepted_before_kill = set(ac.results)
             first.kill()
@@ -196,12 +196,7 @@ def test_sigkill_while_tasks_run_answers_them_after_restart(tmp_path: Path) -> N
             for i in range(3)
         ]
         ac.add_tasks(slow)
-        first = AgentProcess(
-            ac.url,
-            spool,
-            tmp_path / "first.log",
-            extra=["--executorPoolSize", "2", "--prefetch", "1"],
-        )
+        first = AgentProcess(ac.url, spool, tmp_path / "first.log", extra=["--executorPoolSize", "2", "--prefetch", "1"])
         with first:
             # two run, the third waits for a thread (prefetch): all three are journaled
             assert wait_until(lambda: ac.tasks_handed_out == 3 and target.inflight == 2, WAIT), (
@@ -228,34 +223,40 @@ def test_sigkill_while_tasks_run_answers_them_after_restart(tmp_path: Path) -> N
     assert target.connections_opened == connections_before  # nothing sent to the target again
 
 
-def test_a_record_with_its_body_in_base64_and_no_body_file_is_answered_with_an_error(
+def test_a_record_whose_kept_body_is_damaged_is_quarantined_and_the_rest_delivered(
     tmp_path: Path,
 ) -> None:
-    """A record that names a body of ``bodySize`` bytes but has no body file
-    (its bytes in a ``bodyBase64`` field, as an unreleased build wrote them)
-    is a lost body: the task is answered with an error result, never with an
-    empty output or those bytes, and the result beside it is delivered."""
+    """At start, a record holding its body (base64) is delivered byte-exact; one
+    whose kept body does not decode to its size is moved to quarantine with the
+    reason, and its task answered with an error result, never with that body."""
     spool_dir = tmp_path / "spool"
     spool = ResultSpool(spool_dir)
     data = bytes(range(256)) * 4
-    leftover = Result(
-        fields={"taskId": "in-record", "method": "GET", "url": "http://tool/"},
+    good = Result(
+        fields={"taskId": "kept-good", "method": "GET", "url": "http://tool/"},
         status_code=200,
         body_size=len(data),
+        body_base64=base64.b64encode(data).decode("ascii"),
     )
-    record = leftover.to_record()
-    record["bodyBase64"] = base64.b64encode(data).decode("ascii")
-    spool.save(leftover.key, record, has_body=False)
-    other = Result(fields={"taskId": "beside", "method": "GET"}, status_code=204)
-    spool.save(other.key, other.to_record(), has_body=False)
+    damaged = Result(
+        fields={"taskId": "kept-damaged", "method": "GET", "url": "http://tool/"},
+        status_code=200,
+        body_size=len(data) + 1,
+        body_base64=base64.b64encode(data).decode("ascii"),
+    )
+    for result in (good, damaged):
+        spool.save(result.key, result.to_record(), has_body=False)
     with FakeACServer() as ac:
         pipeline = make_pipeline(make_config(ac.url, spool_dir))
         with running(pipeline):
             assert ac.wait_for_results(2, WAIT)
             assert wait_until(lambda: spool_records(spool_dir) == [], WAIT)
-        (answer,) = ac.results["in-record"]
-        assert answer.via == "error" and answer.fields["statusCode"] == 500
-        assert answer.fields["output"] == "Agent Side Error: result body lost from the spool"
-        (beside,) = ac.results["beside"]
-        assert beside.via == "empty" and beside.fields["statusCode"] == 204
-    assert spool_names(spool_dir) == []
+        assert set(ac.results) == {"kept-good", "kept-damaged"}
+        (got,) = ac.results["kept-good"]
+        assert got.via == "inline" and got.body == data
+        (answer,) = ac.results["kept-damaged"]
+        assert answer.via == "error" and "damaged" in answer.fields["output"]
+    (folder,) = (spool_dir / QUARANTINE_DIR).iterdir()
+    assert folder.name == damaged.key
+    assert "unusable record" in (folder / "reason.txt").read_text()
+    assert "bodyBase64" in (folder / "record.json").read_text()  # kept for a human

