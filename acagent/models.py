@@ -357,15 +357,11 @@ def error_payload(result: Result, version: str) -> Dict[str, Any]:
     return payload
 
 
-def inline_payload(result: Result, version: str, body: bytes) -> Dict[str, Any]:
-    """put-result body carrying the body inline (base64), or no output if empty."""
-    return encoded_inline_payload(result, version, base64.b64encode(body).decode("ascii"))
-
-
-def encoded_inline_payload(result: Result, version: str, encoded: str) -> Dict[str, Any]:
-    """put-result body carrying a body already base64-encoded (``encoded``),
-    or no output if it is empty."""
+def inline_payload(result: Result, version: str, body: Optional[bytes]) -> Dict[str, Any]:
+    """put-result body carrying the body inline (base64), or no output if empty;
+    ``body`` None: the one kept in the record (``body_base64``), if any."""
     payload = _base_payload(result, version)
+    encoded = result.body_base64 if body is None else base64.b64encode(body).decode("ascii")
     if encoded:
         payload["responseBase64"] = True
         payload["output"] = encoded

@@ -54,7 +54,6 @@ from .logs import error_fields
 from .logthrottle import LogThrottle
 from .models import (
     Result,
-    encoded_inline_payload,
     error_payload,
     inline_payload,
     s3_payload,
@@ -272,11 +271,7 @@ class Uploader(Stage):
         elif route == "error":
             client.put_result(error_payload(result, version), policy=ONE_ATTEMPT)
         elif route == "inline" or route == "empty":
-            if body is None and result.body_base64 is not None:  # kept in the record
-                payload = encoded_inline_payload(result, version, result.body_base64)
-            else:
-                payload = inline_payload(result, version, body or b"")
-            client.put_result(payload, policy=ONE_ATTEMPT)
+            client.put_result(inline_payload(result, version, body), policy=ONE_ATTEMPT)
         elif route == "upload":
             self._upload_to_ac(result)
         else:
