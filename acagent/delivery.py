@@ -20,8 +20,10 @@ operator can fix (401, 403, 407, 408, 413, 429, 5xx, network errors):
   ``result`` backoff, per result; each counts a failure for the upload
   class's breaker.
 * 429: with a wait header the class pauses that long and the result is due
-  again then; "Too many concurrent requests" without one waits 0..
-  ``concurrency_wait_max``; a bare 429 waits the ``result`` backoff.
+  again then; "Too many concurrent requests" without one waits
+  ``RetryPolicy.concurrency_pause`` (0..10 s, or a short jitter when the
+  effective AC limit was lowered for it); a bare 429 waits the ``result``
+  backoff.
 * 401/403: the server refused the API key: fetching is held (no new work that
   cannot be delivered) and the result is retried on ``result_key_refused``;
   the first accepted delivery releases the hold.
@@ -51,7 +53,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Collection, FrozenSet, Literal, Optional
 
-from .ac.backoff import concurrency_wait
 from .ac.retry import RetryPolicy
 from .config import INLINE_BODY_LIMIT
 from .errors import ACError, ACHTTPError, ACRateLimitError, AgentStopping, UploadURLRefused
@@ -186,6 +187,8 @@ class Outcome:
     status: Optional[int] = None
     server_wait: Optional[float] = None
     detail: str = ""
+    #: a concurrency 429 the effective AC limit was lowered for
+    limit_lowered: bool = False
 
     @classmethod
     def of(cls, exc: Optional[BaseException]) -> Outcome:
@@ -202,7 +205,7 @@ class Outcome:
             return cls(Kind.LINKED, detail=LINKED_BODY)
         if isinstance(exc, ACRateLimitError):
             kind = Kind.CONCURRENCY if exc.concurrency else Kind.RATE_LIMITED
-            return cls(kind, 429, exc.retry_after, str(exc))
+            return cls(kind, 429, exc.retry_after, str(exc), exc.limit_lowered)
         if isinstance(exc, ACHTTPError):
             if exc.status in (401, 403):
                 return cls(Kind.KEY_REFUSED, exc.status, detail=str(exc))
@@ -320,7 +323,7 @@ def _rule(
         if outcome.server_wait is not None:  # the server said how long: the class waits
             return Decision(outcome.server_wait, why=why, pause=outcome.server_wait)
         if kind is Kind.CONCURRENCY:
-            return Decision(concurrency_wait(policy.rng, policy.concurrency_wait_max), why=why)
+            return Decision(policy.concurrency_pause(outcome.limit_lowered), why=why)
         return Decision(policy.result.wait(attempts, policy.rng), why=why)
     if kind is Kind.KEY_REFUSED:
         return Decision(

@@ -64,11 +64,14 @@ class ACRateLimitError(ACHTTPError):
         *,
         retry_after: Optional[float] = None,
         concurrency: bool = False,
+        limit_lowered: bool = False,
     ) -> None:
         super().__init__(endpoint, 429, body)
         self.retry_after = retry_after
         #: the server said "Too many concurrent requests" (not a rate limit)
         self.concurrency = concurrency
+        #: the agent's effective AC limit was lowered for it (``ac/adaptive.py``)
+        self.limit_lowered = limit_lowered
 
 
 class BadReplyError(ACError):

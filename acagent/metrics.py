@@ -201,6 +201,14 @@ class AgentMetrics:
             namespace=ns,
             registry=r,
         )
+        self.ac_effective_limit = Gauge(
+            "ac_effective_limit",
+            "AC requests the agent opens at once now: the adaptive limit, at most "
+            "ac_permits_max (halved by 'Too many concurrent requests' or 503, back "
+            "after clean calls; shared by the agents on the key with coordination).",
+            namespace=ns,
+            registry=r,
+        )
         self.task_queue_size = Gauge(
             "task_queue_size", "Tasks waiting for an executor thread.", namespace=ns, registry=r
         )
@@ -325,6 +333,7 @@ class AgentMetrics:
                 "ac_requests": metric_value(self.ac_requests_total),
                 "ac_inflight": metric_value(self.ac_inflight),
                 "ac_permits_max": metric_value(self.ac_permits_max),
+                "ac_effective_limit": metric_value(self.ac_effective_limit),
                 "task_queue_size": metric_value(self.task_queue_size),
                 "result_queue_size": metric_value(self.result_queue_size),
                 "executor_busy_threads": metric_value(self.executor_busy_threads),

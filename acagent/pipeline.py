@@ -194,6 +194,7 @@ class Pipeline:
         permits = self.client.permits
         permits.on_wait = m.ac_permit_wait_seconds.observe
         m.ac_permit_holders.set_function(lambda: float(permits.holders))
+        m.ac_effective_limit.set_function(lambda: float(permits.effective_limit))
         everyone = getattr(permits, "remote_holders", None)
         if everyone is None:
             m.ac_permit_holders_all.set_function(lambda: float(permits.holders))
@@ -499,9 +500,14 @@ class Pipeline:
         held = f" held={','.join(sorted(holds))}" if holds else ""
         rate = self.rate_limits.per_minute  # a limit that slows the agent is never a mystery
         limit = f"{rate}/min" if rate else "off"
+        # The adaptive AC limit, only while it is below the cap (then ac_inflight
+        # can stay below its maximum on purpose): ac_limit=now/cap
+        permits = self.client.permits
+        below = permits.effective_limit < permits.limit
+        ac_limit = f" ac_limit={permits.effective_limit}/{permits.limit}" if below else ""
         return (
             self.metrics.status_line()
-            + f" retrying={_retrying(self.uploader)} rate_limit={limit}{held}"
+            + f" retrying={_retrying(self.uploader)} rate_limit={limit}{ac_limit}{held}"
         )
 
     def log_status(self) -> None:

@@ -35,6 +35,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 from urllib.parse import urlencode, urlsplit
 
@@ -59,11 +60,12 @@ from ..errors import (
     UploadURLRefused,
 )
 from ..globalconfig import RuntimeSettings
-from ..logs import scrub_text
+from ..logs import current_task_id, scrub_text
 from ..logthrottle import LogThrottle
 from ..models import Task
 from ..targets.policy import GuardedAdapter, TargetDenied, UploadPolicy, unambiguous_host
 from .abandon import ConnectionTracker, FetchStop, TrackingAdapter
+from .adaptive import Signal
 from .multipart import MultipartBody
 from .permits import Permits, RedisPermits, permits_for
 from .ratelimit import FETCH, UPLOAD, RateLimits
@@ -150,6 +152,8 @@ class ACClient:
     #: saw its connection go, and a request at once on a new connection would
     #: be a third one at the server (seen in the soak test: 3 in flight)
     RESET_SETTLE_SECONDS = 0.05
+    #: most calls remembered as retrying after an overload (oldest forgotten first)
+    PRESSED_MAX = 4096
 
     def __init__(
         self,
@@ -204,6 +208,9 @@ class ACClient:
         self._count_lock = threading.Lock()
         #: (thread, is a get-task) of the AC call on each held lease, to cut it if it lapses
         self._lease_threads: Dict[object, Tuple[int, bool]] = {}
+        #: the calls (get-task, or a task's result) whose last reply was an
+        #: overload: their next success is pressure, not capacity (``adaptive.py``)
+        self._pressed: OrderedDict[str, None] = OrderedDict()
         self.permits.on_lapse = self._cut_lapsed
         user_agent = f"acagent/{version}"
         self._tracker = ConnectionTracker()
@@ -459,6 +466,7 @@ class ACClient:
                     finally:
                         self._tracker.clear()
                 self._report(endpoint, str(reply.status_code), started)
+                lowered = self._observe(lease, endpoint, reply)
         finally:
             if body is not None:
                 body.close()
@@ -467,7 +475,34 @@ class ACClient:
             self.key_refused = True
         elif 200 <= reply.status_code < 300:
             self.key_refused = False
-        return _check_status(endpoint, reply)
+        return _check_status(endpoint, reply, lowered)
+
+    def _observe(self, lease: object, endpoint: str, reply: ACReply) -> bool:
+        """Tell the permits what this reply says about the server's room (the
+        effective limit, ``adaptive.py``); True when it was lowered for this
+        overload. A success of a call whose last reply was an overload (the
+        same get-task loop, the same task's result) is pressure, not capacity."""
+        status = reply.status_code
+        key = endpoint if endpoint == "get-task" else (current_task_id() or endpoint)
+        if 200 <= status < 300:
+            with self._count_lock:
+                recovered = key in self._pressed
+                if recovered:
+                    del self._pressed[key]
+            self.permits.observe(lease, Signal.RECOVERED if recovered else Signal.CLEAN)
+            return False
+        if status == 503:
+            why = "HTTP 503"
+        elif status == 429 and _is_concurrency(reply):
+            why = f'"{CONCURRENCY_BODY}"'
+        else:
+            return False
+        with self._count_lock:
+            self._pressed[key] = None
+            self._pressed.move_to_end(key)
+            if len(self._pressed) > self.PRESSED_MAX:
+                self._pressed.popitem(last=False)
+        return self.permits.observe(lease, Signal.OVERLOAD, f"{why} on {endpoint}")
 
     def _call(
         self,
@@ -686,17 +721,30 @@ class ACClient:
         )
 
 
-def _check_status(endpoint: str, reply: ACReply) -> ACReply:
+#: the body of the server's 429 for too many requests at once
+CONCURRENCY_BODY = "Too many concurrent requests"
+
+
+def _is_concurrency(reply: ACReply) -> bool:
+    """A 429 for too many requests at once (not a rate limit)."""
+    return bool(reply.content) and "too many concurrent" in reply.text[:500].lower()
+
+
+def _check_status(endpoint: str, reply: ACReply, lowered: bool = False) -> ACReply:
+    """The reply if 2xx, else the error it is (``lowered``: the effective limit
+    was lowered for this 429, see ``ACClient._observe``)."""
     status = reply.status_code
     if 200 <= status < 300:
         return reply
     text = reply.text[:500] if reply.content else ""
     if status == 429:
+        concurrency = _is_concurrency(reply)
         raise ACRateLimitError(
             endpoint,
             text,
             retry_after=server_wait(reply.headers),
-            concurrency="too many concurrent" in text.lower(),
+            concurrency=concurrency,
+            limit_lowered=lowered and concurrency,
         )
     raise ACHTTPError(endpoint, status, text)
 

@@ -44,6 +44,15 @@ permit for the whole of every AC call. Two kinds:
     to fix, not an outage: the constructor raises ``ConfigError`` naming
     ``--coordinationUrl`` and where the password came from.
 
+Both kinds enforce an **effective limit** at or below ``limit``, the
+adaptive limit of ``adaptive.py``: ``observe`` applies each AC reply to it
+(``ACClient`` calls it on the lease, before giving the lease back), and one
+INFO line says each change and why. ``RedisPermits`` keeps it in Redis under
+the key prefix for every agent on the key: the acquire and release scripts
+grant up to it, and their replies tell the agent its current value (no
+extra round trip); a change is one compare-and-set script
+(``permits_limit.lua``), so of the agents that saw one 429 burst, one halves.
+
 Both kinds expose plain counters for metrics: ``acquired_total``,
 ``wait_seconds_total``, ``holders`` (permits this process holds now),
 ``waiting`` and an ``on_wait`` hook called with each wait in seconds;
@@ -52,6 +61,7 @@ Both kinds expose plain counters for metrics: ``acquired_total``,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -62,6 +72,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type
 from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import ConfigError
+from .adaptive import PACING, Event, LimitState, Pacing, Signal, adopt, step
 from .backoff import Backoff
 from .retry import STORE_RECONNECT
 from .scripts import lua
@@ -123,11 +134,17 @@ def secret_origin(
     return None, "none given (--coordinationPasswordFile)"
 
 
+def _now_ms() -> int:
+    return int(time.monotonic() * 1000)
+
+
 class Permits:
     """The permit interface ``ACClient`` uses. ``acquire`` then ``release`` the lease."""
 
-    #: how many permits exist (for this API key)
+    #: how many permits exist (for this API key): the cap of the effective limit
     limit: int
+    #: how fast the effective limit climbs back (``adaptive.Pacing``)
+    pacing: Pacing = PACING
 
     def __init__(self, limit: int) -> None:
         if limit < 1:
@@ -142,6 +159,11 @@ class Permits:
         self._count_lock = threading.Lock()
         self._holders = 0
         self._waiting = 0
+        self._limit_lock = threading.Lock()
+        self._limit_state = LimitState.start(limit, _now_ms())
+        #: the limit version each held lease was granted under
+        self._lease_versions: Dict[object, int] = {}
+        self.limit_changes_total = 0
 
     @property
     def holders(self) -> int:
@@ -167,6 +189,7 @@ class Permits:
                 self._waiting -= 1
         if lease is not None:
             with self._count_lock:
+                self._lease_versions[lease] = self._limit_state.version
                 self._holders += 1
                 self.acquired_total += 1
                 self.wait_seconds_total += waited
@@ -182,7 +205,58 @@ class Permits:
         """Give the permit back (never raises)."""
         with self._count_lock:
             self._holders -= 1
+            self._lease_versions.pop(lease, None)
         self._release(lease)
+
+    # -- the effective limit -------------------------------------------------
+    @property
+    def effective_limit(self) -> int:
+        """How many permits may be held now (1..``limit``; ``adaptive.py``)."""
+        return self._limit_state.limit
+
+    def observe(self, lease: object, signal: Signal, why: str = "") -> bool:
+        """Apply what one AC reply on the held ``lease`` said to the effective
+        limit. True for an overload the limit was lowered for (by this reply or
+        since the call was granted): its retry may come soon."""
+        with self._count_lock:
+            version = self._lease_versions.get(lease, self._limit_state.version)
+        event = Event(signal, version, why)
+        with self._limit_lock:
+            old = state = self._limit_state
+            for _ in range(2):  # once more on the state a lost compare-and-set read
+                new = step(state, event, _now_ms(), self.pacing)
+                if new is state:
+                    break
+                stored = self._store_limit(state, new)
+                settled = stored is state or (stored.version, stored.limit) == (
+                    new.version,
+                    new.limit,
+                )
+                state = stored
+                if settled:
+                    break
+            self._limit_state = state
+        self._limit_changed(old, state)
+        return state.answered(event)
+
+    def _learn(self, limit: int, version: int, lowered: int) -> None:
+        """The shared limit as the store has it now (set by any agent on the key)."""
+        with self._limit_lock:
+            old = self._limit_state
+            if (limit, version) == (old.limit, old.version):
+                return
+            self._limit_state = adopt(old, limit, version, lowered, _now_ms())
+        self._limit_changed(old, self._limit_state)
+
+    def _limit_changed(self, old: LimitState, new: LimitState) -> None:
+        """Log a change of the effective limit (subclasses also wake waiters)."""
+        if new.limit != old.limit:
+            self.limit_changes_total += 1
+            log.info("AC limit %d -> %d: %s", old.limit, new.limit, new.why)
+
+    def _store_limit(self, old: LimitState, new: LimitState) -> LimitState:
+        """Make ``new`` the limit in force, as decided on ``old``; what is in force then."""
+        return new
 
     def valid(self, lease: object) -> bool:
         """May an AC call start (or go on) on this held lease? Local permits never lapse."""
@@ -204,30 +278,42 @@ class Permits:
 
 
 class LocalPermits(Permits):
-    """``limit`` permits in this process: a ``threading.BoundedSemaphore``."""
+    """Up to the effective limit (at most ``limit``) permits in this process."""
 
     #: longest single wait, so a stop event is noticed while every permit is held
     SLICE = 0.5
 
     def __init__(self, limit: int) -> None:
         super().__init__(limit)
-        self._semaphore = threading.BoundedSemaphore(limit)
+        self._free = threading.Condition()
+        self._used = 0
 
     def _acquire(self, stop: threading.Event, timeout: Optional[float]) -> Optional[object]:
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            wait = self.SLICE
-            if deadline is not None:
-                wait = min(wait, max(0.0, deadline - time.monotonic()))
-            if self._semaphore.acquire(timeout=wait):
-                return object()  # one per holder, like a Redis token
-            if stop.is_set():
-                return None
-            if deadline is not None and time.monotonic() >= deadline:
-                return None
+        with self._free:
+            while True:
+                if self._used < self.effective_limit:
+                    self._used += 1
+                    return object()  # one per holder, like a Redis token
+                if stop.is_set():
+                    return None
+                wait = self.SLICE
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        return None
+                self._free.wait(wait)
 
     def _release(self, lease: object) -> None:
-        self._semaphore.release()
+        with self._free:
+            self._used -= 1
+            self._free.notify()
+
+    def _limit_changed(self, old: LimitState, new: LimitState) -> None:
+        super()._limit_changed(old, new)
+        if new.limit > old.limit:
+            with self._free:
+                self._free.notify_all()
 
 
 # ---------------------------------------------------------------------------
@@ -241,6 +327,7 @@ class LocalPermits(Permits):
 #   ticket   counter of the queue
 #   epoch    ms until which nothing is granted; missing = new store or lost data
 #   recent   zset  owner -> time of its last release (for the hand-off margin)
+#   limit    hash  the effective limit: limit, version, lowered (permits_limit.lua)
 #   grant:<token>  list: a release handed this waiter a permit (value: releasing owner)
 #: the member of ``holders`` that is always there (so its loss is seen); no token
 SENTINEL = "~sentinel"
@@ -251,6 +338,7 @@ SENTINEL = "~sentinel"
 _ACQUIRE_LUA = lua("permits_prelude", "permits_acquire", SENTINEL=SENTINEL)
 _RELEASE_LUA = lua("permits_prelude", "permits_release", SENTINEL=SENTINEL)
 _RENEW_LUA = lua("permits_prelude", "permits_renew", SENTINEL=SENTINEL)
+_LIMIT_LUA = lua("permits_prelude", "permits_limit", SENTINEL=SENTINEL)
 
 
 class RedisPermits(Permits):
@@ -321,7 +409,7 @@ class RedisPermits(Permits):
             self.HANDOFF_SECONDS if handoff_seconds is None else max(0.0, handoff_seconds)
         )
         self.prefix = key_prefix(api_key)
-        names = ("holders", "queue", "alive", "ticket", "epoch", "recent")
+        names = ("holders", "queue", "alive", "ticket", "epoch", "recent", "limit")
         self._keys = [self.prefix + n for n in names]
         self._grant_prefix = self.prefix + "grant:"
         self._owns_client = client is None
@@ -342,6 +430,7 @@ class RedisPermits(Permits):
         self._acquire_script = client.register_script(_ACQUIRE_LUA)
         self._renew_script = client.register_script(_RENEW_LUA)
         self._release_script = client.register_script(_RELEASE_LUA)
+        self._limit_script = client.register_script(_LIMIT_LUA)
         if self._owns_client:
             self._check_password(origin)
         self._lock = threading.Lock()
@@ -474,9 +563,10 @@ class RedisPermits(Permits):
                 # A lease granted now, by this script or a release it lets
                 # us wait for, ends no earlier than a lease from here.
                 sent = time.monotonic()
-                granted, ms = self._acquire_script(keys=self._keys, args=args)
+                granted, ms, *shared = self._acquire_script(keys=self._keys, args=args)
                 joined = True
                 self.report_store_ok()
+                self._learn(*(int(v) for v in shared))
                 store_failures = 0
                 if int(granted) == 1:
                     return self._granted(token, sent, int(ms) / 1000.0)
@@ -513,6 +603,23 @@ class RedisPermits(Permits):
         if margin > 0:
             time.sleep(margin)
         return token
+
+    def _store_limit(self, old: LimitState, new: LimitState) -> LimitState:
+        """Compare-and-set in the store: ``new`` if the shared limit is still at
+        ``old``'s version, else the one another agent set (unchanged while the
+        store cannot be reached: no permit is granted then anyway)."""
+        down = int(new.lowered == new.version)
+        try:
+            out = self._limit_script(
+                keys=self._keys, args=[self.limit, old.version, new.limit, down]
+            )
+        except self.store_errors as exc:
+            self.report_store_error(exc)
+            return old
+        limit, version, lowered, done = (int(v) for v in out)
+        if done:
+            return dataclasses.replace(new, limit=limit, version=version, lowered=lowered)
+        return adopt(old, limit, version, lowered, _now_ms())
 
     def valid(self, lease: object) -> bool:
         with self._lock:

@@ -1,9 +1,10 @@
--- Run before acquire, release and renew: the Redis clock as `now` (ms), the key
--- names, tidy() (drops expired leases and waiters that stopped polling),
--- epoch_of(grace) and held() (the leases, without the sentinel).
+-- Run before acquire, release, renew and limit: the Redis clock as `now` (ms),
+-- the key names, tidy() (drops expired leases and waiters that stopped
+-- polling), epoch_of(grace), held() (the leases, without the sentinel) and
+-- effective(cap).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local H, Q, A, S, E, R = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local H, Q, A, S, E, R, L = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local SENTINEL = '$SENTINEL'
 local function tidy()
   redis.call('ZREMRANGEBYSCORE', H, '-inf', now)
@@ -24,3 +25,9 @@ local function epoch_of(grace)
   return epoch
 end
 local function held() return redis.call('ZCARD', H) - 1 end
+-- The effective limit (permits_limit.lua sets it; none set: the cap), its
+-- version and the version its last decrease made.
+local function effective(cap)
+  local v = redis.call('HMGET', L, 'limit', 'version', 'lowered')
+  return math.max(1, math.min(cap, tonumber(v[1]) or cap)), tonumber(v[2]) or 0, tonumber(v[3]) or 0
+end

@@ -1,8 +1,9 @@
--- ARGV: limit, lease ms, waiter ttl ms, owner, grant key prefix, tokens...
--- Gives the tokens back, then hands free permits to the waiters at the head
--- of the queue (each is told through its grant list). Returns leases removed.
+-- ARGV: cap, lease ms, waiter ttl ms, owner, grant key prefix, tokens...
+-- Gives the tokens back, then hands free permits (up to the effective limit)
+-- to the waiters at the head of the queue (each is told through its grant
+-- list). Returns leases removed.
 -- Runs after permits_prelude.lua.
-local limit, lease, waiter_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local limit, lease, waiter_ttl = effective(tonumber(ARGV[1])), tonumber(ARGV[2]), tonumber(ARGV[3])
 local owner, grant = ARGV[4], ARGV[5]
 local n = 0
 for i = 6, #ARGV do

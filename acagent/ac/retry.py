@@ -4,8 +4,9 @@
 predicates say whether an error is retried (``is_retry``) and whether the
 budget is spent (``is_exhausted``); ``wait_for`` derives the pause from the
 error itself, tenacity ``wait_exception``-style: ``rate_limit_wait`` for a
-429 (the server's own wait, else a random 0..10 s for "Too many concurrent
-requests", else ``default_rate_limit_wait``), and the ``call`` backoff for
+429 (the server's own wait, else for "Too many concurrent requests" a random
+0..10 s, or 0..0.25 s when the effective AC limit was lowered for it, else
+``default_rate_limit_wait``), and the ``call`` backoff for
 5xx and connection failures. Every other schedule of the agent is a
 ``Backoff`` field of the same policy (``backoff.py``).
 
@@ -26,7 +27,12 @@ from typing import Callable, Mapping, Optional, TypeVar
 import tenacity
 
 from ..errors import ACConnectionError, ACHTTPError, ACRateLimitError, AgentStopping
-from .backoff import CONCURRENCY_WAIT_MAX, Backoff, concurrency_wait
+from .backoff import (
+    CONCURRENCY_WAIT_MAX,
+    LOWERED_CONCURRENCY_WAIT_MAX,
+    Backoff,
+    concurrency_wait,
+)
 
 T = TypeVar("T")
 
@@ -92,6 +98,8 @@ class RetryPolicy:
     call: Backoff = Backoff(5.0, 120.0, jitter=2.0)
     #: "Too many concurrent requests" waits uniformly in 0..this
     concurrency_wait_max: float = CONCURRENCY_WAIT_MAX
+    #: ... and uniformly in 0..this when the effective AC limit was lowered for it
+    lowered_concurrency_wait_max: float = LOWERED_CONCURRENCY_WAIT_MAX
     #: a 429 without a usable wait header waits this long
     default_rate_limit_wait: float = 5.0
 
@@ -139,13 +147,21 @@ class RetryPolicy:
 
     def rate_limit_wait(self, exc: ACRateLimitError) -> float:
         """The wait after a 429: the server's (parsed and clamped by ``server_wait``),
-        else 0..``concurrency_wait_max`` for "Too many concurrent requests", else
+        else ``concurrency_pause`` for "Too many concurrent requests", else
         ``default_rate_limit_wait``."""
         if exc.retry_after is not None:
             return exc.retry_after
         if exc.concurrency:
-            return concurrency_wait(self.rng, self.concurrency_wait_max)
+            return self.concurrency_pause(exc.limit_lowered)
         return self.default_rate_limit_wait
+
+    def concurrency_pause(self, limit_lowered: bool) -> float:
+        """The wait after "Too many concurrent requests" without a wait header:
+        0..``concurrency_wait_max``, or 0..``lowered_concurrency_wait_max`` when
+        the effective AC limit was lowered for it (the permits hold the calls
+        to the new limit; the jitter keeps agents apart)."""
+        cap = self.lowered_concurrency_wait_max if limit_lowered else self.concurrency_wait_max
+        return concurrency_wait(self.rng, cap)
 
 
 #: one attempt and no retry: for callers that schedule their own retries (the Uploader)

@@ -121,6 +121,13 @@ class FakeACServer(_FakeBase):
     breaks the limit shows ``max_inflight > max_concurrent``). S3 requests are
     recorded (endpoint ``"s3"``) but never counted in flight or as connections.
 
+    ``occupy(n)`` has another client on the key take ``n`` of the
+    ``max_concurrent`` slots until ``release_occupied()``: from then on 429
+    ``Too many concurrent requests`` comes above ``max_concurrent - n`` of
+    the agents' own requests in flight (the server's limit for them dropped);
+    the slots taken count neither in ``inflight`` nor ``max_inflight``.
+    ``rejected_concurrent`` counts the 429s of the limit.
+
     ``set_down(True)`` closes the AC listener (new connections are *refused*)
     and resets every open AC connection; ``set_down(False)`` listens again on
     the same port.
@@ -168,6 +175,7 @@ class FakeACServer(_FakeBase):
         self._stalls: Dict[str, threading.Event] = {}
         self._count_429 = 0
         self._rejected_concurrent = 0
+        self._occupied = 0
         self._tasks_handed_out = 0
         self._handed_out_ids: List[str] = []
         self._generated_task_ids = 0
@@ -378,6 +386,32 @@ class FakeACServer(_FakeBase):
             self._order.append(result)
             self._cond.notify_all()
 
+    # -- another client on the key ------------------------------------------
+
+    def occupy(self, n: int = 1) -> None:
+        """Another client on the key holds ``n`` slots of ``max_concurrent`` from now
+        on (replacing any count before), until ``release_occupied``."""
+        if n < 0:
+            raise ValueError("occupy needs n >= 0")
+        with self._cond:
+            self._occupied = n
+
+    def release_occupied(self) -> None:
+        """The other client's slots are free again: the full ``max_concurrent``."""
+        self.occupy(0)
+
+    @property
+    def occupied(self) -> int:
+        """Slots another client holds now (``occupy``)."""
+        with self._cond:
+            return self._occupied
+
+    def _limit_now(self) -> Optional[int]:
+        if self.max_concurrent is None:
+            return None
+        with self._cond:
+            return max(0, self.max_concurrent - self._occupied)
+
     # -- counters ----------------------------------------------------------
 
     @property
@@ -562,7 +596,7 @@ class FakeACServer(_FakeBase):
         else:
             endpoint = "s3"
         started = time.monotonic()
-        rejected = self._begin(endpoint, counted=ac, limit=self.max_concurrent)
+        rejected = self._begin(endpoint, counted=ac, limit=self._limit_now() if ac else None)
         if rejected:
             with self._cond:
                 self._rejected_concurrent += 1

@@ -273,7 +273,7 @@ def test_the_shared_rate_limiter_defaults_to_the_policys_reconnect() -> None:
 
 
 def test_redis_permits_wait_their_reconnect_schedule() -> None:
-    script = _Script(failures=4, answer=[1, 0])  # then granted
+    script = _Script(failures=4, answer=[1, 0, 2, 0, 0])  # then granted, at the limit 2
     permits = RedisPermits(
         "redis://127.0.0.1:1/0", "api-key", 2, client=_Store(script), reconnect=Backoff(0.03, 0.1)
     )
