@@ -225,7 +225,8 @@ class Permits:
             old = state = self._limit_state
             for _ in range(2):  # once more on the state a lost compare-and-set read
                 new = step(state, event, _now_ms(), self.pacing)
-                if new is state:
+                if new.version == state.version:  # a count, not a change: kept here
+                    state = new
                     break
                 stored = self._store_limit(state, new)
                 settled = stored is state or (stored.version, stored.limit) == (

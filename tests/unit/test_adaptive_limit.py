@@ -9,30 +9,30 @@ import pytest
 
 from acagent.ac.adaptive import Event, LimitState, Pacing, Signal, adopt, step
 
-C, O, R = Signal.CLEAN, Signal.OVERLOAD, Signal.RECOVERED
+C, X, R = Signal.CLEAN, Signal.OVERLOAD, Signal.RECOVERED
 PACING = Pacing(probe_after_ms=2500, step_after_ms=500, clean_run=4)
 
 # (at ms, signal, the version the call's lease was granted under, the limit after)
 Row = Tuple[int, Signal, int, int]
 
 CASES: List[Tuple[str, int, List[Row]]] = [
-    ("an overload halves the limit", 2, [(0, O, 0, 1)]),
+    ("an overload halves the limit", 2, [(0, X, 0, 1)]),
     (
         "halves from 8 to 4 to 2 to 1, each on a call of the current limit",
         8,
-        [(0, O, 0, 4), (10, O, 1, 2), (20, O, 2, 1), (30, O, 3, 1)],
+        [(0, X, 0, 4), (10, X, 1, 2), (20, X, 2, 1), (30, X, 3, 1)],
     ),
     (
         "one burst, one halving: calls granted before the decrease change nothing",
         8,
-        [(0, O, 0, 4), (1, O, 0, 4), (2, O, 0, 4)],
+        [(0, X, 0, 4), (1, X, 0, 4), (2, X, 0, 4)],
     ),
     ("clean calls of the cap change nothing", 2, [(0, C, 0, 2), (10, C, 0, 2)]),
     (
         "climbs after the clean run and the probe pause",
         2,
         [
-            (0, O, 0, 1),
+            (0, X, 0, 1),
             (100, C, 1, 1),
             (200, C, 1, 1),
             (300, C, 1, 1),
@@ -43,18 +43,18 @@ CASES: List[Tuple[str, int, List[Row]]] = [
     (
         "no climb before the probe pause, however many clean calls",
         2,
-        [(0, O, 0, 1)] + [(t, C, 1, 1) for t in range(10, 2500, 10)],
+        [(0, X, 0, 1)] + [(t, C, 1, 1) for t in range(10, 2500, 10)],
     ),
     (
         "no climb on fewer clean calls than the run, however long",
         2,
-        [(0, O, 0, 1), (5000, C, 1, 1), (9000, C, 1, 1), (20000, C, 1, 1), (20001, C, 1, 2)],
+        [(0, X, 0, 1), (5000, C, 1, 1), (9000, C, 1, 1), (20000, C, 1, 1), (20001, C, 1, 2)],
     ),
     (
         "clean calls granted under an older limit do not count",
         2,
         [
-            (0, O, 0, 1),
+            (0, X, 0, 1),
             (2600, C, 0, 1),
             (2700, C, 0, 1),
             (2800, C, 0, 1),
@@ -66,7 +66,7 @@ CASES: List[Tuple[str, int, List[Row]]] = [
         "a success after an overload retry is pressure: the clean run starts again",
         2,
         [
-            (0, O, 0, 1),
+            (0, X, 0, 1),
             (2600, C, 1, 1),
             (2700, C, 1, 1),
             (2800, C, 1, 1),
@@ -80,15 +80,15 @@ CASES: List[Tuple[str, int, List[Row]]] = [
     (
         "recovered calls alone never climb",
         2,
-        [(0, O, 0, 1)] + [(t, R, 1, 1) for t in range(1, 30000, 500)],
+        [(0, X, 0, 1)] + [(t, R, 1, 1) for t in range(1, 30000, 500)],
     ),
     (
         "a failed probe halves again, and the next probe waits the pause again",
         2,
-        [(0, O, 0, 1)]
+        [(0, X, 0, 1)]
         + [(2500 + i, C, 1, 1 if i < 3 else 2) for i in range(4)]
         + [
-            (2600, O, 2, 1),
+            (2600, X, 2, 1),
             (2700, C, 3, 1),
             (2800, C, 3, 1),
             (2900, C, 3, 1),
@@ -100,11 +100,11 @@ CASES: List[Tuple[str, int, List[Row]]] = [
         "an overload at 1 postpones the probe",
         2,
         [
-            (0, O, 0, 1),
+            (0, X, 0, 1),
             (100, C, 1, 1),
             (200, C, 1, 1),
             (300, C, 1, 1),
-            (2000, O, 1, 1),
+            (2000, X, 1, 1),
             (2600, C, 1, 1),
             (2700, C, 1, 1),
             (2800, C, 1, 1),
@@ -116,7 +116,7 @@ CASES: List[Tuple[str, int, List[Row]]] = [
     (
         "after a step up with no pressure the next one comes sooner",
         4,
-        [(0, O, 0, 2), (10, O, 1, 1)]
+        [(0, X, 0, 2), (10, X, 1, 1)]
         + [(2510 + i, C, 2, 1 if i < 3 else 2) for i in range(4)]
         + [(2600 + i, C, 3, 2) for i in range(3)]
         + [(3013, C, 3, 3)]
@@ -126,9 +126,9 @@ CASES: List[Tuple[str, int, List[Row]]] = [
     (
         "an overload on a call of a raised limit halves it",
         4,
-        [(0, O, 0, 2)]
+        [(0, X, 0, 2)]
         + [(2500 + i, C, 1, 2 if i < 3 else 3) for i in range(4)]
-        + [(2600, O, 1, 1)],
+        + [(2600, X, 1, 1)],
     ),
 ]
 
@@ -144,7 +144,7 @@ def test_limit_follows_the_table(name: str, cap: int, rows: List[Row]) -> None:
 
 def test_every_change_bumps_the_version_and_only_a_decrease_moves_lowered() -> None:
     s0 = LimitState.start(2, 0)
-    s1 = step(s0, Event(O, 0, '"Too many concurrent requests" on put-result'), 0, PACING)
+    s1 = step(s0, Event(X, 0, '"Too many concurrent requests" on put-result'), 0, PACING)
     assert (s1.limit, s1.version, s1.lowered) == (1, 1, 1)
     assert s1.why == '"Too many concurrent requests" on put-result'
     s = s1
@@ -158,18 +158,18 @@ def test_state_unchanged_is_the_same_object() -> None:
     state = LimitState.start(2, 0)
     assert step(state, Event(C, 0), 10, PACING) is state
     assert step(state, Event(R, 0), 10, PACING) is state
-    low = step(state, Event(O, 0), 0, PACING)
-    assert step(low, Event(O, 0), 5, PACING) is low  # answered already
+    low = step(state, Event(X, 0), 0, PACING)
+    assert step(low, Event(X, 0), 5, PACING) is low  # answered already
 
 
 @pytest.mark.parametrize(
     "version,signal,answered",
-    [(0, O, True), (1, O, False), (0, C, False), (0, R, False)],
+    [(0, X, True), (1, X, False), (0, C, False), (0, R, False)],
 )
 def test_answered_says_whether_the_limit_was_lowered_after_the_grant(
     version: int, signal: Signal, answered: bool
 ) -> None:
-    low = step(LimitState.start(2, 0), Event(O, 0), 0, PACING)  # version 1, lowered 1
+    low = step(LimitState.start(2, 0), Event(X, 0), 0, PACING)  # version 1, lowered 1
     assert low.answered(Event(signal, version)) is answered
 
 
