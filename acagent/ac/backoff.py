@@ -12,7 +12,7 @@ failure pause, Redis reconnects) is one ``Backoff`` field of ``RetryPolicy``
 (``retry.py``); the waits a server asks for are parsed and clamped in one
 place too (``retry.server_wait``). ``concurrency_wait`` is the one answer to a
 "Too many concurrent requests" 429 without a wait header: 0..10 s, or
-0..0.25 s when the agent's effective AC limit was lowered for it
+0..0.1 s when the agent's effective AC limit was lowered for it
 (``adaptive.py``): the permits then hold the calls to the lower limit, and
 the short jitter only keeps agents apart (a long wait would stall get-task).
 ``RetryPolicy.concurrency_pause`` picks the cap.
@@ -29,7 +29,7 @@ import tenacity
 #: a "Too many concurrent requests" 429 without a wait header waits 0..this
 CONCURRENCY_WAIT_MAX = 10.0
 #: ... and 0..this when the effective AC limit was lowered for it
-LOWERED_CONCURRENCY_WAIT_MAX = 0.25
+LOWERED_CONCURRENCY_WAIT_MAX = 0.1
 
 _shared_rng = random.Random()
 

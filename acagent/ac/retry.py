@@ -5,7 +5,7 @@ predicates say whether an error is retried (``is_retry``) and whether the
 budget is spent (``is_exhausted``); ``wait_for`` derives the pause from the
 error itself, tenacity ``wait_exception``-style: ``rate_limit_wait`` for a
 429 (the server's own wait, else for "Too many concurrent requests" a random
-0..10 s, or 0..0.25 s when the effective AC limit was lowered for it, else
+0..10 s, or 0..0.1 s when the effective AC limit was lowered for it, else
 ``default_rate_limit_wait``), and the ``call`` backoff for
 5xx and connection failures. Every other schedule of the agent is a
 ``Backoff`` field of the same policy (``backoff.py``).

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, TextIO
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
 
 from ..testing import FakeACServer, FakeTarget, LocalRedis, find_redis_server
 from .demo import PLAIN_PROGRESS_EVERY, Progress, default_limit_note, settings_notice
@@ -162,8 +162,11 @@ def run_agents(
     coordinated: bool = True,
     out: Optional[TextIO] = None,
     timeout: float = 600.0,
+    on_start: Optional[Callable[[FakeACServer], None]] = None,
 ) -> MultiAgentRun:
-    """Run ``agents`` agent processes on one key until ``tasks`` results arrived."""
+    """Run ``agents`` agent processes on one key until ``tasks`` results arrived
+    (``on_start``: told the server once the agents are started, e.g. to change
+    its limit while they run)."""
     redis: Optional[LocalRedis] = LocalRedis().start() if coordinated else None
     workdir = tempfile.mkdtemp(prefix="acagent-demo-multi-")
     procs: List[subprocess.Popen[bytes]] = []
@@ -190,6 +193,8 @@ def run_agents(
                     subprocess.Popen(cmd, stdout=log_file, stderr=log_file, env=env)  # noqa: S603
                 )
                 log_file.close()
+            if on_start is not None:
+                on_start(ac)
             progress = Progress(out, PLAIN_PROGRESS_EVERY) if out is not None else None
             while not ac.wait_for_results(tasks, timeout=0.5):
                 if progress is not None:
