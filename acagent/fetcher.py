@@ -14,7 +14,8 @@ policy, ``ctx.retry_policy``):
   ``policy.fetch_breaker`` (5 s doubling to 600 s, today's numbers); any
   success closes it;
 * a 429: what the server asks (``RetryPolicy.rate_limit_wait``: a random
-  0..10 s for "Too many concurrent requests" without a wait header);
+  0..10 s for "Too many concurrent requests" without a wait header, 0..0.1 s
+  when the effective AC limit was lowered for it);
 * 401/403: the server refused the API key: an actionable ERROR at most once a
   minute, ``/readyz`` says why (the readiness observer sees the status), and
   waits follow ``policy.fetch_key_refused`` (5 s doubling to 5 min) until it
