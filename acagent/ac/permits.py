@@ -221,6 +221,8 @@ class Permits:
         with self._count_lock:
             version = self._lease_versions.get(lease, self._limit_state.version)
         event = Event(signal, version, why)
+        if signal is Signal.OVERLOAD:
+            self._refresh_limit()
         with self._limit_lock:
             old = state = self._limit_state
             for _ in range(2):  # once more on the state a lost compare-and-set read
@@ -258,6 +260,9 @@ class Permits:
     def _store_limit(self, old: LimitState, new: LimitState) -> LimitState:
         """Make ``new`` the limit in force, as decided on ``old``; what is in force then."""
         return new
+
+    def _refresh_limit(self) -> None:
+        """Before an overload is judged: learn the limit in force if it is kept elsewhere."""
 
     def valid(self, lease: object) -> bool:
         """May an AC call start (or go on) on this held lease? Local permits never lapse."""
@@ -604,6 +609,22 @@ class RedisPermits(Permits):
         if margin > 0:
             time.sleep(margin)
         return token
+
+    def _refresh_limit(self) -> None:
+        """One read of the shared limit (only on an overload, never on the hot
+        path): a permit handed over by a release carries no news of the limit,
+        and a 429 judged on an old view (1, while another agent raised it to 2)
+        would wait 0..10 s and leave the raised limit in force."""
+        try:
+            limit, version, lowered = self.store.hmget(self._keys[6], "limit", "version", "lowered")
+        except self.store_errors as exc:
+            self.report_store_error(exc)
+            return
+        self._learn(
+            self.limit if limit is None else int(limit),
+            0 if version is None else int(version),
+            0 if lowered is None else int(lowered),
+        )
 
     def _store_limit(self, old: LimitState, new: LimitState) -> LimitState:
         """Compare-and-set in the store: ``new`` if the shared limit is still at

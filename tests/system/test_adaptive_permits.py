@@ -136,3 +136,25 @@ def test_an_overload_on_a_stale_view_does_not_halve_twice(shared) -> None:
     assert b.effective_limit == 2
     a.release(la)
     b.release(lb)
+
+
+def test_an_overload_judged_on_an_old_low_view_halves_the_raised_limit(shared) -> None:
+    a, b = shared(2), shared(2)
+    (la,) = _take(a, 1, timeout=10.0)
+    a.observe(la, Signal.OVERLOAD, "x")  # 2 -> 1, version 1
+    a.release(la)
+    (lb,) = _take(b, 1)  # b learns 1
+    assert b.effective_limit == 1
+    # another agent's clean run raises it (what its compare-and-set writes);
+    # b, holding a permit, has not asked the store since
+    b.store.hset(b.prefix + "limit", mapping={"limit": 2, "version": 2, "lowered": 1})
+    assert b.effective_limit == 1
+    # b's 429 would be one at the limit 1 on its own view (a 0..10 s wait);
+    # it reads the store first: the raised limit is halved and the wait is short
+    assert b.observe(lb, Signal.OVERLOAD, "x") is True
+    assert b.effective_limit == 1
+    assert b.store.hmget(b.prefix + "limit", "limit", "version") == [b"1", b"3"]
+    b.release(lb)
+    (lease,) = _take(a, 1)
+    assert a.effective_limit == 1
+    a.release(lease)
