@@ -49,9 +49,10 @@ adaptive limit of ``adaptive.py``: ``observe`` applies each AC reply to it
 (``ACClient`` calls it on the lease, before giving the lease back), and one
 INFO line says each change and why. ``RedisPermits`` keeps it in Redis under
 the key prefix for every agent on the key: the acquire and release scripts
-grant up to it, and their replies tell the agent its current value (no
-extra round trip); a change is one compare-and-set script
-(``permits_limit.lua``), so of the agents that saw one 429 burst, one halves.
+grant up to it, and each acquire's reply tells the agent its current value
+(no extra round trip; an overload reads it once more before it is judged);
+a change is one compare-and-set script (``permits_limit.lua``), so of the
+agents that saw one 429 burst, one halves.
 
 Both kinds expose plain counters for metrics: ``acquired_total``,
 ``wait_seconds_total``, ``holders`` (permits this process holds now),
