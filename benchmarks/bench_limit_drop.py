@@ -18,19 +18,23 @@ seconds after the first result another client takes one of the two slots
     python benchmarks/bench_limit_drop.py              # 1 and 3 agents, drop and none, ~3 min
     python benchmarks/bench_limit_drop.py --agents 1 --tasks 600 --drop-for 8
     python benchmarks/bench_limit_drop.py --json out.json
+    python benchmarks/bench_limit_drop.py --one-permit    # reference: held at 1, no drop
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional
 
-from acagent.cli.demo_multi import CALLS_PER_TASK, run_agents
-from acagent.testing import FakeACServer
+from acagent.cli.demo_multi import CALLS_PER_TASK, agent_command, run_agents, stop_agents
+from acagent.testing import FakeACServer, FakeTarget
 
 DROP_AFTER = 3.0
 DROP_FOR = 20.0
@@ -135,6 +139,42 @@ def report(dropped: DropRun, plain: DropRun) -> Dict[str, Any]:
     }
 
 
+def one_permit(tasks: int, latency: float) -> float:
+    """Reference: one agent held at ``--acMaxConcurrent 1`` against a server
+    limit of 1, no drop; tasks/s from its first result to its last."""
+    with tempfile.TemporaryDirectory(prefix="acagent-bench-") as workdir:
+        with FakeTarget() as target, FakeACServer(max_concurrent=1, latency=latency) as ac:
+            for i in range(tasks):
+                ac.add_task(
+                    {
+                        "taskId": f"one-{i:05d}",
+                        "method": "GET",
+                        "url": f"{target.url}/bytes/1024?seed={i}&latency=0.02",
+                    }
+                )
+            cmd = agent_command(
+                ac.url,
+                os.path.join(workdir, "spool"),
+                coordination_url=None,
+                extra=["--acMaxConcurrent", "1"],
+            )
+            with open(os.path.join(workdir, "agent.log"), "wb") as log:
+                proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+            try:
+                ac.wait_for_results(tasks, timeout=300.0)
+            finally:
+                stop_agents([proc])
+            received = sorted(r.received for r in ac.all_results())
+    rate = _rate(received, received[0], received[-1])
+    bound = 1 / (CALLS_PER_TASK * latency)
+    print(
+        f"1 agent at --acMaxConcurrent 1, server limit 1, {tasks} tasks, no drop:"
+        f" {rate:.1f} tasks/s = {rate / bound:.2f} of the bound {bound:.0f}/s",
+        flush=True,
+    )
+    return rate
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--agents", type=int, action="append", help="1 and 3 unless given")
@@ -143,7 +183,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--drop-after", type=float, default=DROP_AFTER)
     parser.add_argument("--drop-for", type=float, default=DROP_FOR)
     parser.add_argument("--json", help="write the figures here too")
+    parser.add_argument("--one-permit", action="store_true", help="only the reference at 1")
     args = parser.parse_args(argv)
+    if args.one_permit:
+        one_permit(min(args.tasks, 500), args.latency)
+        return 0
     figures = []
     for agents in args.agents or [1, 3]:
         runs = [
