@@ -164,7 +164,6 @@ class Permits:
         self._limit_state = LimitState.start(limit, _now_ms())
         #: the limit version each held lease was granted under
         self._lease_versions: Dict[object, int] = {}
-        self.limit_changes_total = 0
 
     @property
     def holders(self) -> int:
@@ -255,7 +254,6 @@ class Permits:
     def _limit_changed(self, old: LimitState, new: LimitState) -> None:
         """Log a change of the effective limit (subclasses also wake waiters)."""
         if new.limit != old.limit:
-            self.limit_changes_total += 1
             log.info("AC limit %d -> %d: %s", old.limit, new.limit, new.why)
 
     def _store_limit(self, old: LimitState, new: LimitState) -> LimitState:
