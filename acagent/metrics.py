@@ -204,7 +204,7 @@ class AgentMetrics:
         self.ac_effective_limit = Gauge(
             "ac_effective_limit",
             "AC requests the agent opens at once now: the adaptive limit, at most "
-            "ac_permits_max (halved by 'Too many concurrent requests' or 503, back "
+            "ac_permits_max (halved by 'Too many concurrent requests', back "
             "after clean calls; shared by the agents on the key with coordination).",
             namespace=ns,
             registry=r,

@@ -8,10 +8,14 @@ the next state out. The permits (``permits.py``) apply it and enforce the
 limit; ``ACClient`` classifies each reply into an ``Event``.
 
 * **Overload** halves the limit (down to 1): a 429 "Too many concurrent
-  requests" (another client on the key, or the server lowered its limit) or
-  a 503 (the server sheds load). A plain 429 (a *rate* limit) does not: the
-  server's wait header and the rate budget answer it, and fewer requests at
-  once would not change the requests per minute it counts.
+  requests" (another client on the key, or the server lowered its limit),
+  the one reply that asks for fewer requests at once. A plain 429 (a *rate*
+  limit) does not: the server's wait header and the rate budget answer it,
+  and fewer requests at once would not change the requests per minute it
+  counts. Nor does a 503: it says "not now" (a deploy, a backend down, one
+  result the server cannot take), which the backoffs and the breakers
+  answer; halving on it would let one result that keeps drawing 503s hold
+  every call of the agent (and of the agents on the key) at 1.
 * **One burst, one halving**: every lease carries the version of the limit
   it was granted under; an overload on a call granted before the last
   decrease was answered by that decrease already, and changes nothing.
@@ -45,7 +49,7 @@ class Signal(enum.Enum):
 
     #: a 2xx at the first try
     CLEAN = "clean"
-    #: 429 "Too many concurrent requests", or 503
+    #: 429 "Too many concurrent requests"
     OVERLOAD = "overload"
     #: a 2xx only after an overload retry: pressure, not capacity
     RECOVERED = "recovered"

@@ -491,18 +491,14 @@ class ACClient:
                     del self._pressed[key]
             self.permits.observe(lease, Signal.RECOVERED if recovered else Signal.CLEAN)
             return False
-        if status == 503:
-            why = "HTTP 503"
-        elif status == 429 and _is_concurrency(reply):
-            why = f'"{CONCURRENCY_BODY}"'
-        else:
-            return False
+        if status != 429 or not _is_concurrency(reply):
+            return False  # a rate limit, a 503: the waits answer them (``adaptive.py``)
         with self._count_lock:
             self._pressed[key] = None
             self._pressed.move_to_end(key)
             if len(self._pressed) > self.PRESSED_MAX:
                 self._pressed.popitem(last=False)
-        return self.permits.observe(lease, Signal.OVERLOAD, f"{why} on {endpoint}")
+        return self.permits.observe(lease, Signal.OVERLOAD, f'"{CONCURRENCY_BODY}" on {endpoint}')
 
     def _call(
         self,

@@ -61,17 +61,18 @@ def test_a_concurrency_429_halves_the_limit_and_says_so(ac: FakeACServer, client
     assert client.permits.effective_limit == 2
 
 
-def test_a_503_halves_the_limit_and_a_plain_429_does_not(
-    ac: FakeACServer, client: ACClient
-) -> None:
+def test_neither_a_plain_429_nor_a_503_lowers_the_limit(ac: FakeACServer, client: ACClient) -> None:
     ac.inject("put-result", status=429, body=b"slow down", times=1)
     limited = _put(client, "t-1")
     assert isinstance(limited, ACRateLimitError) and not limited.concurrency
+    ac.inject("put-result", status=503, times=3)
+    for _ in range(3):
+        failed = _put(client, "t-2")
+        assert isinstance(failed, ACHTTPError) and failed.status == 503
     assert client.permits.effective_limit == 2
-    ac.inject("put-result", status=503, times=1)
-    failed = _put(client, "t-2")
-    assert isinstance(failed, ACHTTPError) and failed.status == 503
-    assert client.permits.effective_limit == 1
+    ac.inject("put-result", status=429, body=b"Too many concurrent requests", times=1)
+    _put(client, "t-3")
+    assert client.permits.effective_limit == 1  # the one that does
 
 
 @pytest.mark.parametrize(

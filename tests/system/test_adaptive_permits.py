@@ -55,8 +55,9 @@ def test_local_permits_grant_the_effective_limit_and_climb_back() -> None:
     p.pacing = QUICK
     held = _take(p, 4)
     assert len(held) == 4
-    assert p.observe(held[0], Signal.OVERLOAD, "HTTP 503 on put-result") is True
-    assert p.observe(held[1], Signal.OVERLOAD, "HTTP 503 on put-result") is True  # same burst
+    why = '"Too many concurrent requests" on put-result'
+    assert p.observe(held[0], Signal.OVERLOAD, why) is True
+    assert p.observe(held[1], Signal.OVERLOAD, why) is True  # same burst
     assert p.effective_limit == 2
     _give(p, held)
     held = _take(p, 3)
