@@ -389,7 +389,7 @@ class Harness:
         permits = self.client.permits
         assert permits.holders == 0 and self.client.inflight == 0
         # every permit can be taken again, and not one more (a 429 "Too many
-        # concurrent requests" or a 503 lowered the effective limit below the cap)
+        # concurrent requests" lowered the effective limit below the cap)
         stop = threading.Event()
         leases = [permits.acquire(stop, timeout=0.5) for _ in range(permits.effective_limit)]
         assert all(lease is not None for lease in leases)
