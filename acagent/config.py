@@ -82,6 +82,9 @@ class AgentConfig:
     coordination_password_file: Optional[str] = None
     #: seconds a shared permit outlives a dead holder (renewed while held)
     coordination_lease: float = 10.0
+    #: more AC calls in a row this agent makes on a shared permit before it
+    #: goes back to the queue (no Redis round trip, no hand-off); 0 = off
+    coordination_keep_calls: int = 4
     #: idle wait after an empty get-task, randomised by +-``poll_jitter``
     poll_interval: float = 1.0
     poll_jitter: float = 0.2
@@ -189,6 +192,7 @@ class AgentConfig:
         _positive_int(self, "response_queue_threshold", low=1, high=1_000_000)
         _positive_int(self, "ac_max_concurrent", low=1, high=64)
         _positive_int(self, "rate_limit_per_min", low=0, high=10_000_000)
+        _positive_int(self, "coordination_keep_calls", low=0, high=1000)
         _positive_int(self, "max_response_bytes", low=0, high=2**62)
         _positive_int(self, "metrics_retention_days", low=0, high=3650)
         for name in (

@@ -189,6 +189,7 @@ class ACClient:
                 config.api_key,
                 config.ac_max_concurrent,
                 lease_seconds=config.coordination_lease,
+                keep_calls=config.coordination_keep_calls,
                 password=config.coordination_password,
                 ca_bundle=config.ca_bundle,
                 reconnect=self.retry_policy.store_reconnect,

@@ -26,6 +26,18 @@ permit for the whole of every AC call. Two kinds:
     the next agent starts without another round trip; a permit released by
     another agent is used a few ms later (``handoff_seconds``), because the
     server may not have counted the previous request out yet;
+  * **affinity**: a released lease that served fewer than ``1 + keep_calls``
+    calls in a row is *parked* here for ``linger`` (a few ms, no longer than
+    the hand-off margin) instead of going back to Redis; the next
+    ``acquire`` in this process takes it with no Redis call and no margin.
+    One nobody takes goes back to Redis when its linger ends, marked with
+    the time its last call ended, so the other agent's hand-off margin
+    counts from then: parking costs it nothing beyond the margin. After
+    ``1 + keep_calls`` calls the lease goes back to the queue (the next
+    agent in line gets it, none starves). Parked leases are renewed and
+    fenced like held ones, kept only while a renewal period is left before
+    the fence (``keep_lease``), never counted in ``holders``, and given back
+    by ``close()``; a killed agent's parked lease expires like a held one;
   * times are Redis's own clock (``TIME``), so clock skew between hosts does
     not matter;
   * key names start with ``acagent:{<sha256 of the API key, 16 hex>}:``,
@@ -57,7 +69,8 @@ agents that saw one 429 burst, one halves.
 Both kinds expose plain counters for metrics: ``acquired_total``,
 ``wait_seconds_total``, ``holders`` (permits this process holds now),
 ``waiting`` and an ``on_wait`` hook called with each wait in seconds;
-``RedisPermits`` adds ``lapsed_total``.
+``RedisPermits`` adds ``lapsed_total`` and ``kept_total`` (acquisitions that
+took a parked lease).
 """
 
 from __future__ import annotations
@@ -86,9 +99,37 @@ PASSWORD_ENV = "ACAGENT_COORDINATION_PASSWORD"  # noqa: S105 - a variable name
 #: a lease this long by default (seconds)
 DEFAULT_LEASE_SECONDS = 10.0
 
+#: a shared lease serves this many more calls of one agent in a row by default
+DEFAULT_KEEP_CALLS = 4
+
 WaitHook = Callable[[float], None]
 #: called with a lease that lapsed while held (from the fence thread)
 LapseHook = Callable[[object], None]
+
+
+def keep_lease(
+    calls: int,
+    keep_calls: int,
+    fence_left: float,
+    linger: float,
+    renew_every: float,
+    store_ok: bool,
+) -> bool:
+    """Park a released shared lease for this process's next call (else give it back)?
+
+    ``calls``: AC calls made on it since Redis granted it; at most
+    ``keep_calls`` more follow. ``fence_left``: seconds until its fence; it is
+    kept only while more than a renewal period and the linger are left, so a
+    call started on it has the same time before its fence as one on a fresh
+    grant (a renewal that is late means trouble with Redis: give it back).
+    """
+    return (
+        keep_calls > 0
+        and linger > 0
+        and store_ok
+        and calls <= keep_calls
+        and fence_left > renew_every + linger
+    )
 
 
 class CoordinationUnavailable(RuntimeError):
@@ -388,8 +429,13 @@ class RedisPermits(Permits):
         ca_bundle: Optional[str] = None,
         handoff_seconds: Optional[float] = None,
         reconnect: Backoff = STORE_RECONNECT,
+        keep_calls: int = DEFAULT_KEEP_CALLS,
+        linger: Optional[float] = None,
     ) -> None:
-        """``reconnect``: the waits between two tries while Redis cannot be reached."""
+        """``reconnect``: the waits between two tries while Redis cannot be reached.
+        ``keep_calls``: more calls in a row a lease may serve here (0 = every
+        release goes to Redis); ``linger``: how long a parked lease waits for
+        one (default ``handoff_seconds``)."""
         super().__init__(limit)
         if not lease_seconds >= 0.5:
             raise ValueError(f"lease must be >= 0.5 s, got {lease_seconds}")
@@ -413,6 +459,11 @@ class RedisPermits(Permits):
         self.handoff_seconds = (
             self.HANDOFF_SECONDS if handoff_seconds is None else max(0.0, handoff_seconds)
         )
+        if keep_calls < 0:
+            raise ValueError(f"keep_calls must be >= 0, got {keep_calls}")
+        self.keep_calls = keep_calls
+        #: a parked lease goes back to Redis this long after its last call ended
+        self.linger = self.handoff_seconds if linger is None else max(0.0, linger)
         self.prefix = key_prefix(api_key)
         names = ("holders", "queue", "alive", "ticket", "epoch", "recent", "limit")
         self._keys = [self.prefix + n for n in names]
@@ -446,6 +497,12 @@ class RedisPermits(Permits):
         self._held: Dict[str, float] = {}
         #: held permits that lapsed, until their release
         self._lapsed: Set[str] = set()
+        #: calls made on each held (or parked) lease since Redis granted it
+        self._calls: Dict[str, int] = {}
+        #: parked leases (also in ``_held``): token -> when its last call ended
+        self._parked: Dict[str, float] = {}
+        #: notified when a lease is parked (or at close)
+        self._parked_changed = threading.Condition(self._lock)
         self._to_release: Set[str] = set()
         self._down_since: Optional[float] = None
         self._last_error = ""
@@ -456,6 +513,7 @@ class RedisPermits(Permits):
         self.leases_lost_total = 0
         self.renewals_total = 0
         self.lapsed_total = 0
+        self.kept_total = 0
         #: this process, as other agents see it in the store
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._token_seq = 0
@@ -467,6 +525,10 @@ class RedisPermits(Permits):
             target=self._fence_loop, name="acagent-permit-fence", daemon=True
         )
         self._fence.start()
+        self._unparker = threading.Thread(
+            target=self._unpark_loop, name="acagent-permit-unpark", daemon=True
+        )
+        self._unparker.start()
 
     def _check_password(self, source: str) -> None:
         """One PING: a refused or missing password is a setting (``ConfigError``);
@@ -545,6 +607,9 @@ class RedisPermits(Permits):
             return f"{self.owner}-{self._token_seq}"
 
     def _acquire(self, stop: threading.Event, timeout: Optional[float]) -> Optional[object]:
+        kept = self._take_parked()
+        if kept is not None:
+            return kept
         token = self._new_token()
         grant_key = self._grant_prefix + token
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -583,9 +648,7 @@ class RedisPermits(Permits):
                     # A release hands the permit over through this list.
                     got = self.store.blpop([grant_key], timeout=wait)
                     if got is not None:
-                        mine = got[1].decode(errors="replace") == self.owner
-                        margin = 0.0 if mine else self.handoff_seconds
-                        return self._granted(token, sent, margin)
+                        return self._granted(token, sent, self._margin_of(got[1]))
             except self.store_errors as exc:
                 self.report_store_error(exc)
                 store_failures += 1
@@ -601,8 +664,32 @@ class RedisPermits(Permits):
                 self._to_release.add(token)
         return None
 
+    def _margin_of(self, grant: bytes) -> float:
+        """The wait before the first call on a permit handed over by a release:
+        none from this process; else the hand-off margin less the time the
+        permit was idle before it (``owner`` or ``owner idle-ms``)."""
+        owner, _, idle = grant.decode(errors="replace").partition(" ")
+        if owner == self.owner:
+            return 0.0
+        try:
+            idle_s = max(0, int(idle or 0)) / 1000.0
+        except ValueError:
+            idle_s = 0.0
+        return max(0.0, self.handoff_seconds - idle_s)
+
+    def _take_parked(self) -> Optional[str]:
+        """A parked lease for the next call (no Redis call, no margin), or None."""
+        with self._lock:
+            for token in self._parked:
+                del self._parked[token]
+                self._calls[token] = self._calls.get(token, 1) + 1
+                self.kept_total += 1
+                return token
+        return None
+
     def _granted(self, token: str, sent: float, margin: float) -> str:
         with self._lock:
+            self._calls[token] = 1
             self._held[token] = sent + self.lease_seconds - self.fence_margin
             self._fences_changed.notify_all()
         if margin > 0:
@@ -649,23 +736,44 @@ class RedisPermits(Permits):
 
     def _release(self, lease: object) -> None:
         token = str(lease)
+        now = time.monotonic()
+        with self._lock:
+            fence = self._held.get(token)
+            if fence is not None and keep_lease(
+                self._calls.get(token, 1),
+                self.keep_calls,
+                fence - now,
+                self.linger,
+                self.lease_seconds / 3.0,
+                self._down_since is None and not self._closing.is_set(),
+            ):
+                self._parked[token] = now
+                self._parked_changed.notify_all()
+                return
+        self._give_back([token], 0.0)
+
+    def _give_back(self, tokens: List[str], idle: float) -> None:
+        """Release these leases to Redis (``idle``: seconds since their last call ended)."""
         # Under the renew lock: a renewal that read the token as held must not
         # re-add its lease after this release removed it.
         with self._renew_lock:
             with self._lock:
-                self._held.pop(token, None)
-                self._lapsed.discard(token)
-            if not self._send_release([token], quiet=False):
+                for token in tokens:
+                    self._held.pop(token, None)
+                    self._lapsed.discard(token)
+                    self._calls.pop(token, None)
+            if not self._send_release(tokens, quiet=False, idle=idle):
                 with self._lock:
-                    self._to_release.add(token)  # the renewer retries; it expires anyway
+                    self._to_release.update(tokens)  # the renewer retries; they expire anyway
 
-    def _send_release(self, tokens: List[str], *, quiet: bool) -> bool:
+    def _send_release(self, tokens: List[str], *, quiet: bool, idle: float = 0.0) -> bool:
         args = [
             self.limit,
             int(self.lease_seconds * 1000),
             int(self.WAITER_TTL * 1000),
             self.owner,
             self._grant_prefix,
+            int(idle * 1000),
             *tokens,
         ]
         try:
@@ -738,13 +846,40 @@ class RedisPermits(Permits):
                     continue
             self._lapse(due, f"no renewal reached {self.url} in time")
 
+    def _unpark_loop(self) -> None:
+        """Give a parked lease back to Redis when its linger ends untaken."""
+        while True:
+            with self._lock:
+                if self._closing.is_set():
+                    return
+                now = time.monotonic()
+                due = [t for t, ended in self._parked.items() if ended + self.linger <= now]
+                if not due:
+                    nearest = min(self._parked.values(), default=now + self.POLL_MAX)
+                    wait = min(nearest + self.linger - now, self.POLL_MAX)
+                    self._parked_changed.wait(max(0.0005, wait))
+                    continue
+            with self._renew_lock:
+                with self._lock:
+                    # taken or lapsed meanwhile: not ours to give back
+                    due = [t for t in due if t in self._parked]
+                    ended = [self._parked.pop(t) for t in due]
+            if due:
+                self._give_back(due, time.monotonic() - max(ended))
+
     def _lapse(self, tokens: List[str], why: str) -> None:
         """These held permits can no longer be trusted: no call starts on them,
-        and ``on_lapse`` cuts the one running."""
+        and ``on_lapse`` cuts the one running. A parked one is dropped (the
+        renewer gives it back)."""
         with self._lock:
+            parked = [t for t in tokens if self._parked.pop(t, None) is not None]
+            for token in parked:
+                self._held.pop(token, None)
+                self._calls.pop(token, None)
+            self._to_release.update(parked)
             lapsed = [t for t in tokens if self._held.pop(t, None) is not None]
             self._lapsed.update(lapsed)
-            self.lapsed_total += len(lapsed)
+            self.lapsed_total += len(lapsed) + len(parked)
         if not lapsed:
             return
         log.warning(
@@ -769,11 +904,15 @@ class RedisPermits(Permits):
             self._held.clear()
             self._lapsed.clear()
             self._to_release.clear()
+            self._parked.clear()
+            self._calls.clear()
             self._fences_changed.notify_all()
+            self._parked_changed.notify_all()
         if tokens:
             self._send_release(tokens, quiet=True)
         self._renewer.join(timeout=5.0)
         self._fence.join(timeout=5.0)
+        self._unparker.join(timeout=5.0)
         if self._owns_client:
             try:
                 self.store.close()
@@ -790,6 +929,7 @@ def permits_for(
     password: Optional[str] = None,
     ca_bundle: Optional[str] = None,
     reconnect: Backoff = STORE_RECONNECT,
+    keep_calls: int = DEFAULT_KEEP_CALLS,
 ) -> Permits:
     """``RedisPermits`` when a coordination URL is given, else ``LocalPermits``."""
     if not url:
@@ -802,4 +942,5 @@ def permits_for(
         password=password,
         ca_bundle=ca_bundle,
         reconnect=reconnect,
+        keep_calls=keep_calls,
     )

@@ -189,6 +189,14 @@ _OPTIONS: List[tuple[str, str, Any, tuple[str, ...], str]] = [
         "seconds a shared AC permit outlives a dead agent (default 10)",
     ),
     (
+        "--coordinationKeepCalls",
+        "coordination_keep_calls",
+        _int(0, 1000),
+        (),
+        "more AC calls in a row this agent makes on a shared permit before it goes back "
+        "to the queue; 0 = off (default 4)",
+    ),
+    (
         "--timeout",
         "timeout",
         _seconds,

@@ -12,6 +12,7 @@ from typing import Iterator, List, Optional
 
 import pytest
 import redis
+from helpers import wait_until
 from redis_fixture import redis_server  # noqa: F401 - the fixture
 
 from acagent.ac.permits import (
@@ -148,7 +149,8 @@ def test_two_agents_share_two_permits_and_none_starves(make_permits) -> None:
     assert top == 2  # both permits were used, never a third
     assert len(grants) == 8 and all(n == 15 for n in grants.values())
     assert a.holders == 0 and b.holders == 0
-    assert a.remote_holders() == 0
+    # a lease parked for its agent's next call goes back within one linger
+    assert wait_until(lambda: a.remote_holders() == 0, timeout=5)
     assert a.acquired_total + b.acquired_total == 121  # 120 + the grace probe
 
 
