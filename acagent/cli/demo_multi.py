@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from ..testing import FakeACServer, FakeTarget, LocalRedis, find_redis_server
 from .demo import PLAIN_PROGRESS_EVERY, Progress, default_limit_note, settings_notice
@@ -138,6 +138,15 @@ class MultiAgentRun:
     elapsed: float
     #: seconds from the first result to the last (start-up excluded)
     steady: float
+    #: AC requests the server counted from the first result on
+    ac_requests: int = 0
+    #: Redis round trips meanwhile (the commands agents send: scripts, BLPOP,
+    #: PING, ZCOUNT); None uncoordinated
+    redis_round_trips: Optional[int] = None
+    #: every command Redis ran meanwhile, those inside the scripts too
+    redis_commands: Optional[int] = None
+    #: CPU seconds (user + system) the agent processes used, when known
+    agent_cpu: Optional[float] = None
 
     @property
     def bound_per_min(self) -> float:
@@ -153,6 +162,55 @@ class MultiAgentRun:
         return self.delivered_once == self.tasks and self.max_inflight <= 2 and self.count_429 == 0
 
 
+def _ac_requests(ac: FakeACServer) -> int:
+    return sum(1 for r in ac.requests if r.endpoint != "s3")
+
+
+#: the commands agents send themselves (the others run inside the scripts)
+_ROUND_TRIPS = (
+    "evalsha",
+    "eval",
+    "evalsha_ro",
+    "eval_ro",
+    "script|load",
+    "blpop",
+    "ping",
+    "zcount",
+)
+
+
+def _redis_calls(server: Optional[LocalRedis]) -> Optional[Tuple[int, int]]:
+    """(round trips, commands) the Redis server ran so far (``INFO commandstats``;
+    INFO itself and connection set-up left out)."""
+    if server is None:
+        return None
+    import redis
+
+    client = redis.Redis.from_url(server.url, socket_timeout=5.0)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    calls = {
+        name[len("cmdstat_") :]: int(v["calls"]) for name, v in stats.items() if isinstance(v, dict)
+    }
+    setup = ("info", "hello", "client|setinfo", "client")
+    return (
+        sum(calls.get(name, 0) for name in _ROUND_TRIPS),
+        sum(n for name, n in calls.items() if name not in setup),
+    )
+
+
+def _cpu_seconds(pid: int) -> Optional[float]:
+    """User + system CPU seconds of a running process (Linux ``/proc``), else None."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def run_agents(
     agents: int,
     tasks: int,
@@ -163,10 +221,11 @@ def run_agents(
     out: Optional[TextIO] = None,
     timeout: float = 600.0,
     on_start: Optional[Callable[[FakeACServer], None]] = None,
+    extra: Sequence[str] = (),
 ) -> MultiAgentRun:
     """Run ``agents`` agent processes on one key until ``tasks`` results arrived
     (``on_start``: told the server once the agents are started, e.g. to change
-    its limit while they run)."""
+    its limit while they run; ``extra``: more flags for every agent)."""
     redis: Optional[LocalRedis] = LocalRedis().start() if coordinated else None
     workdir = tempfile.mkdtemp(prefix="acagent-demo-multi-")
     procs: List[subprocess.Popen[bytes]] = []
@@ -187,6 +246,7 @@ def run_agents(
                     ac.url,
                     os.path.join(workdir, f"spool-{n}"),
                     coordination_url=redis.url if redis else None,
+                    extra=extra,
                 )
                 log_file = open(os.path.join(workdir, f"agent-{n}.log"), "wb")
                 procs.append(
@@ -196,6 +256,11 @@ def run_agents(
             if on_start is not None:
                 on_start(ac)
             progress = Progress(out, PLAIN_PROGRESS_EVERY) if out is not None else None
+            # Redis commands and AC requests are counted from the first result on
+            # (the start-up, a fresh Redis's grace period, left out).
+            ac.wait_for_results(1, timeout=timeout)
+            first_ac = _ac_requests(ac)
+            first_redis = _redis_calls(redis)
             while not ac.wait_for_results(tasks, timeout=0.5):
                 if progress is not None:
                     progress.show(
@@ -206,6 +271,9 @@ def run_agents(
                 if time.monotonic() - started > timeout:
                     break
             elapsed = time.monotonic() - started
+            last_ac = _ac_requests(ac)
+            last_redis = _redis_calls(redis)
+            cpu = [_cpu_seconds(proc.pid) for proc in procs]
             stop_agents(procs)
             if progress is not None:
                 progress.done()
@@ -220,6 +288,18 @@ def run_agents(
                 count_429=ac.count_429,
                 elapsed=elapsed,
                 steady=received[-1] - received[0] if len(received) > 1 else 0.0,
+                ac_requests=last_ac - first_ac,
+                redis_round_trips=(
+                    None
+                    if first_redis is None or last_redis is None
+                    else last_redis[0] - first_redis[0]
+                ),
+                redis_commands=(
+                    None
+                    if first_redis is None or last_redis is None
+                    else last_redis[1] - first_redis[1]
+                ),
+                agent_cpu=None if None in cpu else sum(c for c in cpu if c is not None),
             )
     finally:
         stop_agents(procs)
