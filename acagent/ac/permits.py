@@ -607,7 +607,7 @@ class RedisPermits(Permits):
             return f"{self.owner}-{self._token_seq}"
 
     def _acquire(self, stop: threading.Event, timeout: Optional[float]) -> Optional[object]:
-        kept = self._take_parked()
+        kept = None if stop.is_set() else self._take_parked()
         if kept is not None:
             return kept
         token = self._new_token()
@@ -859,13 +859,11 @@ class RedisPermits(Permits):
                     wait = min(nearest + self.linger - now, self.POLL_MAX)
                     self._parked_changed.wait(max(0.0005, wait))
                     continue
-            with self._renew_lock:
-                with self._lock:
-                    # taken or lapsed meanwhile: not ours to give back
-                    due = [t for t in due if t in self._parked]
-                    ended = [self._parked.pop(t) for t in due]
-            if due:
+                ended = [self._parked.pop(t) for t in due]
+            try:
                 self._give_back(due, time.monotonic() - max(ended))
+            except Exception:  # keep going whatever happens; the leases expire anyway
+                log.exception("giving back a parked permit failed")
 
     def _lapse(self, tokens: List[str], why: str) -> None:
         """These held permits can no longer be trusted: no call starts on them,

@@ -136,6 +136,9 @@ def test_a_parked_lease_nobody_takes_goes_back_after_the_linger(make) -> None:
     p.release(lease)
     assert p.holders == 0  # a parked lease is not an AC request open now
     assert p.remote_holders() == 1  # still this agent's in Redis
+    stopped = threading.Event()
+    stopped.set()
+    assert p.acquire(stopped, timeout=1) is None  # a stopped wait takes no parked lease
     got = other.acquire(threading.Event(), timeout=5)
     waited = time.monotonic() - released
     assert got is not None
