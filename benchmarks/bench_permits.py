@@ -2,14 +2,17 @@
 
 1. Per-call cost: one thread takes and gives back a permit N times, without
    contention, against a private ``redis-server`` on 127.0.0.1; median and
-   p99 of acquire, release and the pair, in ms. ``LocalPermits`` for scale.
+   p99 of acquire, release and the pair, in ms. ``LocalPermits`` for scale;
+   Redis without affinity (``keep_calls=0``), with and without the hand-off
+   margin, and with it (``redis_kept``: 4 of 5 calls take the kept lease).
 2. Several agent processes on one API key against ``FakeACServer`` (2
    permits, 429 above, fixed AC latency, 20 and 50 ms by default): tasks/min
    from the first result to the last, against the AC bound 2 permits / 2
    calls per task / AC latency (the median of ``--runs``); the server-side
    highest in-flight count and the 429s; Redis round trips (the commands the
    agents send) and all Redis commands (those inside the scripts too) per AC
-   call, from ``INFO commandstats``; the CPU cores the agents used. One agent
+   call, from ``INFO commandstats``; the CPU (cores) of the agents and of the
+   benchmark's own process (the fake AC server and target). One agent
    (local permits), three coordinated, three coordinated with affinity off
    (``--affinity-off``: ``--coordinationKeepCalls 0``) and three
    uncoordinated.
@@ -29,7 +32,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from acagent.ac.permits import LocalPermits, Permits, RedisPermits
+from acagent.ac.permits import DEFAULT_KEEP_CALLS, LocalPermits, Permits, RedisPermits
 from acagent.cli.demo_multi import run_agents
 from acagent.testing import LocalRedis
 
@@ -66,8 +69,19 @@ def per_call(permits: Permits, n: int) -> Dict[str, float]:
 def bench_calls(n: int) -> Dict[str, Any]:
     out: Dict[str, Any] = {"calls": n, "local": per_call(LocalPermits(2), n)}
     with LocalRedis() as server:
-        for name, handoff in (("redis", 0.0), ("redis_with_handoff", None)):
-            p = RedisPermits(server.url, "bench-key", 2, lease_seconds=0.5, handoff_seconds=handoff)
+        for name, handoff, keep in (
+            ("redis", 0.0, 0),
+            ("redis_with_handoff", None, 0),
+            ("redis_kept", None, DEFAULT_KEEP_CALLS),
+        ):
+            p = RedisPermits(
+                server.url,
+                "bench-key",
+                2,
+                lease_seconds=0.5,
+                handoff_seconds=handoff,
+                keep_calls=keep,
+            )
             try:
                 # a fresh Redis grants nothing for one lease: wait it out first
                 first = p.acquire(threading.Event(), timeout=10)
@@ -115,6 +129,7 @@ def bench_agents(
                     "redis_round_trips": run.redis_round_trips,
                     "redis_commands": run.redis_commands,
                     "agent_cpu_s": None if run.agent_cpu is None else round(run.agent_cpu, 1),
+                    "server_cpu_s": round(run.server_cpu, 1),
                 }
             )
         rows.append(
@@ -140,6 +155,7 @@ def summary(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     trips = [r["redis_round_trips"] for r in runs]
     cmds = [r["redis_commands"] for r in runs]
     cpu = [r["agent_cpu_s"] for r in runs]
+    elapsed = sum(r["elapsed_s"] for r in runs)
     return {
         "share_of_bound": median,
         "share_min": min(shares),
@@ -151,9 +167,8 @@ def summary(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
         "delivered_once": min(r["delivered_once"] for r in runs),
         "redis_trips_per_ac": None if None in trips or not ac else round(sum(trips) / ac, 2),
         "redis_cmds_per_ac": None if None in cmds or not ac else round(sum(cmds) / ac, 1),
-        "agent_cores": (
-            None if None in cpu else round(sum(cpu) / sum(r["elapsed_s"] for r in runs), 2)
-        ),
+        "agent_cores": None if None in cpu else round(sum(cpu) / elapsed, 2),
+        "server_cores": round(sum(r["server_cpu_s"] for r in runs) / elapsed, 2),
     }
 
 
@@ -188,7 +203,7 @@ def main() -> int:
         print(
             f"  {'permits':20} {'acquire med/p99':>16} {'release med/p99':>16} {'pair med/p99':>16}"
         )
-        for name in ("local", "redis", "redis_with_handoff"):
+        for name in ("local", "redis", "redis_with_handoff", "redis_kept"):
             r = result["per_call"][name]
             print(
                 f"  {name:20} {r['acquire_median_ms']:7.3f}/{r['acquire_p99_ms']:<8.3f}"
@@ -208,7 +223,7 @@ def main() -> int:
             print(
                 f"  {'agents':>6} {'shared':>6} {'keep':>4} {'tasks/min':>9} {'of bound':>8}"
                 f" {'(min-max)':>11} {'max in flight':>13} {'429s':>5} {'once':>6}"
-                f" {'redis/AC':>8} {'cmds/AC':>7} {'CPU cores':>9}"
+                f" {'redis/AC':>8} {'cmds/AC':>7} {'agents CPU':>10} {'servers CPU':>11}"
             )
             for row in rows:
                 keep = "-" if not row["coordinated"] else _opt(row["keep_calls"], "d")
@@ -221,7 +236,7 @@ def main() -> int:
                     f" {row['max_inflight']:>13} {row['count_429']:>5} {row['delivered_once']:>6}"
                     f" {_opt(row['redis_trips_per_ac'], '.2f'):>8}"
                     f" {_opt(row['redis_cmds_per_ac'], '.1f'):>7}"
-                    f" {_opt(row['agent_cores'], '.2f'):>9}"
+                    f" {_opt(row['agent_cores'], '.2f'):>10} {row['server_cores']:>11.2f}"
                 )
     if args.json:
         with open(args.json, "w") as fh:

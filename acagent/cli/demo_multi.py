@@ -147,6 +147,8 @@ class MultiAgentRun:
     redis_commands: Optional[int] = None
     #: CPU seconds (user + system) the agent processes used, when known
     agent_cpu: Optional[float] = None
+    #: CPU seconds of this process meanwhile: the fake AC server and target
+    server_cpu: float = 0.0
 
     @property
     def bound_per_min(self) -> float:
@@ -241,6 +243,7 @@ def run_agents(
                 )
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             started = time.monotonic()
+            cpu_started = time.process_time()
             for n in range(agents):
                 cmd = agent_command(
                     ac.url,
@@ -274,6 +277,7 @@ def run_agents(
             last_ac = _ac_requests(ac)
             last_redis = _redis_calls(redis)
             cpu = [_cpu_seconds(proc.pid) for proc in procs]
+            server_cpu = time.process_time() - cpu_started
             stop_agents(procs)
             if progress is not None:
                 progress.done()
@@ -300,6 +304,7 @@ def run_agents(
                     else last_redis[1] - first_redis[1]
                 ),
                 agent_cpu=None if None in cpu else sum(c for c in cpu if c is not None),
+                server_cpu=server_cpu,
             )
     finally:
         stop_agents(procs)
