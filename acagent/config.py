@@ -84,7 +84,7 @@ class AgentConfig:
     coordination_lease: float = 10.0
     #: more AC calls in a row this agent makes on a shared permit before it
     #: goes back to the queue (no Redis round trip, no hand-off); 0 = off
-    coordination_keep_calls: int = 4
+    coordination_keep_calls: int = 8
     #: idle wait after an empty get-task, randomised by +-``poll_jitter``
     poll_interval: float = 1.0
     poll_jitter: float = 0.2

@@ -4,7 +4,7 @@
    contention, against a private ``redis-server`` on 127.0.0.1; median and
    p99 of acquire, release and the pair, in ms. ``LocalPermits`` for scale;
    Redis without affinity (``keep_calls=0``), with and without the hand-off
-   margin, and with it (``redis_kept``: 4 of 5 calls take the kept lease).
+   margin, and with it (``redis_kept``: 8 of 9 calls take the kept lease).
 2. Several agent processes on one API key against ``FakeACServer`` (2
    permits, 429 above, fixed AC latency, 20 and 50 ms by default): tasks/min
    from the first result to the last, against the AC bound 2 permits / 2

@@ -100,7 +100,7 @@ PASSWORD_ENV = "ACAGENT_COORDINATION_PASSWORD"  # noqa: S105 - a variable name
 DEFAULT_LEASE_SECONDS = 10.0
 
 #: a shared lease serves this many more calls of one agent in a row by default
-DEFAULT_KEEP_CALLS = 4
+DEFAULT_KEEP_CALLS = 8
 
 WaitHook = Callable[[float], None]
 #: called with a lease that lapsed while held (from the fence thread)

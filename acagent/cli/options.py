@@ -194,7 +194,7 @@ _OPTIONS: List[tuple[str, str, Any, tuple[str, ...], str]] = [
         _int(0, 1000),
         (),
         "more AC calls in a row this agent makes on a shared permit before it goes back "
-        "to the queue; 0 = off (default 4)",
+        "to the queue; 0 = off (default 8)",
     ),
     (
         "--timeout",
