@@ -114,6 +114,7 @@ def keep_lease(
     linger: float,
     renew_every: float,
     store_ok: bool,
+    full_limit: bool,
 ) -> bool:
     """Park a released shared lease for this process's next call (else give it back)?
 
@@ -122,11 +123,14 @@ def keep_lease(
     kept only while more than a renewal period and the linger are left, so a
     call started on it has the same time before its fence as one on a fresh
     grant (a renewal that is late means trouble with Redis: give it back).
+    ``full_limit``: the effective limit is not lowered (while it is, every
+    release drains: a kept lease could be one above it).
     """
     return (
         keep_calls > 0
         and linger > 0
         and store_ok
+        and full_limit
         and calls <= keep_calls
         and fence_left > renew_every + linger
     )
@@ -678,7 +682,10 @@ class RedisPermits(Permits):
         return max(0.0, self.handoff_seconds - idle_s)
 
     def _take_parked(self) -> Optional[str]:
-        """A parked lease for the next call (no Redis call, no margin), or None."""
+        """A parked lease for the next call (no Redis call, no margin), or None
+        (also while the effective limit is lowered: the unparker gives it back)."""
+        if self.effective_limit < self.limit:
+            return None
         with self._lock:
             for token in self._parked:
                 del self._parked[token]
@@ -746,6 +753,7 @@ class RedisPermits(Permits):
                 self.linger,
                 self.lease_seconds / 3.0,
                 self._down_since is None and not self._closing.is_set(),
+                self.effective_limit >= self.limit,
             ):
                 self._parked[token] = now
                 self._parked_changed.notify_all()

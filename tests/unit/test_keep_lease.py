@@ -11,21 +11,28 @@ LINGER = 0.005
 
 
 @pytest.mark.parametrize(
-    ("calls", "keep_calls", "fence_left", "linger", "store_ok", "kept"),
+    ("calls", "keep_calls", "fence_left", "linger", "store_ok", "full", "kept"),
     [
-        (1, 4, 9.5, LINGER, True, True),  # fresh grant: kept
-        (4, 4, 9.5, LINGER, True, True),  # the 4th call: one more may follow
-        (5, 4, 9.5, LINGER, True, False),  # 1 + keep_calls calls made: back to the queue
-        (1, 0, 9.5, LINGER, True, False),  # affinity off
-        (1, 4, 9.5, 0.0, True, False),  # no linger: nothing to park for
-        (1, 4, 9.5, LINGER, False, False),  # Redis in trouble: give it back
-        (1, 4, RENEW + LINGER + 0.001, LINGER, True, True),  # a renewal period left
-        (1, 4, RENEW + LINGER, LINGER, True, False),  # a renewal is late: near its fence
-        (1, 4, 0.1, LINGER, True, False),  # could lapse while parked or in its next call
-        (1, 4, -1.0, LINGER, True, False),  # past its fence
+        (1, 4, 9.5, LINGER, True, True, True),  # fresh grant: kept
+        (4, 4, 9.5, LINGER, True, True, True),  # the 4th call: one more may follow
+        (5, 4, 9.5, LINGER, True, True, False),  # 1 + keep_calls calls made: back to the queue
+        (1, 0, 9.5, LINGER, True, True, False),  # affinity off
+        (1, 4, 9.5, 0.0, True, True, False),  # no linger: nothing to park for
+        (1, 4, 9.5, LINGER, False, True, False),  # Redis in trouble: give it back
+        (1, 4, RENEW + LINGER + 0.001, LINGER, True, True, True),  # a renewal period left
+        (1, 4, RENEW + LINGER, LINGER, True, True, False),  # a renewal is late: near its fence
+        (1, 4, 0.1, LINGER, True, True, False),  # could lapse while parked or in its next call
+        (1, 4, -1.0, LINGER, True, True, False),  # past its fence
+        (1, 4, 9.5, LINGER, True, False, False),  # the effective limit is lowered: drain
     ],
 )
 def test_keep_lease(
-    calls: int, keep_calls: int, fence_left: float, linger: float, store_ok: bool, kept: bool
+    calls: int,
+    keep_calls: int,
+    fence_left: float,
+    linger: float,
+    store_ok: bool,
+    full: bool,
+    kept: bool,
 ) -> None:
-    assert keep_lease(calls, keep_calls, fence_left, linger, RENEW, store_ok) is kept
+    assert keep_lease(calls, keep_calls, fence_left, linger, RENEW, store_ok, full) is kept
