@@ -38,6 +38,7 @@ permit for the whole of every AC call. Two kinds:
     fenced like held ones, kept only while a renewal period is left before
     the fence (``keep_lease``), never counted in ``holders``, and given back
     by ``close()``; a killed agent's parked lease expires like a held one;
+    nothing is kept while the effective limit (below) is lowered;
   * times are Redis's own clock (``TIME``), so clock skew between hosts does
     not matter;
   * key names start with ``acagent:{<sha256 of the API key, 16 hex>}:``,
