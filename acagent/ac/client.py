@@ -184,16 +184,7 @@ class ACClient:
         self.max_concurrent = config.ac_max_concurrent
         self._owns_permits = permits is None
         if permits is None:
-            permits = permits_for(
-                config.coordination_url,
-                config.api_key,
-                config.ac_max_concurrent,
-                lease_seconds=config.coordination_lease,
-                keep_calls=config.coordination_keep_calls,
-                password=config.coordination_password,
-                ca_bundle=config.ca_bundle,
-                reconnect=self.retry_policy.store_reconnect,
-            )
+            permits = permits_for(config, self.retry_policy.store_reconnect)
         self.permits: Permits = permits
         if isinstance(self.permits, RedisPermits):
             # The server's rate limit is per key too: one bucket for all agents.

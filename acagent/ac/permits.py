@@ -86,6 +86,7 @@ import uuid
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type
 from urllib.parse import urlsplit, urlunsplit
 
+from ..config import AgentConfig
 from ..errors import ConfigError
 from .adaptive import PACING, Event, LimitState, Pacing, Signal, adopt, step
 from .backoff import Backoff
@@ -927,27 +928,19 @@ class RedisPermits(Permits):
                 log.debug("closing the Redis client failed", exc_info=True)
 
 
-def permits_for(
-    url: Optional[str],
-    api_key: str,
-    limit: int,
-    *,
-    lease_seconds: float = DEFAULT_LEASE_SECONDS,
-    password: Optional[str] = None,
-    ca_bundle: Optional[str] = None,
-    reconnect: Backoff = STORE_RECONNECT,
-    keep_calls: int = DEFAULT_KEEP_CALLS,
-) -> Permits:
-    """``RedisPermits`` when a coordination URL is given, else ``LocalPermits``."""
-    if not url:
-        return LocalPermits(limit)
+def permits_for(config: AgentConfig, reconnect: Backoff = STORE_RECONNECT) -> Permits:
+    """The permits ``config`` asks for: ``RedisPermits`` shared through
+    ``--coordinationUrl`` when one is given, else ``LocalPermits``.
+    ``reconnect``: the waits between two tries while Redis cannot be reached."""
+    if not config.coordination_url:
+        return LocalPermits(config.ac_max_concurrent)
     return RedisPermits(
-        url,
-        api_key,
-        limit,
-        lease_seconds=lease_seconds,
-        password=password,
-        ca_bundle=ca_bundle,
+        config.coordination_url,
+        config.api_key,
+        config.ac_max_concurrent,
+        lease_seconds=config.coordination_lease,
+        password=config.coordination_password,
+        ca_bundle=config.ca_bundle,
         reconnect=reconnect,
-        keep_calls=keep_calls,
+        keep_calls=config.coordination_keep_calls,
     )

@@ -41,7 +41,7 @@ import requests
 
 from .. import logs
 from ..ac.client import build_session
-from ..ac.permits import CoordinationUnavailable, RedisPermits
+from ..ac.permits import CoordinationUnavailable, RedisPermits, permits_for
 from ..config import AgentConfig
 from ..errors import ConfigError, TaskError
 from ..fetcher import Fetcher
@@ -189,14 +189,8 @@ def _coordination(config: AgentConfig, report: CheckReport) -> bool:
     if not config.coordination_url:
         return True
     try:
-        permits = RedisPermits(
-            config.coordination_url,
-            config.api_key,
-            config.ac_max_concurrent,
-            lease_seconds=config.coordination_lease,
-            password=config.coordination_password,
-            ca_bundle=config.ca_bundle,
-        )
+        permits = permits_for(config)
+        assert isinstance(permits, RedisPermits)  # a coordination URL is given
     except (ConfigError, CoordinationUnavailable) as exc:
         message = exc.message if isinstance(exc, ConfigError) else str(exc)
         report.fail("coordination", f"--coordinationUrl: {message}")
