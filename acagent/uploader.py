@@ -254,7 +254,12 @@ class Uploader(Stage):
             try:  # no exists() first: one system call less on the delivering thread
                 if route == "inline":
                     body = read_head(result.body_path, INLINE_BODY_LIMIT + 1)
-                self._check_body(result, result.body_path, body)
+                # the file (or ``body``, read from it) must be the one saved
+                problem = self.ctx.spool.check_body(
+                    result.key, result.body_path, result.body_size, body
+                )
+                if problem is not None:
+                    raise BodyMismatch(problem)
             except FileNotFoundError:  # gone from the spool: the server hears so
                 lost = Result.agent_error(
                     result.fields, "result body lost from the spool", failure="lost"
@@ -283,13 +288,6 @@ class Uploader(Stage):
         if delivery is not None and delivery.result is result and delivery.route is not None:
             return delivery.route
         return route_of(result, self.ctx.settings.upload_to_ac)  # called outside an attempt
-
-    def _check_body(self, result: Result, path: str, body: Optional[bytes] = None) -> None:
-        """Raise ``BodyMismatch`` if the body file (or ``body``, read from it) is
-        not the one saved; ``FileNotFoundError`` if it is gone."""
-        problem = self.ctx.spool.check_body(result.key, path, result.body_size, body)
-        if problem is not None:
-            raise BodyMismatch(problem)
 
     def _upload_to_ac(self, result: Result) -> None:
         work = os.path.join(self.ctx.work_dir, f"{result.key}.gz")
