@@ -33,7 +33,13 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional
 
-from acagent.cli.demo_multi import CALLS_PER_TASK, agent_command, run_agents, stop_agents
+from acagent.cli.demo_multi import (
+    CALLS_PER_TASK,
+    add_tasks,
+    agent_command,
+    run_agents,
+    stop_agents,
+)
 from acagent.testing import FakeACServer, FakeTarget
 
 DROP_AFTER = 3.0
@@ -144,14 +150,7 @@ def one_permit(tasks: int, latency: float) -> float:
     limit of 1, no drop; tasks/s from its first result to its last."""
     with tempfile.TemporaryDirectory(prefix="acagent-bench-") as workdir:
         with FakeTarget() as target, FakeACServer(max_concurrent=1, latency=latency) as ac:
-            for i in range(tasks):
-                ac.add_task(
-                    {
-                        "taskId": f"one-{i:05d}",
-                        "method": "GET",
-                        "url": f"{target.url}/bytes/1024?seed={i}&latency=0.02",
-                    }
-                )
+            add_tasks(ac, target, tasks, "one", 0.02)
             cmd = agent_command(
                 ac.url,
                 os.path.join(workdir, "spool"),

@@ -7,10 +7,11 @@ test fails (never skips) with one line that says what to install.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Callable, Iterator, List
 
 import pytest
 
+from acagent.ac.permits import RedisPermits
 from acagent.testing import REDIS_SERVER_MISSING, LocalRedis, find_redis_server
 
 
@@ -34,3 +35,19 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedi
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+def new_permits(redis_server: LocalRedis) -> Iterator[Callable[..., RedisPermits]]:
+    """``new_permits(api_key, limit, **kwargs)``: a ``RedisPermits`` on the test's
+    redis-server, closed after the test."""
+    made: List[RedisPermits] = []
+
+    def make(api_key: str, limit: int, **kwargs: Any) -> RedisPermits:
+        permits = RedisPermits(redis_server.url, api_key, limit, **kwargs)
+        made.append(permits)
+        return permits
+
+    yield make
+    for permits in made:
+        permits.close()

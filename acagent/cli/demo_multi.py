@@ -213,6 +213,20 @@ def _cpu_seconds(pid: int) -> Optional[float]:
         return None
 
 
+def add_tasks(
+    ac: FakeACServer, target: FakeTarget, tasks: int, prefix: str, target_latency: float
+) -> None:
+    """Queue ``tasks`` GETs of 1 KB bodies (``target_latency`` each) at the fake server."""
+    for i in range(tasks):
+        ac.add_task(
+            {
+                "taskId": f"{prefix}-{i:05d}",
+                "method": "GET",
+                "url": f"{target.url}/bytes/1024?seed={i}&latency={target_latency}",
+            }
+        )
+
+
 def run_agents(
     agents: int,
     tasks: int,
@@ -233,14 +247,7 @@ def run_agents(
     procs: List[subprocess.Popen[bytes]] = []
     try:
         with FakeTarget() as target, FakeACServer(max_concurrent=2, latency=ac_latency) as ac:
-            for i in range(tasks):
-                ac.add_task(
-                    {
-                        "taskId": f"multi-{i:05d}",
-                        "method": "GET",
-                        "url": f"{target.url}/bytes/1024?seed={i}&latency={target_latency}",
-                    }
-                )
+            add_tasks(ac, target, tasks, "multi", target_latency)
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             started = time.monotonic()
             cpu_started = time.process_time()

@@ -4,14 +4,13 @@ redis-server by every agent on the key (``permits_limit.lua``)."""
 from __future__ import annotations
 
 import threading
-from typing import Iterator, List
+from typing import Callable, List
 
 import pytest
-from redis_fixture import redis_server  # noqa: F401 - the fixture
+from redis_fixture import new_permits, redis_server  # noqa: F401 - the fixtures
 
 from acagent.ac.adaptive import Pacing, Signal
 from acagent.ac.permits import LocalPermits, Permits, RedisPermits
-from acagent.testing import LocalRedis
 
 API_KEY = "adaptive-key"
 #: a climb as soon as the clean run is there (the pause is the policy's table test)
@@ -19,18 +18,13 @@ QUICK = Pacing(probe_after_ms=0, step_after_ms=0, clean_run=2)
 
 
 @pytest.fixture
-def shared(redis_server: LocalRedis) -> Iterator:  # noqa: F811
-    made: List[RedisPermits] = []
-
+def shared(new_permits: Callable[..., RedisPermits]) -> Callable[[int], RedisPermits]:  # noqa: F811
     def make(limit: int) -> RedisPermits:
-        p = RedisPermits(redis_server.url, API_KEY, limit, lease_seconds=1.0)
+        p = new_permits(API_KEY, limit, lease_seconds=1.0)
         p.pacing = QUICK
-        made.append(p)
         return p
 
-    yield make
-    for p in made:
-        p.close()
+    return make
 
 
 def _take(p: Permits, n: int, timeout: float = 0.3) -> List[object]:

@@ -7,12 +7,12 @@ import sys
 import threading
 import time
 from collections import Counter
-from typing import Any, Iterator, List
+from typing import Any, Callable, List
 
 import pytest
 import redis
 from helpers import wait_until
-from redis_fixture import redis_server  # noqa: F401 - the fixture
+from redis_fixture import new_permits, redis_server  # noqa: F401 - the fixtures
 
 from acagent.ac.permits import RedisPermits, key_prefix
 from acagent.testing import LocalRedis
@@ -47,19 +47,17 @@ def _warm(url: str) -> None:
 
 
 @pytest.fixture
-def make(redis_server: LocalRedis) -> Iterator:  # noqa: F811
+def make(
+    redis_server: LocalRedis,  # noqa: F811
+    new_permits: Callable[..., RedisPermits],  # noqa: F811
+) -> Callable[..., RedisPermits]:
     _warm(redis_server.url)
-    made: List[RedisPermits] = []
 
     def make_permits(limit: int = 1, **kwargs: Any) -> RedisPermits:
         kwargs.setdefault("lease_seconds", 1.0)
-        p = RedisPermits(redis_server.url, API_KEY, limit, **kwargs)
-        made.append(p)
-        return p
+        return new_permits(API_KEY, limit, **kwargs)
 
-    yield make_permits
-    for p in made:
-        p.close()
+    return make_permits
 
 
 def _first(p: RedisPermits) -> str:

@@ -8,12 +8,12 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Iterator, List, Optional
+from typing import Callable, List, Optional
 
 import pytest
 import redis
 from helpers import wait_until
-from redis_fixture import redis_server  # noqa: F401 - the fixture
+from redis_fixture import new_permits, redis_server  # noqa: F401 - the fixtures
 
 from acagent.ac.permits import (
     LocalPermits,
@@ -25,24 +25,18 @@ from acagent.ac.permits import (
 )
 from acagent.ac.ratelimit import RateLimits
 from acagent.config import AgentConfig
-from acagent.testing import LocalRedis, PausableProxy
+from acagent.testing import PausableProxy
 
 API_KEY = "secret-api-key-123"
 LEASE = 1.0
 
 
 @pytest.fixture
-def make_permits(redis_server: LocalRedis) -> Iterator:  # noqa: F811
-    made: List[RedisPermits] = []
-
+def make_permits(new_permits: Callable[..., RedisPermits]) -> Callable[..., RedisPermits]:  # noqa: F811
     def make(limit: int = 2, lease: float = LEASE, key: str = API_KEY) -> RedisPermits:
-        p = RedisPermits(redis_server.url, key, limit, lease_seconds=lease)
-        made.append(p)
-        return p
+        return new_permits(key, limit, lease_seconds=lease)
 
-    yield make
-    for p in made:
-        p.close()
+    return make
 
 
 def _wait_grace(p: RedisPermits) -> None:
