@@ -7,6 +7,10 @@ test fails (never skips) with one line that says what to install.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import threading
+import time
 from typing import Any, Callable, Iterator, List
 
 import pytest
@@ -51,3 +55,27 @@ def new_permits(redis_server: LocalRedis) -> Iterator[Callable[..., RedisPermits
     yield make
     for permits in made:
         permits.close()
+
+
+def seconds_until_freed_by_kill(
+    waiter: RedisPermits, holder_code: str, before_kill: Callable[[], None], timeout: float
+) -> float:
+    """Run ``holder_code`` in a process that prints ``held`` once it holds its
+    permits; then ``before_kill()``, ``kill -9`` of the holder, and the seconds
+    until ``waiter`` gets a permit (the test fails if none within ``timeout``)."""
+    holder = subprocess.Popen([sys.executable, "-c", holder_code], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == b"held"
+        before_kill()
+        holder.kill()
+        holder.wait(10)
+        killed = time.monotonic()
+        got = waiter.acquire(threading.Event(), timeout=timeout)
+        freed_after = time.monotonic() - killed
+    finally:
+        holder.kill()
+        holder.wait(10)
+    assert got is not None, "the killed holder's permits never came back"
+    waiter.release(got)
+    return freed_after

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -12,7 +10,11 @@ from typing import Any, Callable, List
 import pytest
 import redis
 from helpers import wait_until
-from redis_fixture import new_permits, redis_server  # noqa: F401 - the fixtures
+from redis_fixture import (  # noqa: F401 - the fixtures
+    new_permits,
+    redis_server,
+    seconds_until_freed_by_kill,
+)
 
 from acagent.ac.permits import RedisPermits, key_prefix
 from acagent.testing import LocalRedis
@@ -184,22 +186,12 @@ def test_a_killed_agent_s_parked_lease_comes_back_within_the_lease(make, redis_s
         "a = p.acquire(threading.Event(), timeout=20)\n"
         "assert a\n"
         "p.release(a)\n"
-        "print('parked', flush=True)\n"
+        "print('held', flush=True)  # one lease, parked\n"
         "time.sleep(60)\n"
     )
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
-    try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline().strip() == b"parked"
+
+    def parked() -> None:
         assert waiter.remote_holders() == 1
-        holder.kill()
-        holder.wait(10)
-        killed = time.monotonic()
-        got = waiter.acquire(threading.Event(), timeout=lease_s * 3)
-        freed_after = time.monotonic() - killed
-    finally:
-        holder.kill()
-        holder.wait(10)
-    assert got is not None, "the dead agent's parked lease never came back"
+
+    freed_after = seconds_until_freed_by_kill(waiter, code, parked, lease_s * 3)
     assert freed_after <= lease_s + 1.0
-    waiter.release(got)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -13,7 +11,11 @@ from typing import Callable, List, Optional
 import pytest
 import redis
 from helpers import wait_until
-from redis_fixture import new_permits, redis_server  # noqa: F401 - the fixtures
+from redis_fixture import (  # noqa: F401 - the fixtures
+    new_permits,
+    redis_server,
+    seconds_until_freed_by_kill,
+)
 
 from acagent.ac.permits import (
     LocalPermits,
@@ -193,22 +195,13 @@ def test_a_killed_holder_frees_its_permits_within_the_lease(make_permits, redis_
         "print('held', flush=True)\n"
         "time.sleep(60)\n"
     )
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
-    try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline().strip() == b"held"
+
+    def renewed() -> None:
         # held and renewed: nothing for longer than a lease
         assert waiter.acquire(threading.Event(), timeout=lease_s * 1.5) is None
-        os.kill(holder.pid, signal.SIGKILL)
-        killed = time.monotonic()
-        got = waiter.acquire(threading.Event(), timeout=lease_s * 3)
-        freed_after = time.monotonic() - killed
-    finally:
-        holder.kill()
-        holder.wait(10)
-    assert got is not None, "the dead holder's permits never came back"
+
+    freed_after = seconds_until_freed_by_kill(waiter, code, renewed, lease_s * 3)
     assert freed_after <= lease_s + 1.0
-    waiter.release(got)
 
 
 def test_leases_are_renewed_while_held(make_permits) -> None:
