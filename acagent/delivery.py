@@ -120,6 +120,9 @@ class Delivery:
     started: float = field(default_factory=time.monotonic)
     #: the record is on disk (False while the spool cannot be written)
     durable: bool = True
+    #: the last attempt drew "Too many concurrent requests": the next one that
+    #: goes through is pressure on the AC limit, not room (``ac/adaptive.py``)
+    overloaded: bool = False
 
     def settle_route(self, upload_to_ac: bool) -> Route:
         """The route, set now if this is the first attempt."""
@@ -138,6 +141,7 @@ class Delivery:
         self.attempts = decision.attempts
         self.refusals = decision.refusals
         self.s3_failures = decision.s3_failures
+        self.overloaded = decision.overloaded
         if decision.reroute is not None:
             self.route = decision.reroute
         if decision.answer is not None:
@@ -252,6 +256,8 @@ class Decision:
     attempts: int = 0
     refusals: int = 0
     s3_failures: int = 0
+    #: this attempt drew "Too many concurrent requests" (``Delivery.overloaded``)
+    overloaded: bool = False
 
 
 def decide(
@@ -293,7 +299,11 @@ def decide(
         why = f"S3 upload failed ({outcome.detail})"
         decision = dataclasses.replace(decision, reroute="upload", reroute_why=why)
     return dataclasses.replace(
-        decision, attempts=attempts, refusals=refusals, s3_failures=s3_failures
+        decision,
+        attempts=attempts,
+        refusals=refusals,
+        s3_failures=s3_failures,
+        overloaded=kind is Kind.CONCURRENCY,
     )
 
 

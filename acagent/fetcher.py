@@ -42,6 +42,7 @@ import random
 import time
 from typing import Optional
 
+from .ac.adaptive import retrying_overload
 from .ac.breaker import ClassBreaker
 from .errors import (
     ACConnectionError,
@@ -61,6 +62,7 @@ from .spool import Origin
 from .stage import Stage, StageContext
 
 log = logging.getLogger("acagent.fetcher")
+
 
 class Fetcher(Stage):
     """Gets tasks from the AC server, one get-task at a time, while the Ledger has room.
@@ -93,6 +95,8 @@ class Fetcher(Stage):
         #: open after ``breaker_threshold`` failed get-tasks in a row: "the server is down"
         self.breaker = ClassBreaker(threshold=policy.breaker_threshold, opened=policy.fetch_breaker)
         self._auth_failures = 0
+        #: the last get-task drew "Too many concurrent requests" (``ac/adaptive.py``)
+        self._overloaded = False
         self._rng = random.Random()
         self._auth_log = LogThrottle(60.0)
         self._key_seen = ctx.client.key_version
@@ -123,11 +127,13 @@ class Fetcher(Stage):
                 return
             started = time.monotonic()
             try:
-                task = self.fetch_one()
+                with retrying_overload(self._overloaded):
+                    task = self.fetch_one()
             except TaskError as exc:
                 reserved = not self._answer_malformed(exc)
                 return
             except Exception as exc:  # noqa: BLE001 - every failure has a wait, none is fatal
+                self._overloaded = isinstance(exc, ACRateLimitError) and exc.concurrency
                 pause = self._pause_after(exc)
                 return
             self.ctx.observers.emit(
@@ -204,6 +210,7 @@ class Fetcher(Stage):
             log.warning("the AC server accepts the API key again")
         self.breaker.success()
         self._auth_failures = 0
+        self._overloaded = False
 
     def _pause_after(self, exc: Exception) -> float:
         """How long to wait after a failed get-task (and log it once, plainly)."""

@@ -34,6 +34,7 @@ import uuid
 from typing import Dict, Optional
 
 from . import logs
+from .ac.adaptive import retrying_overload
 from .ac.breaker import ClassBreaker
 from .ac.retry import ONE_ATTEMPT
 from .compress import LEVEL, gzip_bytes, gzip_file
@@ -178,7 +179,8 @@ class Uploader(Stage):
         delivery.settle_route(self.ctx.settings.upload_to_ac)
         self._attempting.delivery = delivery
         try:
-            via = self.deliver(delivery.result)
+            with retrying_overload(delivery.overloaded):
+                via = self.deliver(delivery.result)
         except Exception as exc:  # noqa: BLE001 - every failure keeps the result
             self._apply(delivery, exc, None)
         else:

@@ -28,7 +28,9 @@ limit; ``ACClient`` classifies each reply into an ``Event``.
   more again the agent is back at the cap that long after.
 * **A call that succeeded only after an overload retry** is pressure, not
   capacity: it starts the clean run afresh, so a limit under pressure never
-  climbs on the calls that got through by retrying.
+  climbs on the calls that got through by retrying. Who retries knows it (a
+  result's ``Delivery``, the Fetcher) and says so around the call
+  (``retrying_overload``); the client keeps no memory of calls.
 * An overload while the limit is 1 postpones the next probe (nothing lower
   to go to; the long concurrency wait answers it).
 
@@ -39,9 +41,12 @@ written there by a compare-and-set on the version.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import enum
 from dataclasses import dataclass
+from typing import Iterator
 
 
 class Signal(enum.Enum):
@@ -161,3 +166,23 @@ def adopt(state: LimitState, limit: int, version: int, lowered: int, now_ms: int
         rising=raised,
         why=f"{'raised' if raised else 'lowered'} by another agent on the API key",
     )
+
+
+#: True around an AC call that retries one that drew an overload
+_RETRYING_OVERLOAD = contextvars.ContextVar("acagent_retrying_overload", default=False)
+
+
+@contextlib.contextmanager
+def retrying_overload(retrying: bool) -> Iterator[None]:
+    """Around an AC call: ``retrying`` says it retries a call that drew "Too many
+    concurrent requests", so its success is ``Signal.RECOVERED``, not ``CLEAN``."""
+    token = _RETRYING_OVERLOAD.set(retrying)
+    try:
+        yield
+    finally:
+        _RETRYING_OVERLOAD.reset(token)
+
+
+def is_retrying_overload() -> bool:
+    """Set by ``retrying_overload`` around the AC call running on this thread."""
+    return _RETRYING_OVERLOAD.get()

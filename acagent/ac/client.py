@@ -35,7 +35,6 @@ import socket
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 from urllib.parse import urlencode, urlsplit
 
@@ -60,12 +59,12 @@ from ..errors import (
     UploadURLRefused,
 )
 from ..globalconfig import RuntimeSettings
-from ..logs import current_task_id, scrub_text
+from ..logs import scrub_text
 from ..logthrottle import LogThrottle
 from ..models import Task
 from ..targets.policy import GuardedAdapter, TargetDenied, UploadPolicy, unambiguous_host
 from .abandon import ConnectionTracker, FetchStop, TrackingAdapter
-from .adaptive import Signal
+from .adaptive import Signal, is_retrying_overload
 from .multipart import MultipartBody
 from .permits import Permits, RedisPermits, permits_for
 from .ratelimit import FETCH, UPLOAD, RateLimits
@@ -152,8 +151,6 @@ class ACClient:
     #: saw its connection go, and a request at once on a new connection would
     #: be a third one at the server (seen in the soak test: 3 in flight)
     RESET_SETTLE_SECONDS = 0.05
-    #: most calls remembered as retrying after an overload (oldest forgotten first)
-    PRESSED_MAX = 4096
 
     def __init__(
         self,
@@ -200,9 +197,6 @@ class ACClient:
         self._count_lock = threading.Lock()
         #: (thread, is a get-task) of the AC call on each held lease, to cut it if it lapses
         self._lease_threads: Dict[object, Tuple[int, bool]] = {}
-        #: the calls (get-task, or a task's result) whose last reply was an
-        #: overload: their next success is pressure, not capacity (``adaptive.py``)
-        self._pressed: OrderedDict[str, None] = OrderedDict()
         self.permits.on_lapse = self._cut_lapsed
         user_agent = f"acagent/{version}"
         self._tracker = ConnectionTracker()
@@ -472,24 +466,15 @@ class ACClient:
     def _observe(self, lease: object, endpoint: str, reply: ACReply) -> bool:
         """Tell the permits what this reply says about the server's room (the
         effective limit, ``adaptive.py``); True when it was lowered for this
-        overload. A success of a call whose last reply was an overload (the
-        same get-task loop, the same task's result) is pressure, not capacity."""
+        overload. A success of a call that retries an overload (the caller says
+        so: ``adaptive.retrying_overload``) is pressure, not capacity."""
         status = reply.status_code
-        key = endpoint if endpoint == "get-task" else (current_task_id() or endpoint)
         if 200 <= status < 300:
-            with self._count_lock:
-                recovered = key in self._pressed
-                if recovered:
-                    del self._pressed[key]
+            recovered = is_retrying_overload()
             self.permits.observe(lease, Signal.RECOVERED if recovered else Signal.CLEAN)
             return False
         if status != 429 or not _is_concurrency(reply):
             return False  # a rate limit, a 503: the waits answer them (``adaptive.py``)
-        with self._count_lock:
-            self._pressed[key] = None
-            self._pressed.move_to_end(key)
-            if len(self._pressed) > self.PRESSED_MAX:
-                self._pressed.popitem(last=False)
         return self.permits.observe(lease, Signal.OVERLOAD, f'"{CONCURRENCY_BODY}" on {endpoint}')
 
     def _call(

@@ -9,7 +9,7 @@ from typing import Iterator
 import pytest
 from helpers import make_client, result_payload
 
-from acagent.ac.adaptive import Pacing
+from acagent.ac.adaptive import Pacing, retrying_overload
 from acagent.ac.client import ACClient
 from acagent.ac.retry import ONE_ATTEMPT, RetryPolicy
 from acagent.delivery import Delivery, Kind, Outcome, decide
@@ -49,16 +49,28 @@ def test_a_concurrency_429_halves_the_limit_and_says_so(ac: FakeACServer, client
     again = _put(client, "t-2")
     assert isinstance(again, ACRateLimitError) and not again.limit_lowered  # at 1 already
     ac.release_occupied()
-    with task_context("t-1"):
-        client.put_result(result_payload("t-1"), policy=ONE_ATTEMPT)
-    with task_context("t-2"):
-        client.put_result(result_payload("t-2"), policy=ONE_ATTEMPT)
+    for task_id in ("t-1", "t-2"):  # each retries the overload it drew (its Delivery says so)
+        with retrying_overload(True):
+            client.put_result(result_payload(task_id), policy=ONE_ATTEMPT)
     # both went through only after an overload: pressure, no climb yet
     assert client.permits.effective_limit == 1
     for n in range(2):
-        with task_context(f"t-{n + 3}"):
-            client.put_result(result_payload(f"t-{n + 3}"), policy=ONE_ATTEMPT)
+        client.put_result(result_payload(f"t-{n + 3}"), policy=ONE_ATTEMPT)
     assert client.permits.effective_limit == 2
+
+
+def test_decide_marks_the_delivery_that_drew_an_overload_and_only_that_one() -> None:
+    policy = RetryPolicy(rng=random.Random(3))
+    delivery = Delivery(Result.agent_error({"taskId": "t"}, "x"), counted=False)
+    busy = ACRateLimitError("put-result", "Too many concurrent requests", concurrency=True)
+    for exc, overloaded in (
+        (busy, True),
+        (ACHTTPError("put-result", 503, ""), False),
+        (busy, True),
+        (None, False),
+    ):
+        delivery.apply(decide(delivery, Outcome.of(exc), policy, key_hint="", busy_hint="b"))
+        assert delivery.overloaded is overloaded
 
 
 def test_neither_a_plain_429_nor_a_503_lowers_the_limit(ac: FakeACServer, client: ACClient) -> None:
