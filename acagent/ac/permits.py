@@ -20,7 +20,7 @@ permit for the whole of every AC call. Two kinds:
     lapse. Past it the permit is *lapsed*: ``valid()`` says no (no AC call
     may start on it) and ``on_lapse`` is called (``ACClient`` shuts the
     request running on it). A renewal never re-adds a missing lease while
-    the holders are at the limit: that lease is lost, and lapses at once;
+    the holders are at the effective limit: that lease is lost, and lapses at once;
   * a release hands a freed permit straight to the head of the queue (same
     script) and wakes that waiter, blocked in ``BLPOP`` on its own list, so
     the next agent starts without another round trip; a permit released by

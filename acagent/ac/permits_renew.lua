@@ -1,10 +1,11 @@
--- ARGV: limit, lease ms, tokens...
+-- ARGV: cap, lease ms, tokens...
 -- Extends the leases of the tokens. A missing one (the store lost it) is
--- re-added only while the holders are below the limit: this process still
+-- re-added only while the holders are below the effective limit (never
+-- above a lowered one): this process still
 -- holds that permit and nobody took it. Otherwise it is lost (someone else
 -- may hold it now). Returns {leases re-added, lost tokens...}.
 -- Runs after permits_prelude.lua.
-local limit, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
+local limit, lease = effective(tonumber(ARGV[1])), tonumber(ARGV[2])
 epoch_of(lease)
 tidy()
 local out = {0}

@@ -153,3 +153,30 @@ def test_an_overload_judged_on_an_old_low_view_halves_the_raised_limit(shared) -
     (lease,) = _take(a, 1)
     assert a.effective_limit == 1
     a.release(lease)
+
+
+def test_a_renewal_never_readds_a_lease_above_a_lowered_limit(shared) -> None:
+    a, b = shared(2), shared(2)
+    (la,) = _take(a, 1, timeout=10.0)
+    lapsed = threading.Event()
+    a.on_lapse = lambda lease: lapsed.set()
+    a.observe(la, Signal.OVERLOAD, "x")  # 2 -> 1 for both
+    a.store.zrem(a.prefix + "holders", str(la))  # the store lost A's lease (only that one)
+    (lb,) = _take(b, 1)  # the one permit of the lowered limit was free: B has it
+    assert b.effective_limit == 1
+    # A's next renewal finds the lowered limit taken (the cap, 2, is not): lost
+    assert lapsed.wait(a.lease_seconds * 2)
+    assert not a.valid(la) and a.leases_lost_total == 1
+    assert a.store.zcount(a.prefix + "holders", "-inf", "(+inf") == 1  # B's only
+    b.release(lb)
+    a.release(la)
+
+
+def test_the_shared_limit_expires_an_hour_after_its_last_change(shared) -> None:
+    a = shared(2)
+    (la,) = _take(a, 1, timeout=10.0)
+    assert a.store.exists(a.prefix + "limit") == 0  # never changed: the cap, no key
+    a.observe(la, Signal.OVERLOAD, "x")
+    # no agent left on the key keeps it lowered for longer than an hour
+    assert 3_590_000 < a.store.pttl(a.prefix + "limit") <= 3_600_000
+    a.release(la)
