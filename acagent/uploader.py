@@ -18,9 +18,6 @@ and applies what it decides.
 file is first checked against the record's ``bodySize`` and the sha256 the
 spool recorded (``ResultSpool.check_body``); one that does not match goes
 to quarantine and the task is answered with an error result instead.
-
-Hooks (may be overridden): ``deliver(result) -> str`` (raise on failure; return
-how it went). For subclasses: ``breaker``, ``policy``, ``compress(source, target)``.
 """
 
 from __future__ import annotations
@@ -47,7 +44,6 @@ from .delivery import (
     Route,
     decide,
     lanes_held_in,
-    route_of,
 )
 from .hints import CONCURRENCY_HINT, auth_hint, hint_for
 from .ledger import AUTH_HOLD
@@ -70,8 +66,8 @@ log = logging.getLogger("acagent.uploader")
 class Uploader(Stage):
     """Delivers each result the Ledger holds to the AC server; ``decide`` says what a failure means.
 
-    May be overridden: ``deliver(result) -> str`` (send one result on its route;
-    raise when it did not go through; archive a delivered result with
+    May be overridden: ``deliver(result, route) -> str`` (send one result on
+    its route; raise when it did not go through; archive a delivered result with
     ``Observer.on_result_delivered``, not here, or a failing archive re-sends
     it) and ``compress(source, target)`` (gzip a body the executor left raw).
 
@@ -113,8 +109,6 @@ class Uploader(Stage):
         self._key_hint = auth_hint(self.config)
         #: when the attempt running on each sender's lane began (thread ident)
         self._lane_since: Dict[int, float] = {}
-        #: the delivery this thread is attempting (``deliver`` follows its route)
-        self._attempting = threading.local()
 
     # ------------------------------------------------------------ lifecycle
     def start_threads(self) -> None:
@@ -154,13 +148,11 @@ class Uploader(Stage):
             del self._lane_since[lane]
 
     def borrow_step(self) -> None:
-        """Deliver one *small* result on get-task's permit while one slow
-        upload holds every sender's lane (``lanes_held_in``) and no get-task
-        waits for a permit. Only small results (one short put-result) borrow,
-        so a get-task that becomes possible meanwhile waits one short round
-        trip at most. Otherwise it sleeps until the lanes may be held,
-        ``LANE_HELD`` at most (a stop ends the sleep at once).
-        """
+        """Deliver one *small* result (one short put-result, so a get-task
+        waits one short round trip at most) on get-task's permit while slow
+        uploads hold every sender's lane (``lanes_held_in``) and no get-task
+        waits for a permit; else sleep until the lanes may be held (a stop
+        ends the sleep at once)."""
         started = list(self._lane_since.values())
         held_in = lanes_held_in(started, self.senders, self.LANE_HELD, time.monotonic())
         if held_in > 0:
@@ -176,17 +168,14 @@ class Uploader(Stage):
             self._attempt(delivery)
 
     def _attempt(self, delivery: Delivery) -> None:
-        delivery.settle_route(self.ctx.settings.upload_to_ac)
-        self._attempting.delivery = delivery
+        route = delivery.settle_route(self.ctx.settings.upload_to_ac)
         try:
             with retrying_overload(delivery.overloaded):
-                via = self.deliver(delivery.result)
+                via = self.deliver(delivery.result, route)
         except Exception as exc:  # noqa: BLE001 - every failure keeps the result
             self._apply(delivery, exc, None)
         else:
             self._apply(delivery, None, via)
-        finally:
-            self._attempting.delivery = None
 
     def _apply(self, delivery: Delivery, exc: Optional[Exception], via: Optional[str]) -> None:
         """Do what ``decide`` says after one attempt of ``delivery``."""
@@ -241,15 +230,14 @@ class Uploader(Stage):
             self.ctx.observers.emit("on_result_delivered", result, via, elapsed)
 
     # ------------------------------------------------------------ one result
-    def deliver(self, result: Result) -> str:
-        """Send one result on its route; returns how it went (inline, empty,
-        upload, s3, error, logs).
+    def deliver(self, result: Result, route: Route) -> str:
+        """Send one result on ``route`` (its ``Delivery``'s); returns how it
+        went (inline, empty, upload, s3, error, logs).
 
         Raises an ``ACError`` (or any exception) when it did not go through:
         ``decide`` says what happens next.
         """
         client, version = self.ctx.client, self.ctx.client.version
-        route = self._route(result)
         body: Optional[bytes] = None
         if route in ("inline", "upload", "s3") and result.body_base64 is None:
             assert result.body_path is not None
@@ -284,12 +272,6 @@ class Uploader(Stage):
         else:
             self._put_to_s3(result)
         return route
-
-    def _route(self, result: Result) -> Route:
-        delivery: Optional[Delivery] = getattr(self._attempting, "delivery", None)
-        if delivery is not None and delivery.result is result and delivery.route is not None:
-            return delivery.route
-        return route_of(result, self.ctx.settings.upload_to_ac)  # called outside an attempt
 
     def _upload_to_ac(self, result: Result) -> None:
         work = os.path.join(self.ctx.work_dir, f"{result.key}.gz")
