@@ -38,7 +38,8 @@ permit for the whole of every AC call. Two kinds:
     fenced like held ones, kept only while a renewal period is left before
     the fence (``keep_lease``), never counted in ``holders``, and given back
     by ``close()``; a killed agent's parked lease expires like a held one;
-    nothing is kept while the effective limit (below) is lowered;
+    a lease granted under a higher effective limit (below) than the one in
+    force is never kept: it could be one above the limit, so it drains;
   * times are Redis's own clock (``TIME``), so clock skew between hosts does
     not matter;
   * key names start with ``acagent:{<sha256 of the API key, 16 hex>}:``,
@@ -116,7 +117,7 @@ def keep_lease(
     linger: float,
     renew_every: float,
     store_ok: bool,
-    full_limit: bool,
+    within_limit: bool,
 ) -> bool:
     """Park a released shared lease for this process's next call (else give it back)?
 
@@ -125,14 +126,16 @@ def keep_lease(
     kept only while more than a renewal period and the linger are left, so a
     call started on it has the same time before its fence as one on a fresh
     grant (a renewal that is late means trouble with Redis: give it back).
-    ``full_limit``: the effective limit is not lowered (while it is, every
-    release drains: a kept lease could be one above it).
+    ``within_limit``: it was granted under the effective limit in force now,
+    or a lower one (then the holders were within today's limit when it was
+    granted; one granted under a higher limit could be one above it: it
+    drains).
     """
     return (
         keep_calls > 0
         and linger > 0
         and store_ok
-        and full_limit
+        and within_limit
         and calls <= keep_calls
         and fence_left > renew_every + linger
     )
@@ -380,7 +383,8 @@ class LocalPermits(Permits):
 #   epoch    ms until which nothing is granted; missing = new store or lost data
 #   recent   zset  owner -> time of its last release (for the hand-off margin)
 #   limit    hash  the effective limit: limit, version, lowered (permits_limit.lua)
-#   grant:<token>  list: a release handed this waiter a permit (value: releasing owner)
+#   grant:<token>  list: a release handed this waiter a permit
+#                  (value: releasing owner, idle ms, the effective limit then)
 #: the member of ``holders`` that is always there (so its loss is seen); no token
 SENTINEL = "~sentinel"
 
@@ -505,6 +509,8 @@ class RedisPermits(Permits):
         self._lapsed: Set[str] = set()
         #: calls made on each held (or parked) lease since Redis granted it
         self._calls: Dict[str, int] = {}
+        #: the effective limit each held (or parked) lease was granted under
+        self._granted_under: Dict[str, int] = {}
         #: parked leases (also in ``_held``): token -> when its last call ended
         self._parked: Dict[str, float] = {}
         #: notified when a lease is parked (or at close)
@@ -645,7 +651,7 @@ class RedisPermits(Permits):
                 self._learn(*(int(v) for v in shared))
                 store_failures = 0
                 if int(granted) == 1:
-                    return self._granted(token, sent, int(ms) / 1000.0)
+                    return self._granted(token, sent, int(ms) / 1000.0, int(shared[0]))
                 if int(ms):
                     wait = min(wait, int(ms) / 1000.0)
                 if deadline is not None:
@@ -654,7 +660,7 @@ class RedisPermits(Permits):
                     # A release hands the permit over through this list.
                     got = self.store.blpop([grant_key], timeout=wait)
                     if got is not None:
-                        return self._granted(token, sent, self._margin_of(got[1]))
+                        return self._granted(token, sent, *self._handed_over(got[1]))
             except self.store_errors as exc:
                 self.report_store_error(exc)
                 store_failures += 1
@@ -670,35 +676,39 @@ class RedisPermits(Permits):
                 self._to_release.add(token)
         return None
 
-    def _margin_of(self, grant: bytes) -> float:
-        """The wait before the first call on a permit handed over by a release:
-        none from this process; else the hand-off margin less the time the
-        permit was idle before it (``owner`` or ``owner idle-ms``)."""
-        owner, _, idle = grant.decode(errors="replace").partition(" ")
-        if owner == self.owner:
-            return 0.0
+    def _handed_over(self, grant: bytes) -> Tuple[float, int]:
+        """A permit handed over by a release (``owner idle-ms limit``): the wait
+        before its first call (none from this process; else the hand-off
+        margin less the time the permit was idle before it) and the effective
+        limit it was granted under (the cap when the message does not say)."""
+        owner, idle, limit = [*grant.decode(errors="replace").split(" "), "", ""][:3]
         try:
             idle_s = max(0, int(idle or 0)) / 1000.0
+            under = int(limit or self.limit)
         except ValueError:
-            idle_s = 0.0
-        return max(0.0, self.handoff_seconds - idle_s)
+            idle_s, under = 0.0, self.limit
+        margin = 0.0 if owner == self.owner else max(0.0, self.handoff_seconds - idle_s)
+        return margin, under
 
     def _take_parked(self) -> Optional[str]:
-        """A parked lease for the next call (no Redis call, no margin), or None
-        (also while the effective limit is lowered: the unparker gives it back)."""
-        if self.effective_limit < self.limit:
-            return None
+        """A parked lease for the next call (no Redis call, no margin), or None.
+        One granted under a higher limit than the one in force now is left for
+        the unparker to give back."""
+        limit = self.effective_limit
         with self._lock:
             for token in self._parked:
+                if self._granted_under.get(token, self.limit) > limit:
+                    continue
                 del self._parked[token]
                 self._calls[token] = self._calls.get(token, 1) + 1
                 self.kept_total += 1
                 return token
         return None
 
-    def _granted(self, token: str, sent: float, margin: float) -> str:
+    def _granted(self, token: str, sent: float, margin: float, under: int) -> str:
         with self._lock:
             self._calls[token] = 1
+            self._granted_under[token] = under
             self._held[token] = sent + self.lease_seconds - self.fence_margin
             self._fences_changed.notify_all()
         if margin > 0:
@@ -755,7 +765,7 @@ class RedisPermits(Permits):
                 self.linger,
                 self.lease_seconds / 3.0,
                 self._down_since is None and not self._closing.is_set(),
-                self.effective_limit >= self.limit,
+                self._granted_under.get(token, self.limit) <= self.effective_limit,
             ):
                 self._parked[token] = now
                 self._parked_changed.notify_all()
@@ -772,6 +782,7 @@ class RedisPermits(Permits):
                     self._held.pop(token, None)
                     self._lapsed.discard(token)
                     self._calls.pop(token, None)
+                    self._granted_under.pop(token, None)
             if not self._send_release(tokens, quiet=False, idle=idle):
                 with self._lock:
                     self._to_release.update(tokens)  # the renewer retries; they expire anyway
@@ -884,6 +895,7 @@ class RedisPermits(Permits):
             for token in parked:
                 self._held.pop(token, None)
                 self._calls.pop(token, None)
+                self._granted_under.pop(token, None)
             self._to_release.update(parked)
             lapsed = [t for t in tokens if self._held.pop(t, None) is not None]
             self._lapsed.update(lapsed)
@@ -914,6 +926,7 @@ class RedisPermits(Permits):
             self._to_release.clear()
             self._parked.clear()
             self._calls.clear()
+            self._granted_under.clear()
             self._fences_changed.notify_all()
             self._parked_changed.notify_all()
         if tokens:

@@ -1,7 +1,8 @@
 -- ARGV: cap, lease ms, waiter ttl ms, owner, grant key prefix, idle ms, tokens...
 -- Gives the tokens back, then hands free permits (up to the effective limit)
 -- to the waiters at the head of the queue (each is told through its grant
--- list: the owner, and how long the permit was idle before, when it was).
+-- list: the owner, how long the permit was idle before (ms), and the
+-- effective limit it is granted under).
 -- Idle: the last call on the tokens ended that long ago (a parked lease).
 -- Returns leases removed.
 -- Runs after permits_prelude.lua.
@@ -27,7 +28,7 @@ if now >= epoch_of(lease) then
       redis.call('ZREM', Q, w)
       redis.call('ZREM', A, w)
       redis.call('ZADD', H, now + lease, w)
-      redis.call('RPUSH', grant .. w, idle > 0 and (owner .. ' ' .. idle) or owner)
+      redis.call('RPUSH', grant .. w, owner .. ' ' .. idle .. ' ' .. limit)
       redis.call('PEXPIRE', grant .. w, waiter_ttl)
     end
   end

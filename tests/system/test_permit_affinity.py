@@ -16,6 +16,7 @@ from redis_fixture import (  # noqa: F401 - the fixtures
     seconds_until_freed_by_kill,
 )
 
+from acagent.ac.adaptive import Signal
 from acagent.ac.permits import RedisPermits, key_prefix
 from acagent.testing import LocalRedis
 
@@ -161,6 +162,43 @@ def test_a_lease_that_could_lapse_while_parked_is_not_kept(make) -> None:
     assert far.remote_holders() == 1  # parked
     assert far.acquire(threading.Event(), timeout=1) == lease and far.kept_total == 1
     far.release(lease)
+
+
+def test_a_lease_granted_under_the_lowered_limit_is_kept_one_from_above_drains(make) -> None:
+    a = make(limit=2, keep_calls=4, linger=10.0, lease_seconds=30.0)
+    above = _first(a)  # granted under the cap, 2
+    assert a.observe(above, Signal.OVERLOAD, "x") and a.effective_limit == 1
+    a.release(above)  # it could be the one above the lowered limit: back to Redis
+    assert a.remote_holders() == 0 and a.kept_total == 0
+    within = _first(a)  # granted under 1: the only holder
+    a.release(within)
+    assert a.remote_holders() == 1  # parked
+    assert a.acquire(threading.Event(), timeout=1) == within and a.kept_total == 1
+    # a permit a release hands over says the limit it is granted under
+    handing = make(limit=2, keep_calls=0, lease_seconds=30.0)
+    b = make(limit=2, keep_calls=4, linger=10.0, lease_seconds=30.0)
+    a.release(within)  # parked again; its linger is long: hand it to Redis by closing
+    a.close()
+    first = handing.acquire(threading.Event(), timeout=5)
+    assert first is not None  # the one permit; b waits behind it
+    got: List[object] = []
+    waiter = threading.Thread(
+        target=lambda: got.append(b.acquire(threading.Event(), timeout=20)),
+        name="affinity-waiter",
+    )
+    waiter.start()
+    try:
+        assert wait_until(lambda: b.waiting == 1, timeout=5)
+        handing.release(first)  # handed to b through its grant list
+        waiter.join(10)
+        assert got and got[0] is not None and b.effective_limit == 1
+        b.release(got[0])
+        assert b.remote_holders() == 1  # parked: it came under the lowered limit
+        assert b.acquire(threading.Event(), timeout=1) == got[0] and b.kept_total == 1
+        b.release(got[0])
+    finally:
+        waiter.join(25)
+    assert not waiter.is_alive()
 
 
 def test_close_gives_back_a_parked_lease_at_once(make) -> None:

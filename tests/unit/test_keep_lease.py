@@ -11,7 +11,7 @@ LINGER = 0.005
 
 
 @pytest.mark.parametrize(
-    ("calls", "keep_calls", "fence_left", "linger", "store_ok", "full", "kept"),
+    ("calls", "keep_calls", "fence_left", "linger", "store_ok", "within", "kept"),
     [
         (1, 4, 9.5, LINGER, True, True, True),  # fresh grant: kept
         (4, 4, 9.5, LINGER, True, True, True),  # the 4th call: one more may follow
@@ -23,7 +23,7 @@ LINGER = 0.005
         (1, 4, RENEW + LINGER, LINGER, True, True, False),  # a renewal is late: near its fence
         (1, 4, 0.1, LINGER, True, True, False),  # could lapse while parked or in its next call
         (1, 4, -1.0, LINGER, True, True, False),  # past its fence
-        (1, 4, 9.5, LINGER, True, False, False),  # the effective limit is lowered: drain
+        (1, 4, 9.5, LINGER, True, False, False),  # granted under a higher limit: drain
     ],
 )
 def test_keep_lease(
@@ -32,7 +32,7 @@ def test_keep_lease(
     fence_left: float,
     linger: float,
     store_ok: bool,
-    full: bool,
+    within: bool,
     kept: bool,
 ) -> None:
-    assert keep_lease(calls, keep_calls, fence_left, linger, RENEW, store_ok, full) is kept
+    assert keep_lease(calls, keep_calls, fence_left, linger, RENEW, store_ok, within) is kept
